@@ -1,0 +1,401 @@
+"""Megatron-LM command-line flags -> one validated namespace.
+
+Flag names and defaults follow Megatron-LM / Megatron-DeepSpeed so existing launch scripts work.
+The result is an ``argparse.Namespace`` (it is what Megatron stores under ``args`` in every
+checkpoint); everything derived from the flags (data-parallel size, number of micro-batches,
+padded vocabulary, ...) is computed here once, and every user mistake is reported as a
+``UserError`` that names the flag. Model code never sees this namespace: it receives the small
+``TransformerConfig`` built by ``transformer_config_from_args``.
+"""
+
+import argparse
+import math
+import os
+
+from megatron.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as a one-line ``UserError`` instead of usage + exit."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def build_parser(extra_args_provider=None):
+    parser = _Parser(description="Megatron-LTD arguments", allow_abbrev=False)
+    for add in (_add_network_size_args, _add_regularization_args, _add_training_args,
+                _add_initialization_args, _add_learning_rate_args, _add_checkpointing_args,
+                _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
+                _add_data_args, _add_logging_args):
+        add(parser)
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def parse_args(argv=None, extra_args_provider=None, world_size=None, defaults=None):
+    """Parse ``argv`` (default: sys.argv) and validate. ``world_size`` defaults to $WORLD_SIZE."""
+    parser = build_parser(extra_args_provider)
+    if defaults:
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    return validate_args(args, world_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _require(cond, message):
+    if not cond:
+        raise UserError(message)
+
+
+def validate_args(args, world_size=1):
+    """Fill derived values and check flag combinations; raises UserError naming the flag."""
+    args.world_size = world_size
+    args.rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+    # -- parallel layout
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and "
+             "--pipeline-model-parallel-size must be >= 1")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+             f"--pipeline-model-parallel-size {pp}")
+    args.data_parallel_size = world_size // (tp * pp)
+
+    # -- model shape
+    for flag in ("num_layers", "hidden_size", "num_attention_heads"):
+        _require(getattr(args, flag) is not None, f"--{flag.replace('_', '-')} is required")
+        _require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive")
+    _require(args.hidden_size % args.num_attention_heads == 0 or args.kv_channels is not None,
+             f"--num-attention-heads {args.num_attention_heads} must divide --hidden-size "
+             f"{args.hidden_size} (or give --kv-channels)")
+    _require(args.num_attention_heads % tp == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    _require(args.num_layers % pp == 0 or args.num_layers >= pp,
+             f"--num-layers {args.num_layers} cannot be split over "
+             f"--pipeline-model-parallel-size {pp}")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.kv_channels is None:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if args.use_rotary_position_embeddings:
+        args.position_embedding_type = "rope"
+    _require(args.seq_length is not None, "--seq-length is required")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    _require(args.position_embedding_type == "rope"
+             or args.max_position_embeddings >= args.seq_length,
+             f"--max-position-embeddings {args.max_position_embeddings} is smaller than "
+             f"--seq-length {args.seq_length}")
+
+    # -- batch sizes
+    _require(args.micro_batch_size is not None and args.micro_batch_size > 0,
+             "--micro-batch-size is required and must be positive")
+    dp = args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _require(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+             f"--global-batch-size {args.global_batch_size} is not divisible by "
+             f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.rampup_batch_size:
+        raise UserError("--rampup-batch-size is not supported yet (batch-size ramp-up is not "
+                        "implemented); leave it out")
+
+    # -- training length: iterations, samples, or tokens
+    given = [f for f in ("train_iters", "train_samples") if getattr(args, f) is not None]
+    _require(len(given) <= 1, "--train-iters and --train-samples are mutually exclusive")
+    if not given and args.train_tokens is None and not args.skip_train:
+        raise UserError("give one of --train-iters, --train-samples or --train-tokens")
+    if args.train_iters is None and args.train_samples is None and args.train_tokens is not None:
+        # Token budget only: the dataset must hold enough samples for it.
+        args.train_samples = math.ceil(args.train_tokens / args.seq_length)
+    if args.train_iters is not None:
+        _require(args.lr_decay_samples is None and args.lr_warmup_samples == 0,
+                 "--lr-decay-samples/--lr-warmup-samples go with --train-samples, "
+                 "not --train-iters")
+    if args.train_samples is not None:
+        _require(args.lr_decay_iters is None and args.lr_warmup_iters == 0,
+                 "--lr-decay-iters/--lr-warmup-iters go with --train-iters, "
+                 "not --train-samples")
+    _require(args.lr_warmup_fraction is None or (args.lr_warmup_iters == 0
+                                                 and args.lr_warmup_samples == 0),
+             "--lr-warmup-fraction cannot be combined with --lr-warmup-iters/--lr-warmup-samples")
+    _require(args.lr is not None or args.skip_train, "--lr is required")
+    if args.min_lr is not None and args.lr is not None:
+        _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+
+    # -- precision
+    _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
+    args.params_dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+
+    # -- weight decay schedule
+    if args.start_weight_decay is None:
+        args.start_weight_decay = args.weight_decay
+    if args.end_weight_decay is None:
+        args.end_weight_decay = args.weight_decay
+
+    # -- recompute (Megatron-DeepSpeed's --checkpoint-activations is full recompute)
+    if args.checkpoint_activations:
+        args.recompute_granularity = "full"
+
+    # -- data
+    if not args.skip_train and not args.mock_data:
+        _require(args.data_path or args.train_data_path,
+                 "--data-path (or --train-data-path) is required unless --mock-data is given")
+    _require(args.data_impl in ("mmap", "infer"),
+             f"--data-impl {args.data_impl}: only the mmap (MMIDIDX) format is supported")
+
+    # -- checkpoints
+    if args.save is not None and args.save_interval is None:
+        args.save_interval = 0  # save only at the end
+    _require(args.save_interval is None or args.save_interval >= 0,
+             "--save-interval must be >= 0")
+    _require(args.log_interval > 0, "--log-interval must be positive")
+    _require(args.eval_interval > 0, "--eval-interval must be positive")
+
+    # -- pipeline / tensor parallel are not available in this build yet
+    if world_size > 1 or tp > 1 or pp > 1:
+        raise UserError(
+            f"world size {world_size}, --tensor-model-parallel-size {tp}, "
+            f"--pipeline-model-parallel-size {pp}: multi-process training (tensor, pipeline "
+            "and data parallelism) is not implemented yet; run a single process")
+    if args.sequence_parallel:
+        raise UserError("--sequence-parallel needs tensor parallelism, which is not "
+                        "implemented yet")
+    if args.use_distributed_optimizer:
+        raise UserError("--use-distributed-optimizer is not implemented yet")
+
+    # Bookkeeping that Megatron keeps on args (and so in checkpoints).
+    args.consumed_train_samples = 0
+    args.consumed_valid_samples = 0
+    args.consumed_train_tokens = 0
+    args.padded_vocab_size = None  # set once the tokenizer is built
+    return args
+
+
+def transformer_config_from_args(args):
+    """The model's own small config (no parallel or training flags)."""
+    import torch
+
+    from megatron.model.config import TransformerConfig
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        kv_channels=args.kv_channels,
+        seq_length=args.seq_length,
+        max_position_embeddings=args.max_position_embeddings,
+        padded_vocab_size=args.padded_vocab_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        layernorm_epsilon=args.layernorm_epsilon,
+        init_method_std=args.init_method_std,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        add_bias_linear=not args.disable_bias_linear,
+        params_dtype=dtype[args.params_dtype],
+        recompute_granularity=args.recompute_granularity,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# flag groups (names and defaults as Megatron-LM / Megatron-DeepSpeed)
+
+
+def _add_network_size_args(parser):
+    g = parser.add_argument_group("network size")
+    g.add_argument("--num-layers", type=int, default=None, help="Number of transformer layers.")
+    g.add_argument("--hidden-size", type=int, default=None, help="Transformer hidden size.")
+    g.add_argument("--ffn-hidden-size", type=int, default=None,
+                   help="MLP hidden size (default 4 * hidden size).")
+    g.add_argument("--num-attention-heads", type=int, default=None,
+                   help="Number of attention heads.")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="Projection size per head (default hidden size / heads).")
+    g.add_argument("--seq-length", type=int, default=None, help="Training sequence length.")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="Size of the position embedding table (default --seq-length).")
+    g.add_argument("--position-embedding-type", default="learned_absolute",
+                   choices=["learned_absolute", "rope"], help="Position embedding type.")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="Alias of --position-embedding-type rope (Megatron-DeepSpeed).")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="Fraction of each head's channels rotated by rope.")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="Pad the vocabulary to a multiple of this (times TP size).")
+    g.add_argument("--layernorm-epsilon", type=float, default=1e-5, help="LayerNorm epsilon.")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="Separate output layer instead of the tied word embeddings.")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="No biases in the linear layers.")
+
+
+def _add_regularization_args(parser):
+    g = parser.add_argument_group("regularization")
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--start-weight-decay", type=float, default=None)
+    g.add_argument("--end-weight-decay", type=float, default=None)
+    g.add_argument("--weight-decay-incr-style", default="constant",
+                   choices=["constant", "linear", "cosine"])
+    g.add_argument("--clip-grad", type=float, default=1.0,
+                   help="Gradient clipping by global norm (0 disables).")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+
+
+def _add_training_args(parser):
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=None,
+                   help="Samples per micro-batch per data-parallel rank.")
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="Samples per optimizer step (default micro * DP); the rest is gradient "
+                        "accumulation.")
+    g.add_argument("--rampup-batch-size", nargs="*", default=None)
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="Recompute each layer's activations in backward.")
+    g.add_argument("--recompute-granularity", default=None, choices=["full"])
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-samples", type=int, default=None)
+    g.add_argument("--train-tokens", type=int, default=None,
+                   help="Stop once this many tokens have been consumed.")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="Exit after the iteration that is a multiple of this.")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Exit (after saving) once training has run this many minutes.")
+    g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    g.add_argument("--dataloader-type", default="single", choices=["single", "cyclic"])
+    g.add_argument("--device", default=None,
+                   help="Device type (cpu or cuda); default: cuda when available.")
+
+
+def _add_initialization_args(parser):
+    g = parser.add_argument_group("initialization")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+
+
+def _add_learning_rate_args(parser):
+    g = parser.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, default=None, help="Peak learning rate.")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="linear",
+                   choices=["constant", "linear", "cosine", "inverse-square-root"])
+    g.add_argument("--lr-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None)
+    g.add_argument("--lr-decay-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--override-opt_param-scheduler", "--override-lr-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-lr-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true")
+
+
+def _add_checkpointing_args(parser):
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="Directory to save checkpoints to.")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument("--no-save-rng", action="store_true")
+    g.add_argument("--load", default=None, help="Directory to load a checkpoint from.")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true",
+                   help="Load model weights only and start from iteration 0.")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+
+
+def _add_mixed_precision_args(parser):
+    g = parser.add_argument_group("mixed precision")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="Static loss scale (default: dynamic).")
+    g.add_argument("--initial-loss-scale", type=float, default=2 ** 32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+
+
+def _add_distributed_args(parser):
+    g = parser.add_argument_group("distributed")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
+                   help="Default: nccl on GPU, gloo on CPU.")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None)
+
+
+def _add_validation_args(parser):
+    g = parser.add_argument_group("validation")
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+
+
+def _add_data_args(parser):
+    g = parser.add_argument_group("data and tokenizer")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="PREFIX, or W1 PREFIX1 W2 PREFIX2 ... to blend datasets.")
+    g.add_argument("--split", default="969, 30, 1",
+                   help="Train/valid/test proportions, e.g. 949,50,1.")
+    g.add_argument("--train-data-path", nargs="*", default=None)
+    g.add_argument("--valid-data-path", nargs="*", default=None)
+    g.add_argument("--test-data-path", nargs="*", default=None)
+    g.add_argument("--data-cache-path", default=None,
+                   help="Where index caches are written (default: next to the data).")
+    g.add_argument("--data-impl", default="infer", help="Only mmap is supported.")
+    g.add_argument("--mock-data", action="store_true",
+                   help="Random tokens instead of a dataset (benchmarks, smoke tests).")
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="For NullTokenizer.")
+    g.add_argument("--vocab-extra-ids", type=int, default=0)
+    g.add_argument("--tokenizer-type", default=None,
+                   choices=["BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer",
+                            "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                            "HFTokenizer", "NullTokenizer"])
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--num-workers", type=int, default=2, help="Dataloader worker processes.")
+    g.add_argument("--reset-position-ids", action="store_true")
+    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--eod-mask-loss", action="store_true")
+
+
+def _add_logging_args(parser):
+    g = parser.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-log-interval", type=int, default=1)
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000)
+    g.add_argument("--log-timers-to-tensorboard", action="store_true")
+    g.add_argument("--log-batch-size-to-tensorboard", action="store_true")
+    g.add_argument("--no-log-learnig-rate-to-tensorboard", dest="log_learning_rate_to_tensorboard",
+                   action="store_false")
+    g.add_argument("--no-log-loss-scale-to-tensorboard", dest="log_loss_scale_to_tensorboard",
+                   action="store_false")
+    g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true")
+    g.add_argument("--log-world-size-to-tensorboard", action="store_true")
+    g.add_argument("--log-params-norm", action="store_true")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true")
