@@ -1,0 +1,237 @@
+"""Checkpoints in Megatron-LM's directory layout, written atomically, resumed exactly.
+
+Layout (as Megatron-LM)::
+
+    <save>/latest_checkpointed_iteration.txt      "100" (or "release")
+    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt
+    <save>/iter_0000100/mp_rank_00_001/...        (with pipeline parallelism)
+
+``model_optim_rng.pt`` is a dict with Megatron's keys: ``args`` (the flags, with the consumed
+samples/tokens Megatron keeps there), ``checkpoint_version``, ``iteration``, ``tokens``,
+``model``, ``optimizer``, ``opt_param_scheduler``, ``rng_state`` (a list, one entry per
+data-parallel rank). We add ``train_state`` (every counter of the loop, so a resume needs nothing
+from ``args``).
+
+Nothing is lost: each file is written to a temporary name, flushed to disk and renamed; the
+tracker file is replaced last, so a crash at any moment leaves ``latest`` naming a complete
+checkpoint.
+"""
+
+import dataclasses
+import os
+
+import torch
+
+from megatron.errors import UserError
+from megatron.initialize import get_rng_state, set_rng_state
+
+CHECKPOINT_VERSION = 3.0
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILENAME = "model_optim_rng.pt"
+
+# Flags that fix the shapes of the model's parameters: a checkpoint saved with other values
+# cannot be loaded, and the error names the flag.
+SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+               "kv_channels", "padded_vocab_size", "max_position_embeddings",
+               "position_embedding_type", "untie_embeddings_and_output_weights",
+               "disable_bias_linear")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters of the training loop; saved in every checkpoint."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    consumed_train_tokens: int = 0
+    skipped_iters: int = 0
+    nan_iters: int = 0
+
+
+def iteration_dir(root, iteration, release=False):
+    return os.path.join(root, "release" if release else f"iter_{iteration:07d}")
+
+
+def checkpoint_file(root, iteration, tp_rank=0, pp_rank=0, pp_size=1, release=False):
+    rank_dir = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    return os.path.join(iteration_dir(root, iteration, release), rank_dir, CHECKPOINT_FILENAME)
+
+
+def read_tracker(root):
+    """(iteration, release) from ``latest_checkpointed_iteration.txt``; None if there is none."""
+    path = os.path.join(root, TRACKER_FILENAME)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    if text == "release":
+        return 0, True
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise UserError(f"{path}: expected an iteration number or 'release', found {text!r}")
+    if iteration <= 0:
+        raise UserError(f"{path}: iteration must be positive, found {iteration}")
+    return iteration, False
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save to ``path.tmp``, fsync, rename: ``path`` is either absent or complete."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def atomic_write_text(path, text):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=print,
+                    extra_state=None):
+    """Save everything needed to continue bit-identically, then point ``latest`` at it."""
+    root = args.save
+    log(f"saving checkpoint at iteration {state.iteration:7d} to {root}")
+    # Megatron keeps the consumed counters on args; keep them in sync for compatibility.
+    args.consumed_train_samples = state.consumed_train_samples
+    args.consumed_valid_samples = state.consumed_valid_samples
+    args.consumed_train_tokens = state.consumed_train_tokens
+    ckpt = {
+        "args": args,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        "iteration": state.iteration,
+        "tokens": state.consumed_train_tokens,
+        "train_state": dataclasses.asdict(state),
+        "model": model.state_dict(),
+    }
+    if not args.no_save_optim:
+        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["opt_param_scheduler"] = scheduler.state_dict()
+    if not args.no_save_rng:
+        ckpt["rng_state"] = [get_rng_state(tracker)]
+    if extra_state:
+        ckpt.update(extra_state)
+    path = checkpoint_file(root, state.iteration)
+    atomic_torch_save(ckpt, path)
+    atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(state.iteration))
+    log(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {root}")
+
+
+def check_shapes(ckpt_args, args, path):
+    """A one-line UserError naming the first flag whose value differs from the checkpoint's."""
+    if ckpt_args is None:
+        return
+    for name in SHAPE_FLAGS:
+        if not hasattr(ckpt_args, name) or not hasattr(args, name):
+            continue
+        saved, given = getattr(ckpt_args, name), getattr(args, name)
+        if saved != given:
+            flag = "--" + name.replace("_", "-")
+            if name == "padded_vocab_size":
+                raise UserError(f"checkpoint {path} has a padded vocabulary of {saved} but the "
+                                f"tokenizer gives {given} (check --vocab-file/--tokenizer-type "
+                                "and --make-vocab-size-divisible-by)")
+            raise UserError(f"checkpoint {path} was saved with {flag} {saved} but {flag} "
+                            f"{given} was given")
+
+
+def _load_model_state(model, state_dict, path):
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path} does not match this model: missing "
+                        f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                        f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for name, tensor in state_dict.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise UserError(f"checkpoint {path}: parameter {name} has shape "
+                            f"{tuple(tensor.shape)} but the model built from the flags has "
+                            f"{tuple(own[name].shape)}")
+    model.load_state_dict(state_dict)
+
+
+def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print):
+    """Load ``--load`` if it holds a checkpoint; returns (TrainState, the checkpoint dict).
+
+    With ``--finetune`` (or a release checkpoint) only the model weights are loaded and the
+    counters start from zero.
+    """
+    root = args.load
+    if root is None:
+        return TrainState(), None
+    found = read_tracker(root)
+    if found is None:
+        if args.exit_on_missing_checkpoint:
+            raise UserError(f"--load {root}: no {TRACKER_FILENAME} found")
+        log(f"WARNING: could not find a checkpoint in {root} "
+            f"(no {TRACKER_FILENAME}); training from scratch")
+        return TrainState(), None
+    iteration, release = found
+    path = checkpoint_file(root, iteration, release=release)
+    if not os.path.isfile(path):
+        raise UserError(f"{os.path.join(root, TRACKER_FILENAME)} names iteration {iteration} "
+                        f"but {path} does not exist")
+    log(f"loading checkpoint from {root} at iteration {iteration}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    check_shapes(ckpt.get("args"), args, path)
+    _load_model_state(model, ckpt["model"], path)
+
+    if args.finetune or release:
+        log(f"  loaded model weights from {path} (finetune: starting from iteration 0)")
+        return TrainState(), ckpt
+
+    state = TrainState(**ckpt["train_state"]) if "train_state" in ckpt else TrainState(
+        iteration=ckpt.get("iteration", ckpt.get("total_iters", 0)),
+        consumed_train_samples=getattr(ckpt.get("args"), "consumed_train_samples", 0),
+        consumed_valid_samples=getattr(ckpt.get("args"), "consumed_valid_samples", 0),
+        consumed_train_tokens=ckpt.get("tokens", 0))
+    if not args.no_load_optim:
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path} holds no optimizer state (saved with --no-save-optim); "
+                            "pass --no-load-optim or --finetune")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sched_state = ckpt.get("opt_param_scheduler", ckpt.get("lr_scheduler"))
+        if sched_state is not None:
+            scheduler.load_state_dict(sched_state)
+    if not args.no_load_rng:
+        rng = ckpt.get("rng_state")
+        if rng is None:
+            raise UserError(f"{path} holds no RNG state (saved with --no-save-rng); "
+                            "pass --no-load-rng")
+        set_rng_state(rng[0], tracker)
+    log(f"  successfully loaded checkpoint from {root} at iteration {state.iteration}")
+    return state, ckpt

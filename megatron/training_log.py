@@ -1,0 +1,134 @@
+"""The training log line and TensorBoard scalars (Megatron-DeepSpeed's names and format)."""
+
+import math
+import time
+
+import torch
+
+
+class TrainingLogger:
+    """Accumulates losses between log lines and writes console lines and TensorBoard scalars.
+
+    The console line follows Megatron-DeepSpeed's ``training_log``, with tokens per second and
+    an estimated TFLOP/s; TensorBoard tags are plotted against iterations, consumed samples
+    (``... vs samples``) and consumed tokens (``... vs tokens``).
+    """
+
+    def __init__(self, args, flops_per_iteration=None, log=print):
+        self.args = args
+        self.log = log
+        self.flops_per_iteration = flops_per_iteration
+        self.writer = None
+        if args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir,
+                                        max_queue=args.tensorboard_queue_size)
+        self._reset()
+
+    def _reset(self):
+        self.loss_sums = {}
+        self.loss_counts = 0
+        self.skipped = 0
+        self.nan = 0
+        self.interval_start = time.time()
+        self.interval_iters = 0
+
+    def scalar(self, tag, value, iteration, samples=None, tokens=None):
+        """One TensorBoard scalar, with its ``vs samples`` / ``vs tokens`` twins."""
+        if self.writer is None:
+            return
+        self.writer.add_scalar(tag, value, iteration)
+        if samples is not None:
+            self.writer.add_scalar(f"{tag} vs samples", value, samples)
+        if tokens is not None:
+            self.writer.add_scalar(f"{tag} vs tokens", value, tokens)
+
+    def training_step(self, state, loss_dict, lr, grad_norm, loss_scale, skipped, extra=None):
+        """Record one iteration; print a line every --log-interval iterations."""
+        args = self.args
+        self.interval_iters += 1
+        if skipped:
+            self.skipped += 1
+        else:
+            for key, value in loss_dict.items():
+                value = float(value)
+                if math.isnan(value) or math.isinf(value):
+                    self.nan += 1
+                self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+            self.loss_counts += 1
+
+        it, samples, tokens = (state.iteration, state.consumed_train_samples,
+                               state.consumed_train_tokens)
+        if self.writer is not None and it % args.tensorboard_log_interval == 0:
+            if args.log_learning_rate_to_tensorboard:
+                self.scalar("learning-rate/learning-rate", lr, it, samples, tokens)
+            if args.log_batch_size_to_tensorboard:
+                self.scalar("batch-size/batch-size", args.global_batch_size, it, samples, tokens)
+            for key, value in loss_dict.items():
+                self.scalar(f"lm-loss-training/{key}", float(value), it, samples, tokens)
+            if args.fp16 and args.log_loss_scale_to_tensorboard:
+                self.scalar("loss-scale/loss-scale", loss_scale, it, samples, tokens)
+            if grad_norm is not None:
+                self.scalar("grad-norm/grad-norm", grad_norm, it, samples, tokens)
+            self.writer.add_scalar("steps-vs-samples/y=samples,x=steps", samples, it)
+            self.writer.add_scalar("steps-vs-samples/y=steps,x=samples", it, samples)
+            self.writer.add_scalar("steps-vs-tokens/y=tokens,x=steps", tokens, it)
+            self.writer.add_scalar("steps-vs-tokens/y=steps,x=tokens", it, tokens)
+            for key, value in (extra or {}).items():
+                self.scalar(key, value, it, samples, tokens)
+            if args.log_memory_to_tensorboard and torch.cuda.is_available():
+                self.scalar("mem-max-allocated-bytes", torch.cuda.max_memory_allocated(), it)
+
+        if it % args.log_interval != 0:
+            return
+        elapsed = time.time() - self.interval_start
+        per_iter = elapsed / max(self.interval_iters, 1)
+        tokens_per_iter = args.global_batch_size * args.seq_length
+        parts = [
+            f" iteration {it:8d}/{args.train_iters:8d}",
+            f"consumed samples: {samples:12d}",
+            f"consumed tokens: {tokens:12d}",
+            f"elapsed time per iteration (ms): {per_iter * 1000.0:.1f}",
+            f"learning rate: {lr:.3E}",
+            f"global batch size: {args.global_batch_size:5d}",
+        ]
+        for key, total in self.loss_sums.items():
+            parts.append(f"{key}: {total / max(self.loss_counts, 1):.6E}")
+        parts.append(f"loss scale: {loss_scale:.1f}")
+        if grad_norm is not None:
+            parts.append(f"grad norm: {grad_norm:.3f}")
+        for key, value in (extra or {}).items():
+            parts.append(f"{key.split('/')[-1]}: {value}")
+        parts.append(f"number of skipped iterations: {self.skipped:3d}")
+        parts.append(f"number of nan iterations: {self.nan:3d}")
+        parts.append(f"samples per second: {args.global_batch_size / per_iter:.3f}")
+        parts.append(f"tokens per second: {tokens_per_iter / per_iter:.1f}")
+        if self.flops_per_iteration:
+            tflops = self.flops_per_iteration / per_iter / args.world_size / 1e12
+            parts.append(f"TFLOPs: {tflops:.3f}")
+        self.log(" | ".join(parts) + " |")
+        if self.writer is not None and args.log_timers_to_tensorboard:
+            self.scalar("iteration-time/iteration-time", per_iter, it, samples, tokens)
+        self._reset()
+
+    def validation(self, prefix, loss_dict, iteration, samples, tokens):
+        parts = [f" validation loss at {prefix} | "]
+        for key, value in loss_dict.items():
+            ppl = math.exp(min(20.0, value))
+            parts.append(f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | ")
+            if self.writer is not None:
+                self.scalar(f"lm-loss-validation/{key} validation", value, iteration,
+                            samples, tokens)
+                if self.args.log_validation_ppl_to_tensorboard:
+                    self.scalar(f"lm-loss-validation/{key} validation ppl", ppl, iteration,
+                                samples, tokens)
+        line = "".join(parts)
+        self.log("-" * len(line))
+        self.log(line)
+        self.log("-" * len(line))
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

@@ -1,0 +1,65 @@
+"""Pretrain GPT (Megatron-LM flags). Example: examples/pretrain_gpt_tiny_cpu.sh."""
+
+import torch
+
+from megatron.arguments import transformer_config_from_args
+from megatron.errors import run_main
+from megatron.training import pretrain
+from megatron.utils import get_ltor_masks_and_position_ids, print_rank_0
+
+
+def model_provider(args, parallel):
+    from megatron.model import GPTModel
+
+    print_rank_0("building GPT model ...")
+    return GPTModel(transformer_config_from_args(args), parallel=parallel)
+
+
+def datasets_provider(args, tokenizer, num_samples):
+    """(train, valid, test) GPT datasets from --data-path / --split (or --mock-data)."""
+    if args.mock_data:
+        from megatron.data.mock_dataset import MockGPTDataset
+
+        return tuple(MockGPTDataset(n, args.seq_length, tokenizer.vocab_size, args.seed + i)
+                     if n > 0 else None for i, n in enumerate(num_samples))
+    from megatron.data.dataset_utils import build_train_valid_test_datasets
+
+    print_rank_0("> building train, validation, and test datasets for GPT ...")
+    return build_train_valid_test_datasets(
+        data_prefix=args.data_path, splits_string=args.split,
+        train_valid_test_num_samples=num_samples, seq_length=args.seq_length, seed=args.seed,
+        data_cache_path=args.data_cache_path, train_data_path=args.train_data_path,
+        valid_data_path=args.valid_data_path, test_data_path=args.test_data_path,
+        log=print_rank_0)
+
+
+def forward_step_provider(args, tokenizer):
+    device = torch.device(args.device)
+    eod = tokenizer.eod
+
+    def get_batch(data_iterator):
+        text = next(data_iterator)["text"].to(device=device, dtype=torch.long)
+        tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()  # [b, s] each
+        attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
+            tokens, eod, reset_position_ids=args.reset_position_ids,
+            reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss)
+        return tokens, labels, loss_mask, attention_mask, position_ids
+
+    def loss_func(loss_mask, per_token_loss):
+        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        return loss, {"lm loss": loss.detach()}
+
+    def forward_step(data_iterator, model):
+        tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
+        output = model(tokens, position_ids, attention_mask, labels=labels)
+        return output, lambda out: loss_func(loss_mask, out)
+
+    return forward_step
+
+
+def main(argv=None):
+    return pretrain(datasets_provider, model_provider, forward_step_provider, argv=argv)
+
+
+if __name__ == "__main__":
+    run_main(main)
