@@ -1,0 +1,82 @@
+"""Train a byte-level BPE vocabulary in GPT-2's file format (vocab.json + merges.txt).
+
+For corpora without a GPT-2 vocabulary at hand (the CPU demo, other languages). The result is
+read by ``--tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt``;
+``<|endoftext|>`` is the last id, as in GPT-2.
+
+    python tools/train_bpe_vocab.py --input corpus.jsonl --vocab-size 4096 --output-dir vocab/
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron.errors import UserError, run_main  # noqa: E402
+
+EOD = "<|endoftext|>"
+
+
+def iter_texts(path, key):
+    if not os.path.isfile(path):
+        raise UserError(f"--input {path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record[key]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a string "
+                                f"{key!r} ({err})") from None
+            yield text
+
+
+def train_bpe(texts, vocab_size, output_dir, min_frequency=2):
+    """Train and write ``vocab.json`` and ``merges.txt`` into ``output_dir``; returns paths."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, min_frequency=min_frequency,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = dict(model["vocab"])
+    vocab[EOD] = len(vocab)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    os.makedirs(output_dir, exist_ok=True)
+    vocab_path = os.path.join(output_dir, "vocab.json")
+    merges_path = os.path.join(output_dir, "merges.txt")
+    for path, content in ((vocab_path, json.dumps(vocab, ensure_ascii=False)),
+                          (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")):
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    return vocab_path, merges_path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="A .jsonl file, one document a line.")
+    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--vocab-size", type=int, default=4096,
+                        help="Size including <|endoftext|>.")
+    parser.add_argument("--min-frequency", type=int, default=2)
+    parser.add_argument("--output-dir", required=True)
+    args = parser.parse_args(argv)
+    if args.vocab_size < 257:
+        raise UserError("--vocab-size must be at least 257 (256 bytes + <|endoftext|>)")
+    vocab, merges = train_bpe(iter_texts(args.input, args.json_key), args.vocab_size,
+                              args.output_dir, args.min_frequency)
+    print(f"wrote {vocab} and {merges}")
+
+
+if __name__ == "__main__":
+    run_main(main)
