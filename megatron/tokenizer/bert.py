@@ -1,0 +1,160 @@
+"""BERT WordPiece from ``vocab.txt`` (``BertWordPieceLowerCase`` / ``BertWordPieceCase``).
+
+Same tokens as Google's BERT ``FullTokenizer`` used by Megatron: text cleaned (control chars
+removed, whitespace normalised), CJK characters split, punctuation split; LowerCase also lowercases
+and strips accents; then greedy longest-match WordPiece with ``##`` continuations and ``[UNK]``
+for words that cannot be covered (or are longer than 100 characters). Runs on the HF
+``tokenizers`` BERT normaliser, pre-tokenizer and WordPiece model. Special tokens written inside
+the text (``[MASK]``) are ordinary text, as in Megatron.
+
+As Megatron does, ``[BOS]`` and ``[EOS]`` (and ``<extra_id_i>`` for ``--vocab-extra-ids``) are
+appended to the vocab when absent; ``eod`` is the ``[EOS]`` id.
+"""
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from megatron.errors import UserError
+from megatron.tokenizer._files import read_text, require_file
+from megatron.tokenizer.abstract import AbstractTokenizer
+
+REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def load_bert_vocab(vocab_file):
+    """vocab.txt -> {token: id}: one token per line, id = line number from 0, stripped.
+
+    As in BERT's ``load_vocab``, a repeated token keeps the id of its last line.
+    """
+    lines = read_text(vocab_file, "--vocab-file").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    vocab = {}
+    for idx, line in enumerate(lines):
+        vocab[line.strip()] = idx
+    missing = [t for t in REQUIRED_TOKENS if t not in vocab]
+    if missing:
+        raise UserError(f"--vocab-file {vocab_file}: BERT WordPiece vocab lacks the special "
+                        f"token(s) {' '.join(missing)}; expected one token per line including "
+                        f"{' '.join(REQUIRED_TOKENS)}")
+    return vocab
+
+
+def _clean_up_tokenization(text):
+    """BERT's ``clean_up_tokenization``: no space before simple punctuation and contractions."""
+    for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+                          (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"),
+                          (" 're", "'re")):
+        text = text.replace(before, after)
+    return text
+
+
+class BertWordPieceTokenizer(AbstractTokenizer):
+    """BERT WordPiece; ``lower_case`` picks BertWordPieceLowerCase vs BertWordPieceCase."""
+
+    def __init__(self, vocab_file, lower_case=True, vocab_extra_ids=0):
+        vocab_file = require_file(vocab_file, "--vocab-file")
+        super().__init__(vocab_file, lower_case, vocab_extra_ids)
+        self.tokenizer_type = "BertWordPieceLowerCase" if lower_case else "BertWordPieceCase"
+        self.lower_case = lower_case
+        vocab = load_bert_vocab(vocab_file)
+        tok = Tokenizer(models.WordPiece(vocab=dict(vocab), unk_token="[UNK]",
+                                         max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=lower_case,
+            lowercase=lower_case)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        self._tok = tok
+        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+        self._vocab = vocab
+        self._inv_vocab = {idx: token for token, idx in vocab.items()}
+        # Tokens the WordPiece model never produces from text; they only get ids.
+        self._bos_id = self._add_token("[BOS]")
+        self._eos_id = self._add_token("[EOS]")
+        self._extra_tokens = [f"<extra_id_{i}>" for i in range(vocab_extra_ids)]
+        for token in self._extra_tokens:
+            self._add_token(token)
+        self._cls_id = vocab["[CLS]"]
+        self._sep_id = vocab["[SEP]"]
+        self._pad_id = vocab["[PAD]"]
+        self._mask_id = vocab["[MASK]"]
+        self._unk_id = vocab["[UNK]"]
+
+    def _add_token(self, token):
+        if token not in self._vocab:
+            idx = len(self._vocab)
+            self._vocab[token] = idx
+            self._inv_vocab[idx] = token
+        return self._vocab[token]
+
+    @property
+    def vocab_size(self):
+        return len(self._vocab)
+
+    @property
+    def vocab(self):
+        return self._vocab
+
+    @property
+    def inv_vocab(self):
+        return self._inv_vocab
+
+    def tokenize(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts):
+        return [enc.ids for enc in self._encode_batch(list(texts), add_special_tokens=False)]
+
+    def convert_ids_to_tokens(self, token_ids):
+        return [self._inv_vocab[int(i)] for i in token_ids]
+
+    def detokenize(self, token_ids):
+        """Tokens joined by spaces, ``##`` pieces glued on, BERT's punctuation clean-up."""
+        text = " ".join(self.convert_ids_to_tokens(token_ids)).replace(" ##", "").strip()
+        return _clean_up_tokenization(text)
+
+    def decode_token_ids(self, token_ids):
+        """Megatron's variant used in evaluation: drops [PAD] and [CLS], no clean-up."""
+        out = ""
+        for token in self.convert_ids_to_tokens(token_ids):
+            if token in ("[PAD]", "[CLS]"):
+                continue
+            out += token[2:] if token.startswith("##") else " " + token
+        return out
+
+    @property
+    def cls(self):
+        return self._cls_id
+
+    @property
+    def sep(self):
+        return self._sep_id
+
+    @property
+    def pad(self):
+        return self._pad_id
+
+    @property
+    def mask(self):
+        return self._mask_id
+
+    @property
+    def unk(self):
+        return self._unk_id
+
+    @property
+    def bos(self):
+        return self._bos_id
+
+    @property
+    def eos(self):
+        return self._eos_id
+
+    @property
+    def eod(self):
+        # Megatron-LM: the [EOS] id (appended to the vocab if the file lacks it).
+        return self._eos_id
+
+    @property
+    def additional_special_tokens_ids(self):
+        return [self._vocab[t] for t in self._extra_tokens]
