@@ -1,0 +1,208 @@
+"""Data paths, weights, splits, and the train/valid/test GPT dataset builder (Megatron semantics)."""
+
+import math
+import time
+
+import numpy as np
+
+from megatron.errors import UserError
+
+
+def parse_data_path(values, flag="--data-path"):
+    """Parse ``--data-path``-style values into (prefixes, weights or None).
+
+    One entry is a single unweighted dataset. Otherwise the values are ``w1 p1 w2 p2 ...`` pairs;
+    the returned weights are normalised to sum to 1.
+    """
+    if values is None:
+        return [], None
+    if isinstance(values, str):
+        values = values.split()
+    values = [str(v) for v in values]
+    if len(values) == 0:
+        return [], None
+    if len(values) == 1:
+        return [values[0].strip()], None
+    if len(values) % 2 != 0:
+        raise UserError(f"{flag}: expected one prefix or 'weight prefix' pairs, got an odd "
+                        f"number of values ({len(values)}); last token {values[-1]!r}")
+    weights, prefixes = [], []
+    for weight_token, prefix in zip(values[0::2], values[1::2]):
+        try:
+            weight = float(weight_token)
+        except ValueError:
+            weight = float("nan")
+        if not (math.isfinite(weight) and weight > 0):
+            raise UserError(f"{flag}: expected a positive weight before prefix {prefix!r}, "
+                            f"got {weight_token!r}")
+        weights.append(weight)
+        prefixes.append(prefix.strip())
+    total = sum(weights)
+    return prefixes, [w / total for w in weights]
+
+
+def get_train_valid_test_split_(splits_string, size):
+    """Boundaries [0, a, b, size] of the train/valid/test document ranges (Megatron exact).
+
+    '949,50,1' (or '949/50/1') over 1000 documents -> [0, 949, 999, 1000].
+    """
+    text = str(splits_string)
+    separator = "," if "," in text else ("/" if "/" in text else None)
+    tokens = text.split(separator) if separator else [text]
+    try:
+        splits = [float(t) for t in tokens]
+    except ValueError:
+        raise UserError(f"--split: expected up to 3 comma- or '/'-separated non-negative "
+                        f"numbers such as '949,50,1', got {splits_string!r}") from None
+    if any(not math.isfinite(s) or s < 0 for s in splits):
+        raise UserError(f"--split: expected non-negative numbers, got {splits_string!r}")
+    splits = (splits + [0.0, 0.0, 0.0])[:3]
+    total = sum(splits)
+    if total <= 0.0:
+        raise UserError(f"--split: the weights must not all be zero, got {splits_string!r}")
+    splits = [s / total for s in splits]
+    index = [0]
+    for fraction in splits:
+        index.append(index[-1] + int(round(fraction * float(size))))
+    diff = index[-1] - size
+    for k in range(1, len(index)):
+        index[k] -= diff
+    assert len(index) == 4 and index[-1] == size
+    return index
+
+
+def get_datasets_weights_and_num_samples(data_prefix, train_valid_test_num_samples):
+    """(prefixes, normalised weights, per-dataset sample targets) for a weighted blend.
+
+    Each target is ceil(n * weight * 1.005): a 0.5% surplus so the greedy blend never runs a
+    child dataset dry. ``train_valid_test_num_samples`` is a list (one target per split) or a
+    single int (a separate --train/valid/test-data-path).
+    """
+    prefixes, weights = parse_data_path(data_prefix)
+    if weights is None:
+        weights = [1.0] * len(prefixes)
+    if isinstance(train_valid_test_num_samples, (list, tuple)):
+        per_dataset = [[int(math.ceil(n * w * 1.005)) for n in train_valid_test_num_samples]
+                       for w in weights]
+    else:
+        per_dataset = [int(math.ceil(train_valid_test_num_samples * w * 1.005))
+                       for w in weights]
+    return prefixes, weights, per_dataset
+
+
+def get_indexed_dataset_(data_prefix, flag="--data-path", log=print):
+    """Open the .bin/.idx pair at ``data_prefix``; a missing pair is a UserError."""
+    from megatron.data.indexed_dataset import IndexedDataset
+
+    if not IndexedDataset.exists(data_prefix):
+        raise UserError(f"{flag}: no dataset at prefix {data_prefix!r} (expected "
+                        f"{data_prefix}.bin and {data_prefix}.idx)")
+    log(" > building dataset index ...")
+    start = time.time()
+    indexed_dataset = IndexedDataset(data_prefix)
+    log(f" > finished creating indexed dataset in {time.time() - start:4f} seconds")
+    log(f"    number of documents: {indexed_dataset.sizes.shape[0]}")
+    return indexed_dataset
+
+
+def _build_split_datasets(data_prefix, splits_string, num_samples, seq_length, seed,
+                          data_cache_path, flag, log):
+    """train/valid/test GPTDatasets of one prefix, split by document ranges."""
+    from megatron.data.gpt_dataset import GPTDataset
+
+    indexed_dataset = get_indexed_dataset_(data_prefix, flag, log)
+    total = indexed_dataset.sizes.shape[0]
+    splits = get_train_valid_test_split_(splits_string, total)
+    log(" > dataset split:")
+    result = []
+    for k, label in enumerate(("train", "validation", "test")):
+        log(f"    {label}:")
+        log(f"     document indices in [{splits[k]}, {splits[k + 1]}) total of "
+            f"{splits[k + 1] - splits[k]} documents")
+    for k, name in enumerate(("train", "valid", "test")):
+        dataset = None
+        if splits[k + 1] > splits[k]:
+            documents = np.arange(splits[k], splits[k + 1], dtype=np.int32)
+            dataset = GPTDataset(name, data_prefix, indexed_dataset, documents, num_samples[k],
+                                 seq_length, seed, cache_dir=data_cache_path,
+                                 splits_string=splits_string, log=log)
+        result.append(dataset)
+    return tuple(result)
+
+
+def _build_whole_dataset(name, values, flag, splits_string, num_samples, seq_length, seed,
+                         data_cache_path, log):
+    """One split from a separate --{name}-data-path: every document of each file, blended."""
+    from megatron.data.blendable_dataset import BlendableDataset
+    from megatron.data.gpt_dataset import GPTDataset
+
+    prefixes, weights = parse_data_path(values, flag)
+
+    def whole(prefix, n):
+        indexed_dataset = get_indexed_dataset_(prefix, flag, log)
+        documents = np.arange(0, indexed_dataset.sizes.shape[0], dtype=np.int32)
+        return GPTDataset(name, prefix, indexed_dataset, documents, n, seq_length, seed,
+                          cache_dir=data_cache_path, splits_string=splits_string, log=log)
+
+    if weights is None:
+        return whole(prefixes[0], num_samples)
+    _, weights, per_dataset = get_datasets_weights_and_num_samples(values, num_samples)
+    datasets = [whole(p, n) for p, n in zip(prefixes, per_dataset)]
+    return BlendableDataset(datasets, weights, sum(per_dataset), log=log)
+
+
+def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test_num_samples,
+                                    seq_length, seed, data_cache_path=None, train_data_path=None,
+                                    valid_data_path=None, test_data_path=None, log=print):
+    """(train, valid, test) GPT datasets; None for a split without documents or path.
+
+    ``data_prefix`` is the ``--data-path`` list: one prefix, or weight/prefix pairs which are
+    split individually by ``splits_string`` and blended per split. The separate
+    ``--train/valid/test-data-path`` lists use whole files and ignore ``--split``.
+    """
+    separate = [train_data_path, valid_data_path, test_data_path]
+    prefixes, weights = parse_data_path(data_prefix)
+    if any(separate):
+        if prefixes:
+            raise UserError("--data-path: cannot be combined with --train-data-path/"
+                            "--valid-data-path/--test-data-path; give one or the other")
+        flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
+        names = ("train", "valid", "test")
+        return tuple(
+            _build_whole_dataset(name, values, flag, splits_string, n, seq_length, seed,
+                                 data_cache_path, log) if values else None
+            for name, values, flag, n in zip(names, separate, flags,
+                                             train_valid_test_num_samples))
+    if not prefixes:
+        raise UserError("--data-path: required (or --train-data-path/--valid-data-path/"
+                        "--test-data-path)")
+
+    if weights is None:
+        return _build_split_datasets(prefixes[0], splits_string, train_valid_test_num_samples,
+                                     seq_length, seed, data_cache_path, "--data-path", log)
+
+    from megatron.data.blendable_dataset import BlendableDataset
+
+    _, weights, per_dataset = get_datasets_weights_and_num_samples(
+        data_prefix, list(train_valid_test_num_samples))
+    per_split = ([], [], [])
+    for i, (prefix, targets) in enumerate(zip(prefixes, per_dataset)):
+        built = _build_split_datasets(prefix, splits_string, targets, seq_length, seed,
+                                      data_cache_path, "--data-path", log)
+        for k, dataset in enumerate(built):
+            if dataset is not None:
+                per_split[k].append((i, dataset))
+    result = []
+    for k, members in enumerate(per_split):
+        if not members:
+            result.append(None)
+            continue
+        if len(members) != len(prefixes):
+            # Small files can leave a split empty; blend the others with renormalised weights.
+            log(f" > WARNING: the {('train', 'valid', 'test')[k]} split is empty for "
+                f"{len(prefixes) - len(members)} of {len(prefixes)} --data-path datasets; "
+                f"blending the remaining ones")
+        member_weights = [weights[i] for i, _ in members]
+        size = sum(per_dataset[i][k] for i, _ in members)
+        result.append(BlendableDataset([d for _, d in members], member_weights, size, log=log))
+    return tuple(result)

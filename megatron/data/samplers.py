@@ -1,0 +1,182 @@
+"""Batch samplers that resume from a consumed-sample count, and the pretraining DataLoader.
+
+Both samplers yield one micro-batch of sample indices per step for one data-parallel rank.
+A global batch step covers ``micro_batch_size * data_parallel_size`` samples; rank r takes its
+contiguous slice of each such chunk, so all ranks together see exactly what one rank with a
+``micro_batch_size * data_parallel_size`` micro-batch would see.
+"""
+
+import numpy as np
+import torch
+
+
+def _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+           data_parallel_size):
+    if total_samples <= 0:
+        raise ValueError(f"no sample to consume: total_samples={total_samples}")
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    if data_parallel_size <= 0:
+        raise ValueError(f"data_parallel_size must be positive, got {data_parallel_size}")
+    if not 0 <= data_parallel_rank < data_parallel_size:
+        raise ValueError(f"data_parallel_rank should be in [0, {data_parallel_size}), got "
+                         f"{data_parallel_rank}")
+    if consumed_samples < 0:
+        raise ValueError(f"consumed_samples must be >= 0, got {consumed_samples}")
+
+
+class MegatronPretrainingSampler:
+    """Sequential samples ``consumed_samples .. total_samples - 1``, sliced per DP rank."""
+
+    def __init__(self, total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+                 data_parallel_size, drop_last=True):
+        _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+               data_parallel_size)
+        if consumed_samples >= total_samples:
+            raise ValueError(f"no samples left to consume: {consumed_samples}, {total_samples}")
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+        self.drop_last = drop_last
+
+    def __len__(self):
+        return self.total_samples
+
+    def _slice(self, batch):
+        start = self.data_parallel_rank * self.micro_batch_size
+        return batch[start:start + self.micro_batch_size]
+
+    def __iter__(self):
+        chunk = self.micro_batch_times_data_parallel_size
+        batch = []
+        for idx in range(self.consumed_samples, self.total_samples):
+            batch.append(idx)
+            if len(batch) == chunk:
+                yield self._slice(batch)
+                batch = []
+        # A partial last chunk: each rank takes what is left of its slice.
+        if batch and not self.drop_last:
+            yield self._slice(batch)
+
+
+class MegatronPretrainingRandomSampler:
+    """Epoch-wise random order, seeded by the epoch number, resumable mid-epoch.
+
+    An epoch holds ``total_samples`` rounded down to whole ``micro_batch * dp`` chunks. Each
+    ``iter()`` continues from ``consumed_samples`` to the end of the current epoch (updating
+    ``consumed_samples`` as it goes), so iterating again starts the next epoch: wrap the loader in
+    ``cyclic_iter`` for endless training.
+
+    With ``data_sharding`` (Megatron's default) rank r owns the contiguous bucket
+    ``[r * B, (r + 1) * B)`` and walks a permutation of it; without, one global permutation is
+    dealt round-robin to the ranks.
+    """
+
+    def __init__(self, dataset, total_samples, consumed_samples, micro_batch_size,
+                 data_parallel_rank, data_parallel_size, data_sharding=True):
+        _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
+               data_parallel_size)
+        self.dataset = dataset
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.data_sharding = data_sharding
+        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+        self.last_batch_size = total_samples % self.micro_batch_times_data_parallel_size
+        if total_samples < self.micro_batch_times_data_parallel_size:
+            raise ValueError(f"dataset of {total_samples} samples is smaller than one global "
+                             f"micro-batch step ({self.micro_batch_times_data_parallel_size})")
+
+    def __len__(self):
+        return self.total_samples
+
+    def __iter__(self):
+        chunk = self.micro_batch_times_data_parallel_size
+        active_total_samples = self.total_samples - self.last_batch_size
+        epoch = self.consumed_samples // active_total_samples
+        current_epoch_samples = self.consumed_samples % active_total_samples
+        if current_epoch_samples % chunk != 0:
+            raise ValueError(f"consumed_samples {self.consumed_samples} is not a multiple of "
+                             f"micro_batch_size * data_parallel_size ({chunk})")
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+        g = torch.Generator()
+        g.manual_seed(epoch)
+        if self.data_sharding:
+            bucket_size = (self.total_samples // chunk) * self.micro_batch_size
+            bucket_offset = current_epoch_samples // self.data_parallel_size
+            start_idx = self.data_parallel_rank * bucket_size
+            random_idx = torch.randperm(bucket_size, generator=g).tolist()
+            idx_range = [start_idx + x for x in random_idx[bucket_offset:]]
+        else:
+            full_bucket_size = (self.total_samples // self.micro_batch_size) \
+                * self.micro_batch_size
+            idx_range_total = torch.randperm(full_bucket_size, generator=g).tolist()
+            idx_range_active = idx_range_total[current_epoch_samples:]
+            idx_range = idx_range_active[self.data_parallel_rank::self.data_parallel_size]
+
+        batch = []
+        for idx in idx_range:
+            batch.append(idx)
+            if len(batch) == self.micro_batch_size:
+                self.consumed_samples += chunk
+                yield batch
+                batch = []
+
+
+def cyclic_iter(iterable):
+    """Iterate ``iterable`` forever (re-iterating a random-sampler loader starts a new epoch)."""
+    while True:
+        for item in iterable:
+            yield item
+
+
+def collate_samples(samples):
+    """Stack a list of sample dicts: 'text' (and any array field) into int64 tensors."""
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if isinstance(values[0], np.ndarray):
+            array = np.stack(values)
+            if key == "text" or np.issubdtype(array.dtype, np.integer):
+                array = array.astype(np.int64, copy=False)
+            out[key] = torch.from_numpy(array)
+        elif isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = torch.tensor(values)
+    return out
+
+
+def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
+                                  num_workers=0, dataloader_type="single", drop_last=True,
+                                  data_sharding=True):
+    """DataLoader over ``dataset`` for one DP rank, resuming after ``consumed_samples``.
+
+    ``dataloader_type``: 'single' (sequential, Megatron's default) or 'cyclic' (random order per
+    epoch). Returns None for a None dataset.
+    """
+    if dataset is None:
+        return None
+    if dataloader_type == "single":
+        batch_sampler = MegatronPretrainingSampler(
+            total_samples=len(dataset), consumed_samples=consumed_samples,
+            micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
+            data_parallel_size=dp_size, drop_last=drop_last)
+    elif dataloader_type == "cyclic":
+        batch_sampler = MegatronPretrainingRandomSampler(
+            dataset, total_samples=len(dataset), consumed_samples=consumed_samples,
+            micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
+            data_parallel_size=dp_size, data_sharding=data_sharding)
+    else:
+        from megatron.errors import UserError
+        raise UserError(f"--dataloader-type: expected 'single' or 'cyclic', got "
+                        f"{dataloader_type!r}")
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
+                                       num_workers=num_workers, collate_fn=collate_samples,
+                                       pin_memory=torch.cuda.is_available())
