@@ -11,6 +11,7 @@ Entry points (``pretrain_gpt.py``, ``pretrain_bert.py``) supply three providers 
   ``loss_func(output_tensor) -> (loss, {name: value})``.
 """
 
+import dataclasses
 import math
 import time
 
@@ -26,9 +27,19 @@ from megatron.training_log import TrainingLogger
 from megatron.utils import print_rank_0
 
 
+@dataclasses.dataclass
+class PretrainResult:
+    """What a run leaves behind besides checkpoints and logs (used by tests and studies)."""
+
+    state: TrainState
+    model: torch.nn.Module
+    train_losses: list  # [(iteration, {name: float})], one entry per iteration
+    valid_losses: list  # [(iteration, {name: float})], one entry per evaluation
+
+
 def pretrain(datasets_provider, model_provider, forward_step_provider, *, argv=None,
              extra_args_provider=None, args_defaults=None, log=print_rank_0):
-    """Parse Megatron's flags from ``argv`` and train. Returns the final ``TrainState``."""
+    """Parse Megatron's flags from ``argv`` and train. Returns a ``PretrainResult``."""
     args = parse_args(argv, extra_args_provider, defaults=args_defaults)
     return run_pretraining(args, datasets_provider, model_provider, forward_step_provider, log)
 
@@ -87,7 +98,7 @@ def run_pretraining(args, datasets_provider, model_provider, forward_step_provid
                            f"iteration {state.iteration} on test set", count_valid=False)
     finally:
         logger.close()
-    return state
+    return PretrainResult(state, model, logger.train_history, logger.valid_history)
 
 
 def build_scheduler(args, optimizer):

@@ -19,6 +19,8 @@ class TrainingLogger:
         self.log = log
         self.flops_per_iteration = flops_per_iteration
         self.writer = None
+        self.train_history = []  # [(iteration, {name: float})]
+        self.valid_history = []
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -48,6 +50,7 @@ class TrainingLogger:
         """Record one iteration; print a line every --log-interval iterations."""
         args = self.args
         self.interval_iters += 1
+        self.train_history.append((state.iteration, {k: float(v) for k, v in loss_dict.items()}))
         if skipped:
             self.skipped += 1
         else:
@@ -113,6 +116,7 @@ class TrainingLogger:
         self._reset()
 
     def validation(self, prefix, loss_dict, iteration, samples, tokens):
+        self.valid_history.append((iteration, dict(loss_dict)))
         parts = [f" validation loss at {prefix} | "]
         for key, value in loss_dict.items():
             ppl = math.exp(min(20.0, value))
