@@ -1,0 +1,66 @@
+"""Megatron's TransformerLanguageModel: embedding -> encoder (the block) [-> untied output layer].
+
+It exists to give parameters Megatron's names (``language_model.embedding...``,
+``language_model.encoder...``, ``language_model.output_layer.weight``) and to hold the pipeline
+stage logic: the first stage embeds, later stages take their input from ``set_input_tensor``.
+"""
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.model.config import TransformerConfig
+from megatron.model.embedding import Embedding
+from megatron.model.transformer import ParallelTransformer
+from megatron.model.utils import init_method_normal
+from megatron.parallel.layers import ColumnParallelLinear
+from megatron.parallel.mappings import copy_to_tp_region, gather_from_tp_region
+from megatron.parallel.state import ParallelState
+
+
+def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, parallel: ParallelState,
+                       parallel_output: bool = True) -> torch.Tensor:
+    """Logits ``hidden [b, s, h] @ weight[V/tp, h]^T`` -> [b, s, V/tp] (column-parallel path:
+    the input gradient is all-reduced across TP ranks); gathered to [b, s, V] unless
+    ``parallel_output``."""
+    logits = F.linear(copy_to_tp_region(hidden, parallel), weight)  # [b, s, V/tp]
+    return logits if parallel_output else gather_from_tp_region(logits, parallel)
+
+
+class TransformerLanguageModel(nn.Module):
+    """Embedding (first stage), encoder, and the untied output layer (last stage)."""
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState(), *,
+                 pre_process: bool = True, post_process: bool = True,
+                 layer_ids: Optional[Sequence[int]] = None, causal: bool = True):
+        super().__init__()
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.input_tensor = None
+        if pre_process:
+            self.embedding = Embedding(config, parallel)
+        self.encoder = ParallelTransformer(config, parallel, layer_ids=layer_ids,
+                                           post_process=post_process, causal=causal)
+        if post_process and config.untie_embeddings_and_output_weights:
+            self.output_layer = ColumnParallelLinear(
+                config.hidden_size, config.padded_vocab_size, bias=False, gather_output=False,
+                init_method=init_method_normal(config.init_method_std), parallel=parallel,
+                params_dtype=config.params_dtype)
+
+    def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
+        """Hidden states [b, s, h] received from the previous pipeline stage."""
+        self.input_tensor = tensor
+
+    def forward(self, input_ids: Optional[torch.Tensor], position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None,
+                tokentype_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """-> hidden states [b, s, h] (final-normed on the last stage)."""
+        if self.pre_process:
+            hidden = self.embedding(input_ids, position_ids, tokentype_ids)
+        else:
+            if self.input_tensor is None:
+                raise RuntimeError("a non-first pipeline stage needs set_input_tensor() first")
+            hidden = self.input_tensor
+        return self.encoder(hidden, position_ids, attention_mask)

@@ -1,0 +1,243 @@
+"""The transformer of Megatron-LM's GPT/BERT: attention, MLP, pre-LayerNorm layer, and the block.
+
+Activations are batch-first, ``[b, s, h]``, everywhere (Megatron uses [s, b, h]; we use
+``torch.nn.functional.scaled_dot_product_attention``, whose layout is [b, heads, s, head_dim], so
+batch-first avoids transposes around it). Every projection is a Column/RowParallelLinear: under
+tensor parallelism each rank holds ``num_attention_heads / tp`` heads and ``ffn / tp`` MLP
+channels, and nothing here changes.
+
+Attention masks follow Megatron's convention: a boolean tensor broadcastable to [b, 1, s, s]
+where True means "masked out" (may not attend).
+"""
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from megatron.model.config import TransformerConfig
+from megatron.model.utils import init_method_normal, scaled_init_method_normal
+from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron.parallel.random import tp_region_rng
+from megatron.parallel.state import ParallelState
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, dim: int, theta: float):
+    """cos and sin tables ``[b, 1, r, dim]`` (fp32) for the given positions ``[b, r]``.
+
+    Megatron's non-interleaved rotary layout: frequencies theta^(-2i/dim), duplicated halves.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                             device=position_ids.device) / dim))  # [dim/2]
+    freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # [b, r, dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [b, 1, r, dim]
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.size(-1)`` channels of ``t [b, np, r, hn]``; the rest pass."""
+    rot = cos.size(-1)
+    t_rot, t_pass = t[..., :rot].float(), t[..., rot:]
+    x1, x2 = t_rot.chunk(2, dim=-1)  # each [b, np, r, rot/2]
+    rotated = torch.cat((-x2, x1), dim=-1)  # [b, np, r, rot]
+    out = (t_rot * cos + rotated * sin).to(t.dtype)
+    return torch.cat((out, t_pass), dim=-1) if t_pass.numel() else out
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with Megatron's parameter names (weight, bias), ones/zeros init.
+
+    torch's kernels accumulate the statistics in fp32 for bf16/fp16 inputs (like apex's mixed
+    fused LayerNorm Megatron uses); under autocast layer_norm runs in fp32.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype):
+        super().__init__(hidden_size, eps=eps, dtype=params_dtype)
+
+
+class ParallelAttention(nn.Module):
+    """Self-attention: fused QKV projection, (rope), SDPA, output projection.
+
+    ``query_key_value.weight`` rows are laid out per head as [q_j; k_j; v_j] (Megatron checkpoint
+    version 3, [np, 3, hn] ordering), so a TP rank's row slice holds whole heads.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int,
+                 parallel: ParallelState = ParallelState(), causal: bool = True):
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        self.parallel = parallel
+        self.causal = causal
+        self.head_dim = config.kv_channels
+        self.heads_per_partition = divide(config.num_attention_heads, parallel.tp_size,
+                                          "--num-attention-heads")
+        projection = config.kv_channels * config.num_attention_heads
+        init = init_method_normal(config.init_method_std)
+        out_init = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        self.query_key_value = ColumnParallelLinear(
+            config.hidden_size, 3 * projection, bias=config.add_bias_linear, gather_output=False,
+            init_method=init, parallel=parallel, params_dtype=config.params_dtype)
+        self.dense = RowParallelLinear(
+            projection, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
+            init_method=out_init, parallel=parallel, params_dtype=config.params_dtype)
+
+    def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, r, _ = hidden.shape
+        np_, hn = self.heads_per_partition, self.head_dim
+        mixed = self.query_key_value(hidden)  # [b, r, np * 3 * hn]
+        mixed = mixed.view(b, r, np_, 3 * hn)  # [b, r, np, 3 * hn]
+        q, k, v = mixed.split(hn, dim=-1)  # each [b, r, np, hn]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [b, np, r, hn]
+
+        if self.config.position_embedding_type == "rope":
+            if position_ids is None:
+                position_ids = torch.arange(r, device=hidden.device).expand(b, r)  # [b, r]
+            cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if attention_mask is not None:
+            mask, is_causal = ~attention_mask, False  # SDPA's boolean mask: True = attend
+        else:
+            mask, is_causal = None, self.causal
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        # Attention probabilities belong to this rank's heads: under TP they need a per-rank mask.
+        rng = tp_region_rng(self.parallel) if dropout_p > 0 else contextlib.nullcontext()
+        kernel = contextlib.nullcontext()
+        if self.config.use_flash_attn:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        with rng, kernel:
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)  # [b, np, r, hn]
+        context = context.transpose(1, 2).reshape(b, r, np_ * hn)  # [b, r, np * hn]
+        return self.dense(context)  # [b, r, h]
+
+
+class ParallelMLP(nn.Module):
+    """h -> ffn (column parallel) -> GELU (tanh approximation, Megatron's fused bias-gelu) -> h."""
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState()):
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(
+            config.hidden_size, config.ffn_hidden_size, bias=config.add_bias_linear,
+            gather_output=False, init_method=init_method_normal(config.init_method_std),
+            parallel=parallel, params_dtype=config.params_dtype)
+        self.dense_4h_to_h = RowParallelLinear(
+            config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
+            input_is_parallel=True,
+            init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
+            parallel=parallel, params_dtype=config.params_dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        inner = F.gelu(self.dense_h_to_4h(hidden), approximate="tanh")  # [b, r, ffn / tp]
+        return self.dense_4h_to_h(inner)  # [b, r, h]
+
+
+class ParallelTransformerLayer(nn.Module):
+    """Pre-LayerNorm block: x + drop(attn(ln(x))), then + drop(mlp(ln(.))).
+
+    ``layer_number`` is the global 0-based index of the layer in the whole model (pipeline
+    stages hold slices; random-LTD keeps the first and the last layer dense).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int,
+                 parallel: ParallelState = ParallelState(), causal: bool = True):
+        super().__init__()
+        self.layer_number = layer_number
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
+                                         config.params_dtype)
+        self.self_attention = ParallelAttention(config, layer_number, parallel, causal)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
+                                                  config.params_dtype)
+        self.mlp = ParallelMLP(config, parallel)
+
+    def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [b, r, h], position_ids [b, r] | None, attention_mask [b|1, 1, r, r] | None."""
+        attn = self.self_attention(self.input_layernorm(hidden), position_ids, attention_mask)
+        hidden = hidden + F.dropout(attn, self.hidden_dropout, self.training)
+        mlp = self.mlp(self.post_attention_layernorm(hidden))
+        return hidden + F.dropout(mlp, self.hidden_dropout, self.training)
+
+
+class ParallelTransformer(nn.Module):
+    """The stack of layers this pipeline stage owns, plus the final LayerNorm on the last stage.
+
+    Contract with the layers (what token dropping relies on): the block owns the loop and calls
+    each layer as ``layer(hidden [b, r, h], position_ids [b, r] | None, attention_mask | None)``.
+    A layer works on any number of tokens r <= s: it uses only the given position ids (rope is
+    applied at those positions, never at 0..r-1) and the given mask (causal among the r tokens
+    when None, so a subset must be passed in ascending position order). The block may therefore
+    gather a subset of tokens with their position ids and mask rows/columns before a layer and
+    scatter the outputs back (``_forward_layer`` is that seam). Dropped tokens skip the layer.
+
+    ``layer_ids`` are the global layer indices owned here (default: all); ``layers[i]`` has
+    ``layer_number == layer_ids[i]``. Parameter names use the local index, as Megatron's
+    per-stage checkpoints do.
+    """
+
+    def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState(), *,
+                 layer_ids: Optional[Sequence[int]] = None, post_process: bool = True,
+                 causal: bool = True):
+        super().__init__()
+        self.config = config
+        self.parallel = parallel
+        self.layer_ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
+        if any(not 0 <= i < config.num_layers for i in self.layer_ids):
+            raise ValueError(f"layer ids {self.layer_ids} outside 0..{config.num_layers - 1}")
+        self.layers = nn.ModuleList(
+            ParallelTransformerLayer(config, i, parallel, causal) for i in self.layer_ids)
+        self.post_process = post_process
+        if post_process:
+            self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
+                                             config.params_dtype)
+
+    def _forward_layer(self, layer, hidden, position_ids, attention_mask):
+        if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
+            return _checkpointed(layer, self.parallel.rng_tracker, hidden, position_ids,
+                                 attention_mask)
+        return layer(hidden, position_ids, attention_mask)
+
+    def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [b, s, h] -> [b, s, h] (after the final LayerNorm on the last stage)."""
+        for layer in self.layers:
+            hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
+        if self.post_process:
+            hidden = self.final_layernorm(hidden)
+        return hidden
+
+
+def _checkpointed(layer, tracker, *args):
+    """Run ``layer(*args)`` keeping only its inputs; recompute it in backward.
+
+    torch's checkpoint replays the default generators; the tracker's tensor-parallel state has
+    moved on by the time of the recompute, so it is snapshotted here and replayed too (Megatron's
+    CheckpointFunction does the same), giving the same attention-dropout masks.
+    """
+    if tracker is None:
+        return checkpoint(layer, *args, use_reentrant=False)
+    snapshot = {}
+
+    @contextlib.contextmanager
+    def forward_ctx():
+        snapshot.update(tracker.get_states())
+        yield
+
+    @contextlib.contextmanager
+    def recompute_ctx():
+        current = tracker.get_states()
+        tracker.set_states(snapshot)
+        try:
+            yield
+        finally:
+            tracker.set_states(current)
+
+    return checkpoint(layer, *args, use_reentrant=False,
+                      context_fn=lambda: (forward_ctx(), recompute_ctx()))

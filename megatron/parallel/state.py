@@ -1,0 +1,53 @@
+"""The parallel layout of one process: tensor, pipeline and data parallel sizes, ranks and groups.
+
+Built once at start-up (``megatron.initialize``) and passed down explicitly to every layer that
+communicates. There are no module-level process-group globals: code that needs a group reads it
+from the ``ParallelState`` it was given. The default value describes a single process (every size
+1, every group ``None``), which is what unit tests and single-device runs use.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Sizes, ranks and process groups of this process in the TP x PP x DP layout."""
+
+    tp_size: int = 1
+    """Tensor-model-parallel world size (--tensor-model-parallel-size)."""
+    tp_rank: int = 0
+    """This process's rank inside its tensor-parallel group."""
+    tp_group: Any = None
+    """torch.distributed process group of the tensor-parallel ranks (None when tp_size == 1)."""
+    pp_size: int = 1
+    """Pipeline-model-parallel world size (--pipeline-model-parallel-size)."""
+    pp_rank: int = 0
+    """This process's pipeline stage."""
+    pp_group: Any = None
+    """Process group of the pipeline stages that hold one model replica (None when pp_size == 1)."""
+    dp_size: int = 1
+    """Data-parallel world size (world size / (tp_size * pp_size))."""
+    dp_rank: int = 0
+    """This process's rank inside its data-parallel group."""
+    dp_group: Any = None
+    """Process group of the data-parallel replicas (None when dp_size == 1)."""
+    rng_tracker: Optional[Any] = field(default=None, compare=False, repr=False)
+    """RNGStatesTracker used for dropout inside tensor-parallel regions (attention probabilities).
+    None: such dropout uses the default generator, which is only correct when tp_size == 1."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "dp"):
+            size, rank = getattr(self, f"{name}_size"), getattr(self, f"{name}_rank")
+            if size < 1 or not 0 <= rank < size:
+                raise ValueError(f"bad parallel layout: {name}_size={size}, {name}_rank={rank}")
+
+    @property
+    def is_first_stage(self) -> bool:
+        """True on the pipeline stage that holds the embedding."""
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        """True on the pipeline stage that holds the final norm, LM head and loss."""
+        return self.pp_rank == self.pp_size - 1
