@@ -56,8 +56,8 @@ class MegatronPretrainingSampler:
             if len(batch) == chunk:
                 yield self._slice(batch)
                 batch = []
-        # A partial last chunk: each rank takes what is left of its slice.
-        if batch and not self.drop_last:
+        # A partial last chunk: each rank takes what is left of its slice (if anything).
+        if batch and not self.drop_last and self._slice(batch):
             yield self._slice(batch)
 
 

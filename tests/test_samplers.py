@@ -1,0 +1,102 @@
+"""Pretraining samplers: DP slicing, exact resume, random epochs, and the DataLoader."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.data.samplers import (MegatronPretrainingRandomSampler, MegatronPretrainingSampler,
+                                    build_pretraining_data_loader, cyclic_iter)
+
+
+class Counting(torch.utils.data.Dataset):
+    def __init__(self, n, length=3):
+        self.n, self.length = n, length
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"text": np.full(self.length, i, dtype=np.int32)}
+
+
+def interleave(per_rank):
+    """Megatron order: step by step, rank 0's micro-batch then rank 1's ..."""
+    out = []
+    for step in zip(*per_rank):
+        for batch in step:
+            out.extend(batch)
+    return out
+
+
+def test_sequential_dp_ranks_equal_one_big_rank():
+    total, mbs, dp = 103, 2, 4
+    per_rank = [list(MegatronPretrainingSampler(total, 0, mbs, r, dp)) for r in range(dp)]
+    single = list(MegatronPretrainingSampler(total, 0, mbs * dp, 0, 1))
+    assert interleave(per_rank) == [i for b in single for i in b]
+    assert per_rank[1][0] == [2, 3] and per_rank[3][1] == [14, 15]
+    assert all(len(b) == mbs for r in per_rank for b in r)
+    assert sum(len(r) for r in per_rank) * mbs == 96  # the partial last chunk is dropped
+
+
+def test_sequential_resume_and_drop_last():
+    full = list(MegatronPretrainingSampler(50, 0, 3, 1, 2))
+    resumed = list(MegatronPretrainingSampler(50, 18, 3, 1, 2))
+    assert resumed == full[3:]
+    tail = list(MegatronPretrainingSampler(50, 0, 3, 1, 2, drop_last=False))
+    assert tail == full  # rank 1's slice of the partial chunk [48, 49] is empty: nothing yielded
+    assert list(MegatronPretrainingSampler(50, 0, 3, 0, 2, drop_last=False))[-1] == [48, 49]
+    assert list(MegatronPretrainingSampler(10, 0, 4, 0, 2, drop_last=False))[-1] == [8, 9]
+    with pytest.raises(ValueError):
+        MegatronPretrainingSampler(10, 10, 1, 0, 1)
+    with pytest.raises(ValueError):
+        MegatronPretrainingSampler(10, 0, 1, 2, 2)
+
+
+@pytest.mark.parametrize("sharding", [True, False])
+def test_random_sampler_resume_and_epochs(sharding):
+    total, mbs, dp = 45, 2, 2
+    ds = Counting(total)
+
+    def run(consumed, rank, steps):
+        sampler = MegatronPretrainingRandomSampler(ds, total, consumed, mbs, rank, dp,
+                                                   data_sharding=sharding)
+        it = cyclic_iter(sampler)
+        return [next(it) for _ in range(steps)], sampler
+
+    per_epoch = (total // (mbs * dp))  # 11 steps per epoch, 1 sample left over
+    full, sampler = run(0, 1, 3 * per_epoch)
+    assert sampler.consumed_samples >= 2 * per_epoch * mbs * dp
+    epoch0 = [i for b in full[:per_epoch] for i in b]
+    epoch1 = [i for b in full[per_epoch:2 * per_epoch] for i in b]
+    assert len(set(epoch0)) == len(epoch0) and epoch0 != epoch1
+    if sharding:
+        assert sorted(epoch0) == sorted(epoch1)  # same owned bucket, new order
+    # resume mid-epoch and across an epoch boundary
+    for steps_done in (4, per_epoch, per_epoch + 3):
+        resumed, _ = run(steps_done * mbs * dp, 1, 5)
+        assert resumed == full[steps_done:steps_done + 5]
+    # the ranks together cover each epoch without overlap
+    other, _ = run(0, 0, per_epoch)
+    union = set(epoch0) | {i for b in other for i in b}
+    assert len(union) == per_epoch * mbs * dp and max(union) < total
+
+
+def test_random_sampler_rejects_misaligned_resume():
+    sampler = MegatronPretrainingRandomSampler(Counting(40), 40, 3, 2, 0, 2)
+    with pytest.raises(ValueError, match="multiple"):
+        next(iter(sampler))
+
+
+def test_data_loader_collates_int64_and_resumes():
+    ds = Counting(20)
+    loader = build_pretraining_data_loader(ds, 4, 2, 1, 2)
+    batches = list(loader)
+    assert batches[0]["text"].dtype == torch.int64 and batches[0]["text"].shape == (2, 3)
+    assert batches[0]["text"][:, 0].tolist() == [6, 7]
+    assert len(batches) == 4
+    cyclic = build_pretraining_data_loader(ds, 0, 2, 0, 2, dataloader_type="cyclic")
+    assert next(iter(cyclic))["text"].shape == (2, 3)
+    assert build_pretraining_data_loader(None, 0, 1, 0, 1) is None
+    from megatron.errors import UserError
+    with pytest.raises(UserError, match="--dataloader-type"):
+        build_pretraining_data_loader(ds, 0, 1, 0, 1, dataloader_type="bogus")
