@@ -1,0 +1,137 @@
+"""End-to-end pretraining on a tiny GPT: losses fall, checkpoints resume bitwise, bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain_gpt
+from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file
+from megatron.data.indexed_dataset import IndexedDatasetBuilder
+from megatron.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "tests", "assets", "tokenizers")
+VOCAB = os.path.join(ASSETS, "gpt2-vocab.json")
+MERGES = os.path.join(ASSETS, "gpt2-merges.txt")
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    """A small corpus with learnable structure: documents repeat short token patterns."""
+    out = tmp_path_factory.mktemp("data")
+    prefix = str(out / "corpus_text_document")
+    rng = np.random.default_rng(0)
+    patterns = [rng.integers(0, 400, size=rng.integers(3, 8)) for _ in range(20)]
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(200):
+        doc = np.concatenate([patterns[i] for i in rng.integers(0, 20, size=12)] + [[1500]])
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def gpt_argv(data_prefix, *extra, iters=8):
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "2",
+            "--lr-decay-style", "cosine", "--min-lr", "1e-4",
+            "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+            "--data-path", data_prefix, "--split", "90,10,0",
+            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB,
+            "--merge-file", MERGES, "--make-vocab-size-divisible-by", "64",
+            "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1",
+            "--num-workers", "0", "--device", "cpu", "--seed", "7", *extra]
+
+
+def run(argv):
+    logs = []
+    result = pretrain_gpt.pretrain(pretrain_gpt.datasets_provider, pretrain_gpt.model_provider,
+                                   pretrain_gpt.forward_step_provider, argv=argv,
+                                   log=logs.append)
+    return result, logs
+
+
+def test_loss_falls_and_logs(data_prefix, tmp_path):
+    result, logs = run(gpt_argv(data_prefix, "--tensorboard-dir", str(tmp_path / "tb"),
+                                iters=30))
+    losses = [d["lm loss"] for _, d in result.train_losses]
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
+    lines = [l for l in logs if l.startswith(" iteration")]
+    assert len(lines) == 15
+    for field in ("consumed samples:", "consumed tokens:", "lm loss:", "learning rate:",
+                  "grad norm:", "loss scale:", "elapsed time per iteration (ms):",
+                  "tokens per second:", "TFLOPs:"):
+        assert field in lines[-1]
+    assert any("validation loss at iteration" in l for l in logs)
+    assert os.listdir(tmp_path / "tb")
+
+
+def test_resume_is_bitwise_identical(data_prefix, tmp_path):
+    full, _ = run(gpt_argv(data_prefix, iters=8))
+    ckpt = str(tmp_path / "ckpt")
+    first, _ = run(gpt_argv(data_prefix, "--save", ckpt, "--exit-interval", "4", iters=8))
+    assert first.state.iteration == 4
+    with open(os.path.join(ckpt, TRACKER_FILENAME)) as f:
+        assert f.read() == "4"
+    assert os.path.isfile(checkpoint_file(ckpt, 4))
+    second, _ = run(gpt_argv(data_prefix, "--load", ckpt, "--save", ckpt, iters=8))
+    resumed = first.train_losses + second.train_losses
+    assert [i for i, _ in resumed] == list(range(1, 9))
+    assert [d["lm loss"] for _, d in resumed] == [d["lm loss"] for _, d in full.train_losses]
+    for (name, a), b in zip(full.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full.valid_losses[-1] == second.valid_losses[-1]
+
+
+def test_checkpoint_contents_follow_megatron(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run(gpt_argv(data_prefix, "--save", ckpt, iters=2))
+    state = torch.load(checkpoint_file(ckpt, 2), weights_only=False)
+    for key in ("args", "checkpoint_version", "iteration", "tokens", "model", "optimizer",
+                "opt_param_scheduler", "rng_state"):
+        assert key in state
+    assert state["iteration"] == 2 and state["tokens"] == 2 * 4 * 32
+    assert state["args"].consumed_train_samples == 8
+    assert "language_model.embedding.word_embeddings.weight" in state["model"]
+    assert not [n for n in os.listdir(os.path.dirname(checkpoint_file(ckpt, 2))) if ".tmp" in n]
+
+
+def test_load_with_other_model_size_names_the_flag(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run(gpt_argv(data_prefix, "--save", ckpt, iters=1))
+    argv = gpt_argv(data_prefix, "--load", ckpt, iters=2)
+    argv[argv.index("--hidden-size") + 1] = "64"
+    with pytest.raises(UserError, match="--hidden-size 32 but --hidden-size 64"):
+        run(argv)
+
+
+def test_finetune_loads_weights_and_restarts_counters(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    first, _ = run(gpt_argv(data_prefix, "--save", ckpt, iters=2))
+    second, logs = run(gpt_argv(data_prefix, "--load", ckpt, "--finetune", iters=1))
+    assert second.state.iteration == 1
+    assert any("finetune" in l for l in logs)
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_inputs_end_in_one_line(data_prefix, tmp_path):
+    cases = [
+        (gpt_argv(data_prefix, "--data-path", "x", data_prefix), "--data-path"),
+        (gpt_argv(data_prefix, "--global-batch-size", "3"), "--global-batch-size"),
+        (gpt_argv(str(tmp_path / "missing_prefix")), "missing_prefix"),
+    ]
+    for argv, needle in cases:
+        proc = _cli(*argv)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], proc.stderr
+        assert "Traceback" not in proc.stderr
