@@ -1,4 +1,4 @@
-"""GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt`` (``--tokenizer-type GPT2BPETokenizer``).
+"""GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt`` (``GPT2BPETokenizer``).
 
 Ids are the same as OpenAI's GPT-2 encoder (and Megatron's copy of it) for any text: the HF
 ``tokenizers`` BPE model with GPT-2's byte-level pre-tokenizer (same regex, no prefix space) and

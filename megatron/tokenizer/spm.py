@@ -1,4 +1,4 @@
-"""SentencePiece tokenizers: Megatron's ``SentencePieceTokenizer`` and ``GPTSentencePieceTokenizer``.
+"""SentencePiece: Megatron's ``SentencePieceTokenizer`` and ``GPTSentencePieceTokenizer``.
 
 ``SentencePieceTokenizer`` (as Megatron-LM's, which follows NeMo) adds special tokens after the
 model's pieces when the model lacks them: ``<CLS> <SEP> <EOD> <MASK>``, then the model's pad, bos

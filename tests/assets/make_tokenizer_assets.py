@@ -24,7 +24,8 @@ import sys
 os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import (  # noqa: E402  (after the environment is set)
+    Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers)
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizers")
 
@@ -162,7 +163,8 @@ def train_sentencepiece(lines):
 def main():
     os.makedirs(OUT_DIR, exist_ok=True)
     lines = corpus_lines()
-    print(f"corpus: {len(lines)} lines, {sum(map(len, lines))} chars (python {sys.version.split()[0]})")
+    n_chars = sum(map(len, lines))
+    print(f"corpus: {len(lines)} lines, {n_chars} chars (python {sys.version.split()[0]})")
     train_gpt2_bpe(lines)
     train_bert_wordpiece(lines)
     train_sentencepiece(lines)
