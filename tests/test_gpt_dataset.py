@@ -1,6 +1,7 @@
 """GPTDataset index building (Megatron test vectors, vectorised == loop), cache, splits, paths."""
 
 import hashlib
+import multiprocessing
 import os
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_reference_vectors_dataset_items_and_cache(tmp_path):
             ).format(prefix)
     h = hashlib.md5(desc.encode("utf-8")).hexdigest()
     cache = tmp_path / "index-cache"
-    assert sorted(os.listdir(cache)) == sorted(
+    assert sorted(f for f in os.listdir(cache) if not f.endswith(".lock")) == sorted(
         [f"{h}.dsc", f"{h}_doc_idx.npy", f"{h}_sample_idx.npy", f"{h}_shuffle_idx.npy"])
     assert (cache / f"{h}.dsc").read_text() == desc
 
@@ -115,6 +116,28 @@ def test_second_construction_uses_cache(tmp_path, monkeypatch):
     assert second.loaded_from_cache and any("(cached)" in line for line in lines)
     assert [second[i]["text"].tolist() for i in range(len(second))] == \
         [first[i]["text"].tolist() for i in range(len(first))]
+
+
+def _build_in_child(prefix, queue):
+    indexed = IndexedDataset(prefix)
+    ds = GPTDataset("train", prefix, indexed, np.arange(len(indexed)), 500, 16, 9, log=quiet)
+    queue.put((ds.loaded_from_cache, np.asarray(ds.shuffle_idx).tolist()[:50]))
+
+
+def test_concurrent_builders_agree_and_leave_no_temporaries(tmp_path):
+    prefix = str(tmp_path / "race")
+    write_dataset(prefix, np.random.RandomState(1).randint(1, 50, size=300))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(prefix, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(r[1] == results[0][1] for r in results)
+    assert [f for f in os.listdir(tmp_path / "index-cache") if ".tmp-" in f] == []
 
 
 def test_data_cache_path_used_when_not_found_next_to_data(tmp_path):

@@ -10,6 +10,8 @@ Three index arrays, cached as .npy next to the data and memory-mapped on load:
 with one np.random.RandomState(seed) used for the doc_idx shuffle(s), then the shuffle_idx ones.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import time
@@ -193,6 +195,36 @@ def _atomic_save(path, write):
         raise
 
 
+@contextlib.contextmanager
+def _build_lock(path):
+    """Exclusive advisory lock so concurrent ranks build an index once; the atomic renames keep
+    the cache correct even where locking is unavailable (some network file systems)."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _build_and_save(files, desc, name, directory, documents, sizes, num_samples, seq_length,
+                    seed, log):
+    log(f" > WARNING: could not find index map files for {name}, building them in "
+        f"{directory} ...")
+    doc_idx, sample_idx, shuffle_idx, _ = compute_index_mappings(
+        documents, sizes, num_samples, seq_length, seed, log)
+    for key, array in (("doc", doc_idx), ("sample", sample_idx), ("shuffle", shuffle_idx)):
+        _atomic_save(files[key], lambda f, a=array: np.save(f, a, allow_pickle=True))
+    _atomic_save(files["desc"], lambda f: f.write(desc.encode("utf-8")))
+
+
 def _build_index_mappings(name, data_prefix, documents, sizes, splits_string, num_samples,
                           seq_length, seed, cache_dir, log):
     tokens_per_epoch = int(np.sum(sizes[documents], dtype=np.int64))
@@ -215,18 +247,16 @@ def _build_index_mappings(name, data_prefix, documents, sizes, splits_string, nu
 
     if files is None:
         files = _cache_files(directories[-1], desc_hash)
-        log(f" > WARNING: could not find index map files for {name}, building them in "
-            f"{directories[-1]} ...")
-        doc_idx, sample_idx, shuffle_idx, _ = compute_index_mappings(
-            documents, sizes, num_samples, seq_length, seed, log)
         try:
             os.makedirs(directories[-1], exist_ok=True)
-            for key, array in (("doc", doc_idx), ("sample", sample_idx), ("shuffle", shuffle_idx)):
-                _atomic_save(files[key], lambda f, a=array: np.save(f, a, allow_pickle=True))
-            _atomic_save(files["desc"], lambda f: f.write(desc.encode("utf-8")))
+            with _build_lock(os.path.join(directories[-1], f"{desc_hash}.lock")):
+                # Another process may have built the index while we waited for the lock.
+                if not all(os.path.isfile(files[k]) for k in ("doc", "sample", "shuffle")):
+                    _build_and_save(files, desc, name, directories[-1], documents, sizes,
+                                    num_samples, seq_length, seed, log)
         except OSError as err:
             raise UserError(f"--data-cache-path: cannot write the index cache in "
-                            f"{directories[-1]} ({err.strerror}); give a writable "
+                            f"{directories[-1]} ({err.strerror or err}); give a writable "
                             f"--data-cache-path") from None
 
     start = time.time()
