@@ -153,6 +153,24 @@ class IndexedDatasetBuilder:
 
     add_doc = add_document  # Megatron-DeepSpeed name
 
+    def add_documents(self, tokens, sequence_lengths, sequences_per_document):
+        """Append many documents at once (same result as one ``add_document`` per document).
+
+        ``tokens`` holds every sequence back to back, ``sequence_lengths`` the length of each
+        sequence, ``sequences_per_document`` how many sequences each document has (0 allowed).
+        """
+        arr = self._as_tokens(tokens)
+        lengths = np.ascontiguousarray(sequence_lengths, dtype=np.int32)
+        per_doc = np.asarray(sequences_per_document, dtype=np.int64)
+        if (int(lengths.sum(dtype=np.int64)) != arr.size or int(per_doc.sum()) != lengths.size
+                or (lengths.size and int(lengths.min()) < 0)
+                or (per_doc.size and int(per_doc.min()) < 0)):
+            raise ValueError("sequence_lengths / sequences_per_document do not describe tokens")
+        self._write(arr)
+        start = len(self._sizes)
+        self._sizes.frombytes(lengths.tobytes())
+        self._doc_idx.frombytes((np.cumsum(per_doc) + start).tobytes())
+
     def add_index(self, prefix):
         """Append every document of the dataset at ``prefix`` (same dtype required)."""
         other = IndexedDataset(prefix)

@@ -1,0 +1,541 @@
+"""Tokenize loose JSON (one object per line) into Megatron .bin/.idx datasets.
+
+Example (GPT-2 BPE, as Megatron-LM)::
+
+    python tools/preprocess_data.py --input pile_00.jsonl.zst --output-prefix data/pile \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file gpt2-vocab.json \\
+        --merge-file gpt2-merges.txt --append-eod --workers 8
+
+writes ``data/pile_text_document.bin/.idx``: one document per JSON line, one sequence per
+document (one per non-empty sentence with ``--split-sentences``, named ``_sentence``), EOD
+appended to the last sequence of every non-empty document and counted in its size.
+
+Input is streamed (.jsonl/.json, .zst, .gz; never decompressed to disk), cut into chunks of many
+lines, and tokenized by ``--workers`` processes; results are written in input order, so the
+output is byte-identical for any number of workers. Outputs are written under temporary names
+and renamed only when complete: after an error or Ctrl-C nothing exists under the final names.
+
+``--partitions`` is accepted for command-line compatibility with Megatron-LM but changes nothing:
+Megatron splits the input into N files, encodes them separately and merges the results, which
+gives the same bytes as one pass; here the single streaming pass already uses every worker.
+"""
+
+import argparse
+import collections
+import gzip
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+
+if __package__ in (None, ""):  # run as `python tools/preprocess_data.py`: import from the repo
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np
+
+from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
+from megatron.errors import UserError, run_main
+
+_READ_BLOCK = 1 << 20  # bytes read from an input file at a time
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", required=True,
+                   help="input file (.jsonl, .json, .jsonl.zst, .zst, .gz), a glob, or a comma "
+                        "separated list of them; one JSON object per line")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys to extract; nested keys with dots, e.g. meta.pile_set_name")
+    g.add_argument("--split-sentences", action="store_true",
+                   help="one sequence per sentence (NLTK punkt if installed with its data, "
+                        "else a simple deterministic splitter)")
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="keep newlines between sentences when splitting")
+    g.add_argument("--lang", default="english", help="language of the NLTK punkt model")
+    g.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip and count malformed lines instead of stopping at the first one")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True,
+                   help="GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, "
+                        "SentencePieceTokenizer, GPTSentencePieceTokenizer, NullTokenizer, ...")
+    g.add_argument("--vocab-file", default=None, help="vocabulary file")
+    g.add_argument("--merge-file", default=None, help="BPE merge file")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model file")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (NullTokenizer)")
+    g.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document token to every non-empty document")
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True,
+                   help="writes <prefix>_<key>_document.bin/.idx (_sentence when splitting)")
+    g.add_argument("--dataset-impl", default="mmap", help="only 'mmap' (MMIDIDX) is written")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="accepted for Megatron compatibility; output does not depend on it")
+    g.add_argument("--log-interval", type=int, default=1000,
+                   help="print progress every this many documents")
+    g.add_argument("--chunk-bytes", type=int, default=1 << 20,
+                   help="input bytes per work item sent to a worker")
+    args = p.parse_args(argv)
+
+    if args.dataset_impl != "mmap":
+        raise UserError(f"--dataset-impl {args.dataset_impl}: only 'mmap' (MMIDIDX) is "
+                        f"supported; the legacy lazy/cached formats are not written")
+    for flag in ("workers", "partitions", "log_interval", "chunk_bytes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, "
+                            f"got {getattr(args, flag)}")
+    if len(set(args.json_keys)) != len(args.json_keys):
+        raise UserError(f"--json-keys {' '.join(args.json_keys)}: keys repeat")
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not "
+                        f"exist")
+    return args
+
+
+def resolve_inputs(spec):
+    """Input files named by ``--input``: comma separated paths and globs, in the order given."""
+    paths = []
+    for part in (s.strip() for s in spec.split(",")):
+        if not part:
+            continue
+        if re.search(r"[*?\[]", part):
+            import glob
+
+            matches = sorted(m for m in glob.glob(part) if os.path.isfile(m))
+            if not matches:
+                raise UserError(f"--input {part}: no file matches this pattern")
+            paths.extend(matches)
+        elif os.path.isdir(part):
+            raise UserError(f"--input {part}: is a directory; give files or a glob "
+                            f"such as {os.path.join(part, '*.jsonl')}")
+        elif not os.path.isfile(part):
+            raise UserError(f"--input {part}: input file not found")
+        else:
+            paths.append(part)
+    if not paths:
+        raise UserError("--input: no input file given")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming input
+# ---------------------------------------------------------------------------------------------
+
+def _zstd_blocks(raw, path):
+    """Decompressed blocks of a (possibly multi-frame) .zst stream; errors if truncated."""
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj, started = dctx.decompressobj(), False
+    while True:
+        data = raw.read(_READ_BLOCK)
+        if not data:
+            break
+        while data:
+            started = True
+            out = dobj.decompress(data)
+            if out:
+                yield out
+            if dobj.eof:  # frame finished: anything left belongs to the next frame
+                data = dobj.unused_data
+                dobj, started = dctx.decompressobj(), False
+            else:
+                data = b""
+    if started:
+        raise UserError(f"{path}: zstd stream is truncated (last frame incomplete)")
+
+
+def _plain_blocks(fileobj):
+    while True:
+        data = fileobj.read(_READ_BLOCK)
+        if not data:
+            return
+        yield data
+
+
+def _lines(blocks):
+    """Lines (without the newline) of a stream given as blocks of bytes."""
+    pending = []
+    for block in blocks:
+        parts = block.split(b"\n")
+        if len(parts) == 1:
+            pending.append(block)
+            continue
+        pending.append(parts[0])
+        yield b"".join(pending)
+        yield from itertools.islice(parts, 1, len(parts) - 1)
+        pending = [parts[-1]]
+    tail = b"".join(pending)
+    if tail:
+        yield tail
+
+
+Chunk = collections.namedtuple("Chunk", "path first_line lines nbytes input_pos")
+
+
+def read_chunks(paths, chunk_bytes):
+    """Cut the inputs into work items of about ``chunk_bytes`` bytes of whole lines.
+
+    ``input_pos`` is how many (compressed) input bytes had been read when the chunk was cut, to
+    report progress against the total size of the inputs.
+    """
+    import zstandard
+
+    done = 0
+    for path in paths:
+        with open(path, "rb") as raw:
+            if path.endswith(".zst"):
+                blocks = _zstd_blocks(raw, path)
+            elif path.endswith(".gz"):
+                blocks = _plain_blocks(gzip.GzipFile(fileobj=raw, mode="rb"))
+            else:
+                blocks = _plain_blocks(raw)
+            lines, size, first, lineno = [], 0, 1, 0
+            try:
+                for line in _lines(blocks):
+                    lineno += 1
+                    lines.append(line)
+                    size += len(line) + 1
+                    if size >= chunk_bytes:
+                        yield Chunk(path, first, lines, size, done + raw.tell())
+                        lines, size, first = [], 0, lineno + 1
+            except zstandard.ZstdError as err:
+                raise UserError(f"{path}: corrupt zstd data after line {lineno}: {err}") from None
+            except (OSError, EOFError) as err:  # gzip: BadGzipFile is an OSError
+                raise UserError(f"{path}: cannot read after line {lineno}: {err}") from None
+            if lines:
+                yield Chunk(path, first, lines, size, done + raw.tell())
+            done += os.fstat(raw.fileno()).st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentence splitting
+# ---------------------------------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]\u201d\u2019]*(\s+)")
+_OPENERS = "\"'([\u201c\u2018"
+
+
+def simple_split_sentences(text, keep_newlines=False):
+    """Split after . ! ? (plus closing quotes) when whitespace and a capital or digit follow.
+
+    Deterministic and dependency-free. Sentences are stripped; with ``keep_newlines`` the
+    newlines that separated a sentence from the next one are kept at its end.
+    """
+    sentences, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        nxt = m.end()
+        if nxt < len(text) and text[nxt] in _OPENERS:
+            nxt += 1
+        if nxt >= len(text) or not (text[nxt].isupper() or text[nxt].isdigit()):
+            continue
+        sentence = text[start:m.start(1)].strip()
+        if sentence:
+            if keep_newlines:
+                sentence += "\n" * m.group(1).count("\n")
+            sentences.append(sentence)
+        start = m.end()
+    tail = text[start:].strip()
+    if tail:
+        sentences.append(tail)
+    return sentences
+
+
+def make_sentence_splitter(lang, keep_newlines):
+    """NLTK punkt when nltk and its model are installed (never downloaded), else the simple one.
+
+    Returns ``(split, name)``.
+    """
+    try:
+        import nltk
+
+        punkt = nltk.data.load(f"tokenizers/punkt/{lang}.pickle")
+    except Exception:  # nltk or its data missing: fall back, deterministically
+        return (lambda text: simple_split_sentences(text, keep_newlines)), "simple"
+
+    def split(text):
+        spans = list(punkt.span_tokenize(text))
+        out = []
+        for i, (a, b) in enumerate(spans):
+            sentence = text[a:b]
+            if keep_newlines:
+                gap_end = spans[i + 1][0] if i + 1 < len(spans) else len(text)
+                sentence += "\n" * text.count("\n", b, gap_end)
+            out.append(sentence)
+        return out
+
+    return split, f"nltk punkt ({lang})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (runs in the workers)
+# ---------------------------------------------------------------------------------------------
+
+_JSON_TYPES = {dict: "an object", list: "an array", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null", str: "a string"}
+
+
+def build_tokenizer_from(cfg):
+    from megatron.tokenizer import build_tokenizer
+
+    kwargs = {k: cfg[k] for k in ("vocab_file", "merge_file", "tokenizer_model", "vocab_size")
+              if cfg[k] is not None}
+    return build_tokenizer(cfg["tokenizer_type"], **kwargs)
+
+
+def _lookup(record, key):
+    """``record[key]``, following dots into nested objects; raises KeyError if absent."""
+    if key in record:
+        return record[key]
+    value = record
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(key)
+        value = value[part]
+    return value
+
+
+class Encoder:
+    """Turns a chunk of JSON lines into token arrays, one set per JSON key."""
+
+    def __init__(self, cfg, tokenizer=None):
+        self.cfg = cfg
+        self.keys = cfg["json_keys"]
+        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer_from(cfg)
+        self.dtype = np.dtype(cfg["dtype"])
+        self.max_id = np.iinfo(self.dtype).max
+        self.eod = self.tokenizer.eod if cfg["append_eod"] else None
+        self.split = None
+        if cfg["split_sentences"]:
+            self.split, _ = make_sentence_splitter(cfg["lang"], cfg["keep_newlines"])
+
+    def _parse(self, line):
+        """The texts of one line, or a string saying what is wrong with it."""
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"malformed JSON ({err.msg} at column {err.colno})"
+        except ValueError as err:  # invalid UTF-8
+            return f"malformed JSON ({err})"
+        if not isinstance(record, dict):
+            return f"JSON value is {_JSON_TYPES.get(type(record), 'not an object')}, expected " \
+                   f"an object"
+        texts = []
+        for key in self.keys:
+            try:
+                value = _lookup(record, key)
+            except KeyError:
+                return f"key '{key}' (--json-keys) not found"
+            if not isinstance(value, str):
+                return f"value of key '{key}' is {_JSON_TYPES.get(type(value), 'not a string')}, " \
+                       f"expected a string"
+            texts.append(value)
+        return texts
+
+    def encode(self, chunk):
+        """Returns ``(docs, bad, error, per_key)``; per_key[k] = (tokens, seq_lengths, seqs_per_doc).
+
+        ``error`` is the first bad line's message unless --skip-bad-lines, then ``bad`` lists
+        ``(path:line, problem)`` of the skipped lines.
+        """
+        columns = [[] for _ in self.keys]
+        bad = []
+        for i, line in enumerate(chunk.lines):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing one) are not documents
+            texts = self._parse(line)
+            if isinstance(texts, str):
+                where = f"{chunk.path}:{chunk.first_line + i}"
+                if not self.cfg["skip_bad_lines"]:
+                    return 0, bad, f"{where}: {texts}", None
+                bad.append((where, texts))
+                continue
+            for column, text in zip(columns, texts):
+                column.append(text)
+        docs = len(columns[0]) if columns else 0
+        per_key = []
+        for column in columns:
+            try:
+                per_key.append(self._encode_texts(column))
+            except UserError as err:
+                last = chunk.first_line + len(chunk.lines) - 1
+                return 0, bad, f"{chunk.path} (lines {chunk.first_line}-{last}): {err}", None
+        return docs, bad, None, per_key
+
+    def _encode_texts(self, texts):
+        tok = self.tokenizer
+        if self.split is None:
+            doc_sentences = [[ids] for ids in tok.tokenize_batch(texts)]
+        else:
+            split = [self.split(text) for text in texts]
+            flat = tok.tokenize_batch([s for sentences in split for s in sentences])
+            it = iter(flat)
+            doc_sentences = [list(itertools.islice(it, len(sentences))) for sentences in split]
+        pieces, seq_lengths, seqs_per_doc = [], [], []
+        eod = [self.eod] if self.eod is not None else None
+        for sentences in doc_sentences:
+            n = 0
+            for ids in sentences:
+                if len(ids):
+                    pieces.append(ids)
+                    seq_lengths.append(len(ids))
+                    n += 1
+            if n and eod is not None:  # EOD closes the document and counts in its last sequence
+                pieces.append(eod)
+                seq_lengths[-1] += 1
+            seqs_per_doc.append(n)
+        total = sum(seq_lengths)
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
+        if total and (int(tokens.max()) > self.max_id or int(tokens.min()) < 0):
+            bad = int(tokens.max()) if int(tokens.max()) > self.max_id else int(tokens.min())
+            raise UserError(f"token id {bad} does not fit the output dtype {self.dtype.name}; "
+                            f"tokenizer vocab_size is {tok.vocab_size}")
+        return (tokens.astype(self.dtype), np.asarray(seq_lengths, dtype=np.int32),
+                np.asarray(seqs_per_doc, dtype=np.int64))
+
+
+_WORKER_ENCODER = None
+
+
+def _init_worker(cfg):
+    global _WORKER_ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _WORKER_ENCODER = Encoder(cfg)
+
+
+def _encode_in_worker(chunk):
+    return _WORKER_ENCODER.encode(chunk)
+
+
+def _in_order(pool, chunks, max_in_flight):
+    """Results of ``pool`` over ``chunks`` in input order, with a bounded number in flight."""
+    pending = collections.deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.apply_async(_encode_in_worker, (chunk,))))
+        if len(pending) >= max_in_flight:
+            done_chunk, result = pending.popleft()
+            yield done_chunk, result.get()
+    while pending:
+        done_chunk, result = pending.popleft()
+        yield done_chunk, result.get()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+def _fmt_seconds(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def output_prefixes(output_prefix, json_keys, split_sentences):
+    level = "sentence" if split_sentences else "document"
+    return {key: f"{output_prefix}_{key}_{level}" for key in json_keys}
+
+
+def main(argv=None):
+    args = get_args(argv)
+    paths = resolve_inputs(args.input)
+    startup = time.time()
+    cfg = {k: getattr(args, k) for k in (
+        "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
+        "json_keys", "append_eod", "split_sentences", "keep_newlines", "lang", "skip_bad_lines")}
+    tokenizer = build_tokenizer_from(cfg)
+    if args.append_eod and getattr(tokenizer, "eod", None) is None:
+        raise UserError(f"--append-eod: tokenizer {args.tokenizer_type} has no end-of-document "
+                        f"token")
+    cfg["dtype"] = best_fitting_dtype(tokenizer.vocab_size).name
+    encoder = Encoder(cfg, tokenizer) if args.workers == 1 else None
+    if args.split_sentences:
+        splitter = make_sentence_splitter(args.lang, args.keep_newlines)[1]
+        print(f"Splitting sentences with the {splitter} splitter", file=sys.stderr)
+    elif args.tokenizer_type.startswith("BertWordPiece"):
+        print("Are you sure you don't want to split sentences?", file=sys.stderr)
+    if args.partitions > 1:
+        print(f"--partitions {args.partitions}: the input is streamed through one pool of "
+              f"{args.workers} workers; output is the same as with one partition",
+              file=sys.stderr)
+    prefixes = output_prefixes(args.output_prefix, args.json_keys, args.split_sentences)
+    total_in = sum(os.path.getsize(p) for p in paths)
+    for p in paths:
+        print(f"Opening {p}", file=sys.stderr)
+
+    builders, pool = {}, None
+    docs = nbytes = tokens = 0
+    bad_count, bad_first = 0, []
+    try:
+        for key, prefix in prefixes.items():
+            builders[key] = IndexedDatasetBuilder(prefix + ".bin", dtype=cfg["dtype"])
+        chunks = read_chunks(paths, args.chunk_bytes)
+        if encoder is not None:
+            results = ((chunk, encoder.encode(chunk)) for chunk in chunks)
+        else:
+            ctx = multiprocessing.get_context(
+                "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(cfg,))
+            results = _in_order(pool, chunks, 4 * args.workers)
+        print(f"Time to startup: {time.time() - startup}", file=sys.stderr)
+        start = time.time()
+        next_log = args.log_interval
+        for chunk, (n_docs, bad, error, per_key) in results:
+            if error is not None:
+                raise UserError(error)
+            bad_count += len(bad)
+            bad_first.extend(bad[:max(0, 5 - len(bad_first))])
+            for key, (toks, seq_lengths, seqs_per_doc) in zip(args.json_keys, per_key):
+                builders[key].add_documents(toks, seq_lengths, seqs_per_doc)
+                tokens += toks.size
+            docs += n_docs
+            nbytes += chunk.nbytes
+            if docs >= next_log:
+                next_log = (docs // args.log_interval + 1) * args.log_interval
+                elapsed = max(time.time() - start, 1e-9)
+                line = (f"Processed {docs} documents ({docs / elapsed:.2f} docs/s, "
+                        f"{nbytes / elapsed / 1024 / 1024:.2f} MB/s).")
+                if total_in:
+                    frac = min(chunk.input_pos / total_in, 1.0)
+                    eta = elapsed * (1 - frac) / frac if frac > 0 else 0
+                    line += f" {100 * frac:.1f}% of input, ETA {_fmt_seconds(eta)}"
+                print(line, file=sys.stderr, flush=True)
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+        for key, prefix in prefixes.items():
+            builders.pop(key).finalize(prefix + ".idx")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for builder in builders.values():
+            builder.abort()
+        raise
+
+    elapsed = max(time.time() - start, 1e-9)
+    print(f"Done: {docs} documents, {tokens} tokens, {nbytes / 1024 / 1024:.2f} MB in "
+          f"{elapsed:.2f} s ({docs / elapsed:.2f} docs/s, "
+          f"{nbytes / elapsed / 1024 / 1024:.2f} MB/s).", file=sys.stderr)
+    if bad_count:
+        print(f"Skipped {bad_count} bad lines (--skip-bad-lines); first: "
+              + "; ".join(f"{where}: {why}" for where, why in bad_first), file=sys.stderr)
+    for prefix in prefixes.values():
+        print(f"Wrote {prefix}.bin and {prefix}.idx", file=sys.stderr)
+    return {"documents": docs, "tokens": tokens, "bytes": nbytes, "bad_lines": bad_count,
+            "seconds": elapsed, "outputs": list(prefixes.values())}
+
+
+if __name__ == "__main__":
+    run_main(main)
