@@ -125,6 +125,7 @@ def test_gpt2_specials_and_vocab():
     with pytest.raises(UserError) as excinfo:
         tok.cls
     one_line_user_error(excinfo, "GPT2BPETokenizer", "[CLS]")
+    assert not hasattr(tok, "mask") and getattr(tok, "sep", None) is None
 
 
 def test_gpt2_pickles_small():

@@ -8,6 +8,7 @@
 
 from megatron.tokenizer.abstract import (
     AbstractTokenizer,
+    MissingSpecialToken,
     padded_vocab_message,
     vocab_size_with_padding,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "GPT2BPETokenizer",
     "GPTSentencePieceTokenizer",
     "HFTokenizer",
+    "MissingSpecialToken",
     "NullTokenizer",
     "SentencePieceTokenizer",
     "TOKENIZER_TYPES",

@@ -30,6 +30,14 @@ def padded_vocab_message(orig_vocab_size, padded_vocab_size):
             f"{padded_vocab_size - orig_vocab_size} dummy tokens (new size: {padded_vocab_size})")
 
 
+class MissingSpecialToken(UserError, AttributeError):
+    """The tokenizer type has no such special token.
+
+    A UserError (the flags chose a tokenizer that cannot serve this model or tool) and an
+    AttributeError, so ``hasattr(tok, "cls")`` and ``getattr(tok, "eod", None)`` work.
+    """
+
+
 class AbstractTokenizer(ABC):
     """Megatron's tokenizer interface: text <-> ids plus the ids of the special tokens.
 
@@ -86,8 +94,8 @@ class AbstractTokenizer(ABC):
 
     # ---- special tokens ---------------------------------------------------------------------
     def _missing(self, what):
-        raise UserError(f"--tokenizer-type {self.tokenizer_type} has no {what} token; "
-                        f"choose a tokenizer type that provides it")
+        raise MissingSpecialToken(f"--tokenizer-type {self.tokenizer_type} has no {what} token; "
+                                 f"choose a tokenizer type that provides it")
 
     @property
     def eod(self) -> int:
