@@ -1,4 +1,4 @@
-"""Data paths, weights, splits, and the train/valid/test GPT dataset builder (Megatron semantics)."""
+"""Data paths and weights, --split, and the train/valid/test GPT dataset builder (Megatron)."""
 
 import math
 import time
