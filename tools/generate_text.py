@@ -1,0 +1,168 @@
+"""Sample text from a GPT checkpoint saved in Megatron-LM's layout.
+
+    python tools/generate_text.py --load checkpoints/gpt-125m --prompt "The meaning of life" \\
+        --top-p 0.9 --temperature 0.8 --max-new-tokens 64 --num-samples 3 --seed 1234
+
+Reads ``<load>/latest_checkpointed_iteration.txt`` (or ``--iteration``), then
+``<load>/iter_{:07d}/mp_rank_00/model_optim_rng.pt`` (``release/`` for release checkpoints): the
+model shape and tokenizer come from the checkpoint's ``args``. Runs on one process (TP = PP = 1)
+in fp32; use --device cuda on a GPU. Checkpoints are unpickled (they hold an argparse
+Namespace): load only checkpoints you trust.
+"""
+
+import argparse
+import os
+import sys
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from megatron.errors import UserError, run_main
+from megatron.model import GPTModel, TransformerConfig
+from megatron.text_generation import generate
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def checkpoint_path(load_dir: str, iteration=None) -> str:
+    """Path of the TP/PP rank-0 model file of ``iteration`` (default: the tracker's)."""
+    if iteration is None:
+        tracker = os.path.join(load_dir, TRACKER)
+        if not os.path.isfile(tracker):
+            raise UserError(f"--load {load_dir}: no {TRACKER} (not a Megatron checkpoint directory)")
+        with open(tracker) as f:
+            text = f.read().strip()
+        if text == "release":
+            iteration = "release"
+        else:
+            try:
+                iteration = int(text)
+            except ValueError:
+                raise UserError(f"{tracker}: expected an iteration number or 'release', "
+                                f"got {text[:40]!r}") from None
+    sub = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+    for rank_dir in ("mp_rank_00", "mp_rank_00_000"):
+        path = os.path.join(load_dir, sub, rank_dir, "model_optim_rng.pt")
+        if os.path.isfile(path):
+            return path
+    raise UserError(f"--load {load_dir}: no {sub}/mp_rank_00/model_optim_rng.pt")
+
+
+def _flatten(state, prefix=""):
+    """Megatron's nested ``state_dict_for_save_checkpoint`` dicts -> flat parameter names."""
+    flat = {}
+    for key, value in state.items():
+        if key == "word_embeddings_for_head":  # last-stage copy of the tied embeddings
+            continue
+        key = "encoder" if key == "transformer" and prefix.endswith("language_model.") else key
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_from_args(args) -> TransformerConfig:
+    """The TransformerConfig described by a checkpoint's Megatron ``args`` Namespace."""
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    if get("num_layers") is None or get("padded_vocab_size") is None:
+        raise UserError("checkpoint args lack num_layers / padded_vocab_size: not a GPT checkpoint")
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
+        padded_vocab_size=args.padded_vocab_size,
+        max_position_embeddings=get("max_position_embeddings"),
+        ffn_hidden_size=get("ffn_hidden_size"), kv_channels=get("kv_channels"),
+        hidden_dropout=0.0, attention_dropout=0.0,
+        layernorm_epsilon=get("layernorm_epsilon", 1e-5),
+        position_embedding_type=get("position_embedding_type") or "learned_absolute",
+        rotary_percent=get("rotary_percent", 1.0),
+        rope_theta=get("rotary_base", get("rope_theta", 10000.0)),
+        untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", False)),
+        add_bias_linear=get("add_bias_linear", True), params_dtype=torch.float32)
+
+
+def load_model(load_dir: str, iteration=None, device="cpu"):
+    """Build a GPTModel (eval mode, fp32) from a Megatron checkpoint directory -> (model, args)."""
+    path = checkpoint_path(load_dir, iteration)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+        raise UserError(f"{path} is not a Megatron checkpoint (needs 'model' and 'args')")
+    args = ckpt["args"]
+    model = GPTModel(config_from_args(args))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in _flatten(ckpt["model"]).items()}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{path} does not match the model its args describe: missing "
+                        f"{missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(state)
+    return model.to(device).eval(), args
+
+
+def build_tokenizer_from_args(args, vocab_file=None, merge_file=None, tokenizer_model=None):
+    """The checkpoint's tokenizer; file flags given here override the paths stored in ``args``."""
+    from megatron import tokenizer
+    return tokenizer.build_tokenizer(
+        getattr(args, "tokenizer_type", None) or "GPT2BPETokenizer",
+        vocab_file=vocab_file or getattr(args, "vocab_file", None),
+        merge_file=merge_file or getattr(args, "merge_file", None),
+        tokenizer_model=tokenizer_model or getattr(args, "tokenizer_model", None),
+        vocab_size=getattr(args, "vocab_size", None))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--load", required=True, help="Megatron checkpoint directory")
+    p.add_argument("--iteration", type=int, default=None, help="default: the tracker file's")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeat for several); default: start from EOD")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--vocab-file", default=None, help="override the checkpoint's --vocab-file")
+    p.add_argument("--merge-file", default=None, help="override the checkpoint's --merge-file")
+    p.add_argument("--tokenizer-model", default=None, help="override --tokenizer-model")
+    args = p.parse_args(argv)
+    if args.top_k < 0:
+        raise UserError(f"--top-k must be >= 0, got {args.top_k}")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise UserError(f"--top-p must be in [0, 1], got {args.top_p}")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be positive, got {args.temperature}")
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise UserError("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    return args
+
+
+def main(argv=None, out=sys.stdout):
+    opts = parse_args(argv)
+    model, ckpt_args = load_model(opts.load, opts.iteration, opts.device)
+    tok = build_tokenizer_from_args(ckpt_args, opts.vocab_file, opts.merge_file,
+                                    opts.tokenizer_model)
+    generator = torch.Generator(device=opts.device).manual_seed(opts.seed)
+    for prompt in opts.prompt or [""]:
+        ids = tok.tokenize(prompt) if prompt else [tok.eod]
+        for n in range(opts.num_samples):
+            tokens = generate(model, ids, opts.max_new_tokens, greedy=opts.greedy,
+                              top_k=opts.top_k, top_p=opts.top_p, temperature=opts.temperature,
+                              eod=tok.eod, generator=generator, vocab_size=tok.vocab_size)
+            new = tokens[len(ids):]
+            if new and new[-1] == tok.eod:
+                new = new[:-1]
+            print(f"--- sample {n + 1} for prompt {prompt!r}", file=out)
+            print(prompt + tok.detokenize(new), file=out, flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main)
