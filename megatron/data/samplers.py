@@ -155,11 +155,13 @@ def collate_samples(samples):
 
 def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                   num_workers=0, dataloader_type="single", drop_last=True,
-                                  data_sharding=True):
+                                  data_sharding=True, seed=0):
     """DataLoader over ``dataset`` for one DP rank, resuming after ``consumed_samples``.
 
     ``dataloader_type``: 'single' (sequential, Megatron's default) or 'cyclic' (random order per
-    epoch). Returns None for a None dataset.
+    epoch). Returns None for a None dataset. The loader gets its own generator (seeded by
+    ``seed``) so that starting an iterator never draws from the global torch RNG: a resumed run
+    then keeps the dropout stream of an uninterrupted one.
     """
     if dataset is None:
         return None
@@ -177,6 +179,8 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
         from megatron.errors import UserError
         raise UserError(f"--dataloader-type: expected 'single' or 'cyclic', got "
                         f"{dataloader_type!r}")
+    generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
                                        num_workers=num_workers, collate_fn=collate_samples,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(),
+                                       generator=generator)
