@@ -246,3 +246,11 @@ def test_scheduler_from_args():
         scheduler_from_args(FakeOptimizer(), SimpleNamespace(
             **vars(args), override_opt_param_scheduler=True,
             use_checkpoint_opt_param_scheduler=True))
+
+
+def test_steps_from_config_object():
+    args = SimpleNamespace(global_batch_size=4, train_iters=25, train_samples=100,
+                           lr_warmup_samples=10, lr_decay_iters=None, lr_warmup_iters=0)
+    # train_iters derived from --train-samples by the loop: the run is sample-based.
+    st = scheduler_steps_from_args(args)
+    assert (st.lr_warmup_steps, st.lr_decay_steps, st.wd_incr_steps) == (10, 100, 100)

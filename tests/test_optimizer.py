@@ -290,3 +290,14 @@ def test_clip_norm_all_reduces_over_model_parallel_group(tmp_path):
     assert res["norm"] == pytest.approx(3.0)       # sqrt(1^2 + 2^2 + 2^2): replica counted once
     assert res["zeros"] == 0
     assert res["grad"].item() == pytest.approx(2.0 / (3.0 + 1e-6))
+
+
+def test_build_from_config_object():
+    from types import SimpleNamespace
+    args = SimpleNamespace(optimizer="adam", lr=3e-4, weight_decay=0.1, adam_beta1=0.9,
+                           adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, fp16=False, bf16=True,
+                           loss_scale=None, initial_loss_scale=2.0**32, min_loss_scale=1.0,
+                           loss_scale_window=1000, hysteresis=2, seq_length=16)
+    opt = build_optimizer(tiny_model().to(torch.bfloat16), args=args, **quiet)
+    assert isinstance(opt, Float16OptimizerWithFloat16Params)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["lr"] == 3e-4

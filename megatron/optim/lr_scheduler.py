@@ -277,7 +277,13 @@ class ScheduleSteps:
     lr_decay_tokens: Optional[int]
 
 
-def scheduler_steps_from_args(*, global_batch_size, train_iters=None, train_samples=None,
+_STEP_FLAGS = ("global_batch_size", "train_iters", "train_samples", "train_tokens",
+               "lr_decay_iters", "lr_decay_samples", "lr_decay_tokens", "lr_warmup_fraction",
+               "lr_warmup_iters", "lr_warmup_samples", "lr_warmup_tokens")
+
+
+def scheduler_steps_from_args(args=None, *, global_batch_size=None, train_iters=None,
+                              train_samples=None,
                               train_tokens=None, lr_decay_iters=None, lr_decay_samples=None,
                               lr_decay_tokens=None, lr_warmup_fraction=None, lr_warmup_iters=0,
                               lr_warmup_samples=0, lr_warmup_tokens=None):
@@ -290,7 +296,16 @@ def scheduler_steps_from_args(*, global_batch_size, train_iters=None, train_samp
     - tokens: ``--lr-warmup-tokens`` / ``--lr-decay-tokens`` pass through; with neither
       --train-iters nor --train-samples, ``--train-tokens`` is the decay horizon and
       ``--lr-warmup-fraction`` is a fraction of it.
+
+    Pass the flags as keywords, or a config ``args`` with Megatron's attribute names.
     """
+    if args is not None:
+        flags = {k: getattr(args, k) for k in _STEP_FLAGS if getattr(args, k, None) is not None}
+        if "train_iters" in flags and "train_samples" in flags:
+            # The config rejects both from the user, so one was derived from the other for the
+            # loop (Megatron's update_train_iters sets train_iters in a sample-based run).
+            del flags["train_iters"]
+        return scheduler_steps_from_args(**flags)
     lr_warmup_iters = lr_warmup_iters or 0
     lr_warmup_samples = lr_warmup_samples or 0
     if train_iters and train_samples:
@@ -369,13 +384,7 @@ def scheduler_steps_from_args(*, global_batch_size, train_iters=None, train_samp
 def scheduler_from_args(optimizer, args, log=None):
     """Build the scheduler from a config with Megatron's attribute names (``args.lr`` ...)."""
     g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    steps = scheduler_steps_from_args(
-        global_batch_size=g("global_batch_size"), train_iters=g("train_iters"),
-        train_samples=g("train_samples"), train_tokens=g("train_tokens"),
-        lr_decay_iters=g("lr_decay_iters"), lr_decay_samples=g("lr_decay_samples"),
-        lr_decay_tokens=g("lr_decay_tokens"), lr_warmup_fraction=g("lr_warmup_fraction"),
-        lr_warmup_iters=g("lr_warmup_iters", 0), lr_warmup_samples=g("lr_warmup_samples", 0),
-        lr_warmup_tokens=g("lr_warmup_tokens"))
+    steps = scheduler_steps_from_args(args)
     if g("lr") is None:
         raise UserError("--lr is required")
     weight_decay = g("weight_decay", 0.01)

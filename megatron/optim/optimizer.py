@@ -345,7 +345,13 @@ def _torch_optimizer(name, groups, *, lr, weight_decay, adam_beta1, adam_beta2, 
     return opt
 
 
-def build_optimizer(model, *, optimizer="adam", lr, weight_decay=0.01, adam_beta1=0.9,
+_FLAG_NAMES = ("optimizer", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+               "sgd_momentum", "clip_grad", "fp16", "bf16", "loss_scale", "initial_loss_scale",
+               "min_loss_scale", "loss_scale_window", "hysteresis", "log_num_zeros_in_grad")
+
+
+def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay=0.01,
+                    adam_beta1=0.9,
                     adam_beta2=0.999, adam_eps=1e-8, sgd_momentum=0.9, clip_grad=1.0,
                     fp16=False, bf16=False, loss_scale=None, initial_loss_scale=2.0**32,
                     min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2,
@@ -354,10 +360,22 @@ def build_optimizer(model, *, optimizer="adam", lr, weight_decay=0.01, adam_beta
                     scale_lr_cond=None, lr_mult=1.0):
     """Build the Megatron optimizer for ``model`` (a module or list of modules).
 
-    Keyword names follow Megatron's flags (``--adam-beta1`` -> ``adam_beta1`` ...). ``loss_scale``
+    Keyword names follow Megatron's flags (``--adam-beta1`` -> ``adam_beta1`` ...). When a config
+    ``args`` with those attribute names is given, its values replace the keywords'. ``loss_scale``
     None means dynamic loss scaling for fp16. ``tp_rank`` decides which replicated parameters
     count towards the gradient norm.
     """
+    if args is not None:
+        flags = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                     adam_beta1=adam_beta1, adam_beta2=adam_beta2, adam_eps=adam_eps,
+                     sgd_momentum=sgd_momentum, clip_grad=clip_grad, fp16=fp16, bf16=bf16,
+                     loss_scale=loss_scale, initial_loss_scale=initial_loss_scale,
+                     min_loss_scale=min_loss_scale, loss_scale_window=loss_scale_window,
+                     hysteresis=hysteresis, log_num_zeros_in_grad=log_num_zeros_in_grad)
+        flags.update({k: getattr(args, k) for k in _FLAG_NAMES if hasattr(args, k)})
+        return build_optimizer(model, **flags, model_parallel_group=model_parallel_group,
+                               log=log, tp_rank=tp_rank, no_weight_decay_cond=no_weight_decay_cond,
+                               scale_lr_cond=scale_lr_cond, lr_mult=lr_mult)
     if fp16 and bf16:
         raise UserError("--fp16 and --bf16 are mutually exclusive")
     if lr is None:
