@@ -63,7 +63,8 @@ def test_top_k_and_top_p_restrict_the_support():
     cum = probs[order].cumsum(0)
     nucleus = set(order[: int((cum < 0.7).sum()) + 1].tolist())  # smallest set reaching 0.7
     assert 1 < len(nucleus) < 40
-    assert set(torch.nonzero(torch.isfinite(filter_logits(logits, top_p=0.7)[0])).flatten().tolist()) == nucleus
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7)[0])
+    assert set(torch.nonzero(kept).flatten().tolist()) == nucleus
     drawn = set(sample_next_token(rows, top_p=0.7, generator=gen).tolist())
     assert drawn <= nucleus and len(drawn) > 1
     both = filter_logits(logits, top_k=2, top_p=0.99)

@@ -78,7 +78,8 @@ def _to_hf(model, config):
     for i in range(config.num_layers):
         m, h = f"language_model.encoder.layers.{i}.", f"transformer.h.{i}."
         for a, b in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            sd[h + b + ".weight"], sd[h + b + ".bias"] = ours[m + a + ".weight"], ours[m + a + ".bias"]
+            sd[h + b + ".weight"] = ours[m + a + ".weight"]
+            sd[h + b + ".bias"] = ours[m + a + ".bias"]
         sd[h + "attn.c_attn.weight"] = qkv(ours[m + "self_attention.query_key_value.weight"])
         sd[h + "attn.c_attn.bias"] = qkv(ours[m + "self_attention.query_key_value.bias"])
         for a, b in (("self_attention.dense", "attn.c_proj"), ("mlp.dense_h_to_4h", "mlp.c_fc"),
@@ -125,7 +126,8 @@ def test_explicit_mask_equals_is_causal(pos):
     ids = torch.randint(0, V, (2, S))
     mask = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)[None, None]  # True = masked
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, attention_mask=mask), model(ids), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(ids, attention_mask=mask), model(ids),
+                                   rtol=1e-6, atol=1e-6)
         explicit = model(ids, position_ids=torch.arange(S).expand(2, S))
         torch.testing.assert_close(explicit, model(ids), rtol=0, atol=0)
 
@@ -156,7 +158,7 @@ def test_layer_on_token_subset_with_positions(pos):
     _randomise_biases_and_norms(layer)
     b = 2
     x = torch.randn(b, S, H)
-    kept = torch.stack([torch.tensor([0, 2, 3, 7, 8, 12, 15]), torch.tensor([1, 4, 5, 6, 9, 10, 11])])
+    kept = torch.tensor([[0, 2, 3, 7, 8, 12, 15], [1, 4, 5, 6, 9, 10, 11]])  # [b, r], ascending
     positions = torch.arange(S).expand(b, S)
     x_kept = torch.gather(x, 1, kept.unsqueeze(-1).expand(-1, -1, H))  # [b, r, h]
     causal = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)  # [s, s]
@@ -245,7 +247,8 @@ def test_pipeline_stages_compose():
     assert "language_model.encoder.layers.0.mlp.dense_h_to_4h.weight" in last.state_dict()
     assert last.word_embeddings.weight.shared_embedding
     fsd = full.state_dict()
-    first.load_state_dict({k: v for k, v in fsd.items() if "layers.1." not in k and "final" not in k})
+    first.load_state_dict({k: v for k, v in fsd.items()
+                           if "layers.1." not in k and "final" not in k})
     last_sd = {k.replace("layers.1.", "layers.0."): v for k, v in fsd.items()
                if "layers.1." in k or "final" in k}
     last_sd["word_embeddings.weight"] = fsd["language_model.embedding.word_embeddings.weight"]

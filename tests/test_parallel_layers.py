@@ -58,7 +58,8 @@ def test_partition_shapes_and_master_init(tp):
         assert col.weight.shape == (16 // tp, 8) and col.bias.shape == (16 // tp,)
         assert row.weight.shape == (8, 16 // tp) and row.bias.shape == (8,)
         assert emb.weight.shape == (32 // tp, 8)
-        assert (col.weight.partition_dim, row.weight.partition_dim, emb.weight.partition_dim) == (0, 1, 0)
+        dims = (col.weight.partition_dim, row.weight.partition_dim, emb.weight.partition_dim)
+        assert dims == (0, 1, 0)
         assert col.weight.tensor_model_parallel and col.bias.tensor_model_parallel
         assert not row.bias.tensor_model_parallel
         assert emb.vocab_start_index == p.tp_rank * 32 // tp
@@ -209,6 +210,6 @@ def test_tp2_matches_tp1(tmp_path):
     for r in (r0, r1):
         torch.testing.assert_close(r["loss"], ref.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r["logits"], logits.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(torch.cat([r0["grads"]["emb"], r1["grads"]["emb"]], 0), emb.weight.grad)
-    torch.testing.assert_close(torch.cat([r0["grads"]["col"], r1["grads"]["col"]], 0), col.weight.grad)
-    torch.testing.assert_close(torch.cat([r0["grads"]["row"], r1["grads"]["row"]], 1), row.weight.grad)
+    for name, layer, dim in (("emb", emb, 0), ("col", col, 0), ("row", row, 1)):
+        gathered = torch.cat([r0["grads"][name], r1["grads"][name]], dim)
+        torch.testing.assert_close(gathered, layer.weight.grad)

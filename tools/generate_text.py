@@ -31,7 +31,8 @@ def checkpoint_path(load_dir: str, iteration=None) -> str:
     if iteration is None:
         tracker = os.path.join(load_dir, TRACKER)
         if not os.path.isfile(tracker):
-            raise UserError(f"--load {load_dir}: no {TRACKER} (not a Megatron checkpoint directory)")
+            raise UserError(f"--load {load_dir}: no {TRACKER} "
+                            f"(not a Megatron checkpoint directory)")
         with open(tracker) as f:
             text = f.read().strip()
         if text == "release":
@@ -95,7 +96,8 @@ def load_model(load_dir: str, iteration=None, device="cpu"):
         raise UserError(f"{path} is not a Megatron checkpoint (needs 'model' and 'args')")
     args = ckpt["args"]
     model = GPTModel(config_from_args(args))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in _flatten(ckpt["model"]).items()}
+    state = {k: v.float() if v.is_floating_point() else v
+             for k, v in _flatten(ckpt["model"]).items()}
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

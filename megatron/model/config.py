@@ -31,13 +31,13 @@ class TransformerConfig:
     kv_channels: Optional[int] = None
     """Width of one attention head; None -> hidden_size // num_attention_heads (--kv-channels)."""
     hidden_dropout: float = 0.1
-    """Dropout on the embeddings and on attention/MLP outputs before the residual add (--hidden-dropout)."""
+    """Dropout on embeddings and on attention/MLP outputs before the add (--hidden-dropout)."""
     attention_dropout: float = 0.1
     """Dropout on the attention probabilities (--attention-dropout)."""
     layernorm_epsilon: float = 1e-5
     """LayerNorm epsilon (--layernorm-epsilon)."""
     init_method_std: float = 0.02
-    """Std of the normal weight init; output projections use std / sqrt(2 * num_layers) (--init-method-std)."""
+    """Std of the normal init; output projections use std/sqrt(2*num_layers) (--init-method-std)."""
     position_embedding_type: str = "learned_absolute"
     """'learned_absolute' (GPT-2) or 'rope' (rotary on q/k) (--position-embedding-type)."""
     rotary_percent: float = 1.0
@@ -45,7 +45,7 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     """Base of the rotary frequencies (--rotary-base)."""
     untie_embeddings_and_output_weights: bool = False
-    """Separate output_layer instead of reusing the word embeddings (--untie-embeddings-and-output-weights)."""
+    """Own output_layer, not the word embeddings (--untie-embeddings-and-output-weights)."""
     add_bias_linear: bool = True
     """Biases in the QKV, dense and MLP projections (--disable-bias-linear turns them off)."""
     params_dtype: torch.dtype = torch.float32
@@ -53,7 +53,7 @@ class TransformerConfig:
     recompute_granularity: Optional[str] = None
     """None, or 'full': recompute each layer's activations in backward (--recompute-granularity)."""
     use_flash_attn: bool = False
-    """Restrict scaled_dot_product_attention to its flash kernel (--use-flash-attn); SDPA is always used."""
+    """SDPA is always used; True restricts it to its flash kernel (--use-flash-attn)."""
     num_tokentypes: int = 0
     """Token-type (segment) embeddings rows; 0 for GPT, 2 for BERT."""
 
@@ -64,20 +64,26 @@ class TransformerConfig:
 
         for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
                             ("--num-attention-heads", self.num_attention_heads),
-                            ("--seq-length", self.seq_length)):
-            need(isinstance(value, int) and value > 0, f"{flag} must be a positive integer, got {value!r}")
-        need(self.padded_vocab_size > 0, f"padded vocabulary size must be positive, got {self.padded_vocab_size}")
+                            ("--seq-length", self.seq_length),
+                            ("padded vocabulary size", self.padded_vocab_size)):
+            need(isinstance(value, int) and value > 0,
+                 f"{flag} must be a positive integer, got {value!r}")
         if self.kv_channels is None:
             need(self.hidden_size % self.num_attention_heads == 0,
                  f"--num-attention-heads ({self.num_attention_heads}) must divide --hidden-size "
                  f"({self.hidden_size}) (or set --kv-channels)")
             self.kv_channels = self.hidden_size // self.num_attention_heads
-        need(self.kv_channels > 0, f"--kv-channels must be positive, got {self.kv_channels}")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = 4 * self.hidden_size
-        need(self.ffn_hidden_size > 0, f"--ffn-hidden-size must be positive, got {self.ffn_hidden_size}")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        for flag, value in (("--kv-channels", self.kv_channels),
+                            ("--ffn-hidden-size", self.ffn_hidden_size),
+                            ("--max-position-embeddings", self.max_position_embeddings),
+                            ("--layernorm-epsilon", self.layernorm_epsilon),
+                            ("--init-method-std", self.init_method_std),
+                            ("--rotary-base", self.rope_theta)):
+            need(value > 0, f"{flag} must be positive, got {value}")
         need(self.position_embedding_type in POSITION_EMBEDDING_TYPES,
              f"--position-embedding-type must be one of {', '.join(POSITION_EMBEDDING_TYPES)}, "
              f"got {self.position_embedding_type!r}")
@@ -85,22 +91,21 @@ class TransformerConfig:
             need(self.seq_length <= self.max_position_embeddings,
                  f"--seq-length ({self.seq_length}) must not exceed --max-position-embeddings "
                  f"({self.max_position_embeddings})")
-        need(0.0 <= self.hidden_dropout < 1.0, f"--hidden-dropout must be in [0, 1), got {self.hidden_dropout}")
-        need(0.0 <= self.attention_dropout < 1.0,
-             f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
-        need(self.layernorm_epsilon > 0, f"--layernorm-epsilon must be positive, got {self.layernorm_epsilon}")
-        need(self.init_method_std > 0, f"--init-method-std must be positive, got {self.init_method_std}")
-        need(0.0 < self.rotary_percent <= 1.0, f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        for flag, value in (("--hidden-dropout", self.hidden_dropout),
+                            ("--attention-dropout", self.attention_dropout)):
+            need(0.0 <= value < 1.0, f"{flag} must be in [0, 1), got {value}")
+        need(0.0 < self.rotary_percent <= 1.0,
+             f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
         if self.position_embedding_type == "rope":
-            rot = int(self.kv_channels * self.rotary_percent)
-            need(rot >= 2 and rot % 2 == 0,
+            need(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
                  f"--rotary-percent ({self.rotary_percent}) x --kv-channels ({self.kv_channels}) "
-                 f"must give an even number of rotated channels, got {rot}")
-        need(self.rope_theta > 0, f"--rotary-base must be positive, got {self.rope_theta}")
+                 f"must give an even number of rotated channels, got {self.rotary_dim}")
         need(self.params_dtype in (torch.float32, torch.bfloat16, torch.float16),
-             f"params dtype must be float32, bfloat16 (--bf16) or float16 (--fp16), got {self.params_dtype}")
+             f"params dtype must be float32, bfloat16 (--bf16) or float16 (--fp16), "
+             f"got {self.params_dtype}")
         need(self.recompute_granularity in (None, "full"),
-             f"--recompute-granularity must be 'full' (or unset), got {self.recompute_granularity!r}")
+             f"--recompute-granularity must be 'full' (or unset), "
+             f"got {self.recompute_granularity!r}")
         need(self.num_tokentypes >= 0, f"num_tokentypes must be >= 0, got {self.num_tokentypes}")
 
     @property

@@ -1,4 +1,4 @@
-"""GPT as in Megatron-LM: TransformerLanguageModel + tied (or untied) LM head + vocab-parallel loss."""
+"""GPT as in Megatron-LM: language model + tied (or untied) LM head + vocab-parallel loss."""
 
 from typing import Optional, Sequence
 
@@ -55,7 +55,8 @@ class GPTModel(nn.Module):
             return self.language_model.embedding.word_embeddings.weight
         return self.word_embeddings.weight
 
-    def forward(self, input_ids: Optional[torch.Tensor], position_ids: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: Optional[torch.Tensor],
+                position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids [b, s]; position_ids [b, s] (default 0..s-1); attention_mask bool

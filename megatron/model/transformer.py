@@ -199,7 +199,8 @@ class ParallelTransformer(nn.Module):
                                              config.params_dtype)
 
     def _forward_layer(self, layer, hidden, position_ids, attention_mask):
-        if self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled():
+        recompute = self.config.recompute_granularity == "full"
+        if recompute and self.training and torch.is_grad_enabled():
             return _checkpointed(layer, self.parallel.rng_tracker, hidden, position_ids,
                                  attention_mask)
         return layer(hidden, position_ids, attention_mask)

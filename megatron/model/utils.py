@@ -13,15 +13,16 @@ def init_method_normal(std: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return init_
 
 
-def scaled_init_method_normal(std: float, num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def scaled_init_method_normal(std: float,
+                              num_layers: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """normal(0, std / sqrt(2 * num_layers)) for the projections that write into the residual
     stream (attention dense, mlp dense_4h_to_h), as GPT-2 and Megatron do."""
     return init_method_normal(std / math.sqrt(2.0 * num_layers))
 
 
 def _layer_flops(batch_size, tokens, hidden_size, ffn_hidden_size, passes):
-    # Per token forward: QKV 6h^2 + dense 2h^2 + MLP 4*h*ffn (= 24h^2 with ffn = 4h) multiply-adds x2
-    # counted as FLOPs, plus attention scores and context 4*tokens*h (Megatron counts the full
+    # Per token forward: QKV 6h^2 + dense 2h^2 + MLP 4*h*ffn (= 24h^2 with ffn = 4h) FLOPs
+    # (2 per multiply-add), plus attention scores and context 4*tokens*h (Megatron counts the full
     # square, not the causal half).
     dense = 2 * (4 * hidden_size * hidden_size + 2 * hidden_size * ffn_hidden_size)
     attention = 4 * tokens * hidden_size
@@ -45,8 +46,9 @@ def gpt_flops_per_iteration(batch_size: int, seq_length: int, num_layers: int, h
     if kept_length is None or kept_length >= seq_length or num_layers <= 2:
         layers = num_layers * _layer_flops(batch_size, seq_length, hidden_size, ffn, passes)
     else:
-        layers = (2 * _layer_flops(batch_size, seq_length, hidden_size, ffn, passes)
-                  + (num_layers - 2) * _layer_flops(batch_size, kept_length, hidden_size, ffn, passes))
+        full = _layer_flops(batch_size, seq_length, hidden_size, ffn, passes)
+        kept = _layer_flops(batch_size, kept_length, hidden_size, ffn, passes)
+        layers = 2 * full + (num_layers - 2) * kept
     lm_head = 3 * 2 * batch_size * seq_length * hidden_size * vocab_size
     return float(layers + lm_head)
 

@@ -68,7 +68,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             hit = (~saved[2]).unsqueeze(-1).to(grad.dtype)  # 1 where the target is on this rank
             grad.scatter_add_(-1, local_target, -hit)
         else:
-            grad.scatter_add_(-1, local_target, torch.full_like(local_target, -1.0, dtype=grad.dtype))
+            minus_one = torch.full_like(local_target, -1.0, dtype=grad.dtype)  # [b, s, 1]
+            grad.scatter_add_(-1, local_target, minus_one)
         grad.mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.input_dtype), None, None, None
 

@@ -78,7 +78,8 @@ class RNGStatesTracker:
 
     def set_states(self, states: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """Replace every state by ``states`` (as returned by ``get_states``)."""
-        self._states = {name: {dev: t.clone() for dev, t in s.items()} for name, s in states.items()}
+        self._states = {name: {dev: t.clone() for dev, t in s.items()}
+                        for name, s in states.items()}
 
     @contextlib.contextmanager
     def fork(self, name: str = MODEL_PARALLEL_RNG):
