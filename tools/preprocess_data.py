@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 
 if __package__ in (None, ""):  # run as `python tools/preprocess_data.py`: import from the repo
@@ -412,6 +413,10 @@ _WORKER_ENCODER = None
 def _init_worker(cfg):
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # undo the parent's handler (see main)
+    # One thread per worker: --workers sets the parallelism. Without this every worker's HF
+    # tokenizer would also start a thread per core (workers x cores threads on big machines).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _WORKER_ENCODER = Encoder(cfg)
 
 
@@ -446,7 +451,23 @@ def output_prefixes(output_prefix, json_keys, split_sentences):
     return {key: f"{output_prefix}_{key}_{level}" for key in json_keys}
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None):
+    """Run the tool; returns a summary dict. SIGTERM is handled like Ctrl-C (clean up, exit)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv):
     args = get_args(argv)
     paths = resolve_inputs(args.input)
     startup = time.time()
