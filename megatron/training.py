@@ -109,7 +109,7 @@ def build_scheduler(args, optimizer):
         lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,
         end_wd=args.end_weight_decay, wd_incr_steps=steps.wd_incr_steps,
         wd_incr_style=args.weight_decay_incr_style,
-        lr_warmup_tokens=args.lr_warmup_tokens, lr_decay_tokens=steps.lr_decay_tokens,
+        lr_warmup_tokens=steps.lr_warmup_tokens, lr_decay_tokens=steps.lr_decay_tokens,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler)
 
@@ -152,12 +152,12 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, log):
 
 def flops_per_iteration(args):
     """Model FLOPs of one iteration (Narayanan et al. 2021, eq. 3; 72 without recompute)."""
-    from megatron.model.utils import flops_per_iteration as model_flops
+    from megatron.model.utils import gpt_flops_per_iteration
 
-    return model_flops(batch_size=args.global_batch_size, seq_length=args.seq_length,
-                       num_layers=args.num_layers, hidden_size=args.hidden_size,
-                       vocab_size=args.padded_vocab_size, ffn_hidden_size=args.ffn_hidden_size,
-                       recompute=args.recompute_granularity == "full")
+    return gpt_flops_per_iteration(args.global_batch_size, args.seq_length, args.num_layers,
+                                   args.hidden_size, args.padded_vocab_size,
+                                   ffn_hidden_size=args.ffn_hidden_size,
+                                   recompute=args.recompute_granularity == "full")
 
 
 def train_step(args, forward_step, data_iterator, model, optimizer):
@@ -245,7 +245,7 @@ def train(args, state, forward_step, model, optimizer, scheduler, train_iter, va
         elif any(math.isnan(v) or math.isinf(v) for v in losses.values()):
             state.nan_iters += 1
         lr = optimizer.param_groups[0]["lr"]
-        logger.training_step(state, losses, lr, grad_norm, optimizer.get_loss_scale(),
+        logger.training_step(state, losses, lr, grad_norm, float(optimizer.get_loss_scale()),
                              skipped=not ok)
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \

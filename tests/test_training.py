@@ -37,7 +37,7 @@ def data_prefix(tmp_path_factory):
 def gpt_argv(data_prefix, *extra, iters=8):
     return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "2",
+            "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "1",
             "--lr-decay-style", "cosine", "--min-lr", "1e-4",
             "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
             "--data-path", data_prefix, "--split", "90,10,0",
@@ -103,8 +103,8 @@ def test_checkpoint_contents_follow_megatron(data_prefix, tmp_path):
 
 def test_load_with_other_model_size_names_the_flag(data_prefix, tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    run(gpt_argv(data_prefix, "--save", ckpt, iters=1))
-    argv = gpt_argv(data_prefix, "--load", ckpt, iters=2)
+    run(gpt_argv(data_prefix, "--save", ckpt, iters=3))
+    argv = gpt_argv(data_prefix, "--load", ckpt, iters=4)
     argv[argv.index("--hidden-size") + 1] = "64"
     with pytest.raises(UserError, match="--hidden-size 32 but --hidden-size 64"):
         run(argv)
@@ -113,8 +113,9 @@ def test_load_with_other_model_size_names_the_flag(data_prefix, tmp_path):
 def test_finetune_loads_weights_and_restarts_counters(data_prefix, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     first, _ = run(gpt_argv(data_prefix, "--save", ckpt, iters=2))
-    second, logs = run(gpt_argv(data_prefix, "--load", ckpt, "--finetune", iters=1))
-    assert second.state.iteration == 1
+    second, logs = run(gpt_argv(data_prefix, "--load", ckpt, "--finetune", iters=3))
+    assert second.state.iteration == 3
+    assert [i for i, _ in second.train_losses] == [1, 2, 3]
     assert any("finetune" in l for l in logs)
 
 
