@@ -160,6 +160,12 @@ def test_merge_equals_single_run(tmp_path, records):
                          str(tmp_path / "shards" / "b_text_document"),
                          "--output-prefix", str(tmp_path / "merged2")])
     assert files(str(tmp_path / "merged2")) == files(str(tmp_path / "single_text_document"))
+    # Output inside the input directory, twice: the earlier output is not merged into itself.
+    for _ in range(2):
+        merge_datasets.main(["--input", str(tmp_path / "shards"),
+                             "--output-prefix", str(tmp_path / "shards" / "all")])
+        assert files(str(tmp_path / "shards" / "all")) == \
+            files(str(tmp_path / "single_text_document"))
 
 
 def _fails(capsys, tool, argv, *expected):

@@ -5,7 +5,7 @@
         --output-prefix data/merged
 
 ``--input DIR`` merges every prefix in DIR that has both a .bin and an .idx, in sorted order (as
-Megatron-LM); ``--inputs`` merges the given prefixes in the order given. All inputs must share one
+Megatron-LM), except the output prefix itself if it is in DIR; ``--inputs`` merges the given prefixes in the order given. All inputs must share one
 token dtype. Writes ``<output-prefix>.bin/.idx`` (under temporary names until complete).
 """
 
@@ -56,15 +56,19 @@ def prefixes_in_directory(directory):
 
 def main(argv=None):
     args = get_args(argv)
-    prefixes = prefixes_in_directory(args.input) if args.input else list(args.inputs)
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not "
-                        f"exist")
     out = os.path.abspath(args.output_prefix)
-    for prefix in prefixes:
-        if os.path.abspath(prefix) == out:
-            raise UserError(f"--output-prefix {args.output_prefix} is also an input")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UserError(f"--output-prefix {args.output_prefix}: directory "
+                        f"{os.path.dirname(out)} does not exist")
+    if args.input:
+        # The output may live in the input directory (and exist from an earlier run): skip it.
+        prefixes = [p for p in prefixes_in_directory(args.input) if os.path.abspath(p) != out]
+        if not prefixes:
+            raise UserError(f"--input {args.input}: no datasets to merge besides the output")
+    else:
+        prefixes = list(args.inputs)
+        if out in (os.path.abspath(p) for p in prefixes):
+            raise UserError(f"--output-prefix {args.output_prefix} is also one of --inputs")
     # Open (and so validate) every input first, so a bad one fails before anything is written.
     datasets = [IndexedDataset(prefix) for prefix in prefixes]
     dtypes = {ds.dtype.name for ds in datasets}
