@@ -126,7 +126,7 @@ def main():
          "--lr-decay-style", "cosine", "--lr-warmup-iters", "20", "--weight-decay", "0.1",
          "--adam-beta2", "0.95", "--clip-grad", "1.0",
          "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
-         "--data-path", data, "--split", "949,50,1",
+         "--data-path", data, "--split", "98,2,0",
          "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges,
          "--make-vocab-size-divisible-by", "64",
          "--log-interval", "10", "--eval-interval", "100", "--eval-iters", "5",

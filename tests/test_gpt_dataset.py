@@ -302,3 +302,17 @@ def test_build_user_errors(tmp_path):
     with pytest.raises(UserError, match="--data-path"):
         build_train_valid_test_datasets(["x"], "1,0,0", [1, 0, 0], 4, 1,
                                         train_data_path=["y"], log=quiet)
+
+
+def test_split_too_small_for_one_sample_names_the_split(tmp_path):
+    from megatron.data.gpt_dataset import GPTDataset
+    from megatron.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+    from megatron.errors import UserError
+
+    prefix = str(tmp_path / "tiny")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    builder.add_document([1, 2, 3], [3])
+    builder.finalize(prefix + ".idx")
+    with pytest.raises(UserError, match="test split has 1 document"):
+        GPTDataset("test", prefix, IndexedDataset(prefix), [0], 4, 8, 1234,
+                   cache_dir=str(tmp_path), log=lambda *a: None)

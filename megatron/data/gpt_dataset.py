@@ -56,6 +56,12 @@ class GPTDataset(torch.utils.data.Dataset):
             raise UserError(f"--seq-length: expected a positive integer, got {seq_length}")
         if num_samples < 0:
             raise ValueError(f"GPTDataset {name}: negative num_samples {num_samples}")
+        split_tokens = int(np.sum(sizes[documents], dtype=np.int64))
+        if num_samples > 0 and split_tokens <= seq_length:
+            raise UserError(
+                f"{data_prefix}: the {name} split has {documents.size} document(s) with "
+                f"{split_tokens} tokens, fewer than one sample of --seq-length {seq_length} + 1; "
+                "give it more data with --split (or set --eval-iters 0)")
         self.seq_length = seq_length
         (self.doc_idx, self.sample_idx, self.shuffle_idx, self.num_epochs,
          self.loaded_from_cache, self.cache_paths) = _build_index_mappings(
