@@ -5,8 +5,9 @@
         --output-prefix data/merged
 
 ``--input DIR`` merges every prefix in DIR that has both a .bin and an .idx, in sorted order (as
-Megatron-LM), except the output prefix itself if it is in DIR; ``--inputs`` merges the given prefixes in the order given. All inputs must share one
-token dtype. Writes ``<output-prefix>.bin/.idx`` (under temporary names until complete).
+Megatron-LM), except the output prefix itself if it is in DIR; ``--inputs`` merges the given
+prefixes in the order given. All inputs must share one token dtype. Writes
+``<output-prefix>.bin/.idx`` (under temporary names until complete).
 """
 
 import argparse

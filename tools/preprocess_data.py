@@ -346,7 +346,7 @@ class Encoder:
         return texts
 
     def encode(self, chunk):
-        """Returns ``(docs, bad, error, per_key)``; per_key[k] = (tokens, seq_lengths, seqs_per_doc).
+        """``(docs, bad, error, per_key)``; ``per_key[k] = (tokens, seq_lengths, seqs_per_doc)``.
 
         ``error`` is the first bad line's message unless --skip-bad-lines, then ``bad`` lists
         ``(path:line, problem)`` of the skipped lines.
