@@ -22,6 +22,7 @@ from megatron.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
+from megatron.parallel.random import build_rng_tracker
 from megatron.parallel.state import ParallelState
 from megatron.training_log import TrainingLogger
 from megatron.utils import print_rank_0
@@ -68,7 +69,7 @@ def run_pretraining(args, datasets_provider, model_provider, forward_step_provid
     device = select_device(args.device)
     args.device = str(device)
     set_random_seed(args.seed)
-    parallel = ParallelState()
+    parallel = ParallelState(rng_tracker=build_rng_tracker(args.seed, tp_rank=0))
     tokenizer = build_tokenizer_from_args(args, log)
 
     model = model_provider(args, parallel).to(device)
@@ -76,7 +77,7 @@ def run_pretraining(args, datasets_provider, model_provider, forward_step_provid
     log(f" > number of parameters: {n_params}")
     optimizer = build_optimizer(model, args=args, log=log)
     scheduler = build_scheduler(args, optimizer)
-    state, _ = load_checkpoint(args, model, optimizer, scheduler, log=log)
+    state, _ = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker, log=log)
     if args.load is not None and (args.no_load_optim or args.finetune):
         optimizer.reload_model_params()
 
@@ -89,7 +90,7 @@ def run_pretraining(args, datasets_provider, model_provider, forward_step_provid
     try:
         if not args.skip_train and state.iteration < args.train_iters:
             train(args, state, forward_step, model, optimizer, scheduler, train_iter, valid_iter,
-                  logger, start_time, log)
+                  logger, start_time, log, rng_tracker=parallel.rng_tracker)
         if args.eval_iters > 0 and valid_iter is not None:
             run_evaluation(args, state, forward_step, model, valid_iter, logger,
                            f"iteration {state.iteration} on validation set")
@@ -222,13 +223,13 @@ def _should_exit(args, state, start_time):
 
 
 def train(args, state, forward_step, model, optimizer, scheduler, train_iter, valid_iter,
-          logger, start_time, log):
+          logger, start_time, log, rng_tracker=None):
     """Run iterations until --train-iters or another stop condition; save as requested."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
 
     def save():
         if args.save is not None:
-            save_checkpoint(args, state, model, optimizer, scheduler, log=log)
+            save_checkpoint(args, state, model, optimizer, scheduler, rng_tracker, log=log)
 
     saved_at = None
     while state.iteration < args.train_iters:

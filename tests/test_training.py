@@ -136,3 +136,50 @@ def test_cli_bad_inputs_end_in_one_line(data_prefix, tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_crash_while_saving_keeps_latest_on_a_complete_checkpoint(data_prefix, tmp_path,
+                                                                    monkeypatch):
+    import megatron.checkpointing as checkpointing
+
+    ckpt = str(tmp_path / "ckpt")
+    run(gpt_argv(data_prefix, "--save", ckpt, "--save-interval", "2", "--exit-interval", "2",
+                 iters=4))
+    real_save = torch.save
+
+    def crash_half_way(obj, f):
+        real_save(obj, f)
+        f.truncate(f.tell() // 2)
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(checkpointing.torch, "save", crash_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        run(gpt_argv(data_prefix, "--load", ckpt, "--save", ckpt, "--save-interval", "2",
+                     iters=4))
+    with open(os.path.join(ckpt, TRACKER_FILENAME)) as f:
+        assert f.read() == "2"
+    assert not os.path.exists(checkpoint_file(ckpt, 4))
+    leftovers = [n for _, _, files in os.walk(ckpt) for n in files if ".tmp" in n]
+    assert leftovers == []
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    resumed, _ = run(gpt_argv(data_prefix, "--load", ckpt, iters=4))
+    assert [i for i, _ in resumed.train_losses] == [3, 4]
+
+
+def test_fp16_dynamic_loss_scale_logs_skipped_iterations(data_prefix):
+    result, logs = run(gpt_argv(data_prefix, "--fp16", "--initial-loss-scale", "1e30",
+                                "--log-interval", "4", iters=8))
+    lines = [l for l in logs if l.startswith(" iteration")]
+    # A scale of 1e30 overflows fp16 at once: the first steps are skipped and the scale backs
+    # off until updates go through.
+    assert "number of skipped iterations:   4" in lines[0]
+    assert result.state.skipped_iters >= 4
+    scale = float(lines[-1].split("loss scale: ")[1].split(" ")[0])
+    assert scale < 1e30
+
+
+def test_bf16_training_runs(data_prefix):
+    result, _ = run(gpt_argv(data_prefix, "--bf16", iters=4))
+    losses = [d["lm loss"] for _, d in result.train_losses]
+    assert all(np.isfinite(losses))
+    assert result.model.language_model.embedding.word_embeddings.weight.dtype == torch.bfloat16
