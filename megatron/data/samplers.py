@@ -153,6 +153,23 @@ def collate_samples(samples):
     return out
 
 
+class WithSampleIndex(torch.utils.data.Dataset):
+    """Adds ``'index'``: the sample's index in the dataset, a unique id within a global batch.
+
+    random-LTD draws each sample's kept tokens from (seed, iteration, layer, this id), so the
+    draw is the same whatever the micro-batch size or data-parallel layout.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        return {**self.dataset[idx], "index": int(idx)}
+
+
 def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                   num_workers=0, dataloader_type="single", drop_last=True,
                                   data_sharding=True, seed=0):
@@ -180,7 +197,7 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
         raise UserError(f"--dataloader-type: expected 'single' or 'cyclic', got "
                         f"{dataloader_type!r}")
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler,
+    return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=batch_sampler,
                                        num_workers=num_workers, collate_fn=collate_samples,
                                        pin_memory=torch.cuda.is_available(),
                                        generator=generator)
