@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from megatron.ltd.dropping import TokenDropState
 from megatron.model.config import TransformerConfig
 from megatron.model.language_model import TransformerLanguageModel, parallel_lm_logits
 from megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -58,9 +59,11 @@ class GPTModel(nn.Module):
     def forward(self, input_ids: Optional[torch.Tensor],
                 position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None,
+                token_drop: Optional[TokenDropState] = None) -> torch.Tensor:
         """input_ids [b, s]; position_ids [b, s] (default 0..s-1); attention_mask bool
-        [b|1, 1, s, s], True = masked out (default: causal); labels [b, s].
+        [b|1, 1, s, s], True = masked out (default: causal); labels [b, s]; token_drop:
+        random-LTD for this micro-batch (dropping only in training mode; None: dense).
 
         Returns the per-token loss [b, s] in fp32 when ``labels`` are given, else the logits
         [b, s, V/tp]; on a non-last pipeline stage, the hidden states [b, s, h].
@@ -69,7 +72,8 @@ class GPTModel(nn.Module):
             ref = input_ids if input_ids is not None else self.language_model.input_tensor
             b, s = ref.shape[0], ref.shape[1]
             position_ids = torch.arange(s, device=ref.device).expand(b, s)  # [b, s]
-        hidden = self.language_model(input_ids, position_ids, attention_mask)  # [b, s, h]
+        hidden = self.language_model(input_ids, position_ids, attention_mask,
+                                     token_drop=token_drop)  # [b, s, h]
         if not self.post_process:
             return hidden
         logits = parallel_lm_logits(hidden, self.shared_embedding_or_output_weight(),

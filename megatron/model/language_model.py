@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron.ltd.dropping import TokenDropState
 from megatron.model.config import TransformerConfig
 from megatron.model.embedding import Embedding
 from megatron.model.transformer import ParallelTransformer
@@ -55,12 +56,14 @@ class TransformerLanguageModel(nn.Module):
 
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None,
-                tokentype_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """-> hidden states [b, s, h] (final-normed on the last stage)."""
+                tokentype_ids: Optional[torch.Tensor] = None,
+                token_drop: Optional[TokenDropState] = None) -> torch.Tensor:
+        """-> hidden states [b, s, h] (final-normed on the last stage). ``token_drop``:
+        random-LTD for this micro-batch, passed to the encoder (see ParallelTransformer)."""
         if self.pre_process:
             hidden = self.embedding(input_ids, position_ids, tokentype_ids)
         else:
             if self.input_tensor is None:
                 raise RuntimeError("a non-first pipeline stage needs set_input_tensor() first")
             hidden = self.input_tensor
-        return self.encoder(hidden, position_ids, attention_mask)
+        return self.encoder(hidden, position_ids, attention_mask, token_drop=token_drop)

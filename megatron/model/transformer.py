@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_attention_mask,
+                                   gather_position_ids, gather_tokens, kept_indices_by_layer,
+                                   scatter_tokens)
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import init_method_normal, scaled_init_method_normal
 from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
@@ -180,7 +183,22 @@ class ParallelTransformer(nn.Module):
     ``layer_ids`` are the global layer indices owned here (default: all); ``layers[i]`` has
     ``layer_number == layer_ids[i]``. Parameter names use the local index, as Megatron's
     per-stage checkpoints do.
+
+    random-LTD (``forward(..., token_drop=TokenDropState)``): only in training mode, each layer
+    whose global id maps to a kept length r < s in ``token_drop.kept_lengths`` runs on r tokens
+    per sample. The kept positions come from ``megatron.ltd.dropping`` (uniform, independent per
+    layer and sample, sorted ascending, a pure function of seed, iteration, global layer id and
+    sample id, no torch RNG). The block gathers the kept rows of the hidden states, their
+    ORIGINAL position ids, and the rows/columns of an explicit mask ([b,1,r,r]) or the columns
+    of a padding mask ([b,1,1,r]) (None stays None: causal among sorted tokens); runs the layer
+    (checkpointed on the gathered inputs under full recompute, so the recompute sees the same
+    tokens); and scatters the outputs back out of place. Dropped tokens pass unchanged, their
+    gradient straight through. Eval mode, ``token_drop=None`` and r >= s run the dense layer, so
+    keeping every token is bit-identical to the dense model.
     """
+
+    _always_gather = False
+    """Tests: route layers with r >= s through gather/scatter too (with all positions)."""
 
     def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState(), *,
                  layer_ids: Optional[Sequence[int]] = None, post_process: bool = True,
@@ -205,11 +223,35 @@ class ParallelTransformer(nn.Module):
                                  attention_mask)
         return layer(hidden, position_ids, attention_mask)
 
+    def _forward_dropped(self, layer, hidden, position_ids, attention_mask, indices):
+        """Run ``layer`` on the tokens ``indices [b, r]`` of each sample; the rest skip it."""
+        s = hidden.size(1)
+        flat = flat_token_indices(indices, s)
+        kept = self._forward_layer(layer, gather_tokens(hidden, indices, flat),
+                                   gather_position_ids(position_ids, indices, s),
+                                   gather_attention_mask(attention_mask, indices, s))
+        return scatter_tokens(hidden, indices, kept, flat)
+
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden [b, s, h] -> [b, s, h] (after the final LayerNorm on the last stage)."""
-        for layer in self.layers:
-            hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
+                attention_mask: Optional[torch.Tensor] = None,
+                token_drop: Optional[TokenDropState] = None) -> torch.Tensor:
+        """hidden [b, s, h] -> [b, s, h] (after the final LayerNorm on the last stage).
+        ``token_drop``: random-LTD for this micro-batch (training mode only; see the class)."""
+        drops = {}
+        if token_drop is not None and self.training:
+            if token_drop.sample_ids.shape != (hidden.size(0),):
+                raise ValueError(f"token_drop.sample_ids has shape "
+                                 f"{tuple(token_drop.sample_ids.shape)}, expected "
+                                 f"({hidden.size(0)},): one id per sample of the micro-batch")
+            drops = kept_indices_by_layer(token_drop, self.layer_ids, hidden.size(1),
+                                          hidden.device, include_full=self._always_gather)
+        for layer_id, layer in zip(self.layer_ids, self.layers):
+            indices = drops.get(layer_id)
+            if indices is None:
+                hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
+            else:
+                hidden = self._forward_dropped(layer, hidden, position_ids, attention_mask,
+                                               indices)
         if self.post_process:
             hidden = self.final_layernorm(hidden)
         return hidden
