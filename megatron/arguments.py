@@ -115,8 +115,12 @@ def validate_args(args, world_size=1):
     if not given and args.train_tokens is None and not args.skip_train:
         raise UserError("give one of --train-iters, --train-samples or --train-tokens")
     if args.train_iters is None and args.train_samples is None and args.train_tokens is not None:
-        # Token budget only: the dataset must hold enough samples for it.
-        args.train_samples = math.ceil(args.train_tokens / args.seq_length)
+        # Token budget only: the LR schedule runs on tokens; the loop's iteration bound is
+        # derived once the tokens per iteration are known (training.resolve_train_iters).
+        _require(args.lr_warmup_iters == 0 and args.lr_decay_iters is None
+                 and args.lr_warmup_samples == 0 and args.lr_decay_samples is None,
+                 "with --train-tokens alone, give the warmup as --lr-warmup-tokens or "
+                 "--lr-warmup-fraction (not --lr-warmup-iters/--lr-warmup-samples)")
     if args.train_iters is not None:
         _require(args.lr_decay_samples is None and args.lr_warmup_samples == 0,
                  "--lr-decay-samples/--lr-warmup-samples go with --train-samples, "

@@ -115,6 +115,18 @@ def build_scheduler(args, optimizer):
         override_opt_param_scheduler=args.override_opt_param_scheduler)
 
 
+def resolve_train_iters(args):
+    """Megatron's iteration bound: from --train-samples, or from a --train-tokens budget."""
+    if args.train_iters is not None:
+        return args.train_iters
+    if args.train_samples is not None:
+        args.train_iters = args.train_samples // args.global_batch_size
+    else:
+        args.train_iters = math.ceil(args.train_tokens
+                                     / (args.global_batch_size * args.seq_length))
+    return args.train_iters
+
+
 def train_valid_test_num_samples(args):
     """Megatron's dataset target sizes (in samples) for train, valid and test."""
     if args.train_samples is not None:
@@ -129,8 +141,7 @@ def train_valid_test_num_samples(args):
 def build_data_iterators(args, state, tokenizer, datasets_provider, log):
     from megatron.data.samplers import build_pretraining_data_loader
 
-    if args.train_iters is None:
-        args.train_iters = args.train_samples // args.global_batch_size
+    resolve_train_iters(args)
     num_samples = train_valid_test_num_samples(args)
     log(" > datasets target sizes (minimum size):")
     log(f"    train:      {num_samples[0]}")

@@ -46,10 +46,15 @@ def test_training_length_required():
         parse_args(argv, world_size=1)
 
 
-def test_train_tokens_alone_sizes_the_dataset():
+def test_train_tokens_alone_bounds_the_iterations():
+    from megatron.training import resolve_train_iters
+
     argv = [a for a in BASE if a not in ("--train-iters", "10")] + ["--train-tokens", "1000"]
     args = parse_args(argv, world_size=1)
-    assert args.train_samples == 32  # ceil(1000 / 32)
+    assert args.train_iters is None and args.train_samples is None
+    assert resolve_train_iters(args) == 16  # ceil(1000 / (2 * 32))
+    with pytest.raises(UserError, match="--lr-warmup-tokens"):
+        parse_args(argv + ["--lr-warmup-iters", "2"], world_size=1)
 
 
 def test_multi_process_layouts_are_reported_unimplemented():

@@ -183,3 +183,19 @@ def test_bf16_training_runs(data_prefix):
     losses = [d["lm loss"] for _, d in result.train_losses]
     assert all(np.isfinite(losses))
     assert result.model.language_model.embedding.word_embeddings.weight.dtype == torch.bfloat16
+
+
+def test_exit_duration_and_train_tokens_stop_training(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    result, logs = run(gpt_argv(data_prefix, "--exit-duration-in-mins", "0", "--save", ckpt,
+                                iters=8))
+    assert result.state.iteration == 1
+    assert any("--exit-duration-in-mins" in l for l in logs)
+    assert os.path.isfile(checkpoint_file(ckpt, 1))  # saved before exiting
+    argv = [a for a in gpt_argv(data_prefix, iters=8)]
+    i = argv.index("--train-iters")
+    del argv[i:i + 2]
+    i = argv.index("--lr-warmup-iters")
+    del argv[i:i + 2]
+    result, _ = run(argv + ["--train-tokens", str(3 * 4 * 32), "--lr-warmup-tokens", "128"])
+    assert result.state.iteration == 3 and result.state.consumed_train_tokens == 3 * 4 * 32
