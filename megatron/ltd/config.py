@@ -1,0 +1,467 @@
+"""random-LTD flags and DeepSpeed JSON -> one validated ``RandomLTDConfig``.
+
+Units: ``--random-ltd-start`` / ``--random-ltd-step`` / ``--random-ltd-layer-starts`` are kept
+sequence lengths in tokens per sample; ``--random-ltd-schedule-steps`` is in optimizer
+iterations (DeepSpeed ``require_steps``); ``--random-ltd-schedule-tokens`` in raw consumed data
+tokens (``samples * seq_length``, dropped tokens included; see ``megatron.ltd.schedule``);
+``--train-layer-tokens``, ``--lr-warmup-layer-tokens`` and ``--lr-decay-layer-tokens`` in layer
+tokens (tokens summed over layers, see ``megatron.ltd.layer_tokens``).
+
+Sources. Flags, and with ``--deepspeed-config``/``--deepspeed_config`` a DeepSpeed JSON whose
+``data_efficiency.data_routing.random_ltd`` section is read as DeepSpeed reads it (so
+Megatron-DeepSpeed configs work unchanged). The section is active when ``data_efficiency.enabled``,
+``data_routing.enabled`` and ``random_ltd.enabled`` are all true (DeepSpeed's defaults are false);
+an inactive section is ignored (Megatron-DeepSpeed's baseline configs carry placeholder values).
+A value given both as a flag and in the JSON must agree, or a ``UserError`` names both.
+
+JSON keys (path ``data_efficiency.data_routing.random_ltd``) and their flags:
+``total_layer_num`` = ``--num-layers``; ``random_ltd_layer_id`` = ``--random-ltd-layer-ids``;
+``random_ltd_layer_num`` = number of ids; ``random_ltd_schedule.min_value`` =
+``--random-ltd-start``; ``.max_value`` = ``--seq-length``; ``.schedule_type`` =
+``--random-ltd-schedule``; ``.schedule_config.require_steps`` = ``--random-ltd-schedule-steps``;
+``.schedule_config.seq_per_step`` = ``--random-ltd-step``; extensions (not in DeepSpeed)
+``.schedule_config.require_tokens`` = ``--random-ltd-schedule-tokens`` and
+``.schedule_config.root_degree`` = ``--random-ltd-root-degree``;
+``layer_token_lr_schedule.enabled`` = ``--layer-token-lr``, ``.warmup_layer_tokens`` =
+``--lr-warmup-layer-tokens``, ``.total_layer_tokens`` = ``--lr-decay-layer-tokens``;
+``model_type``, ``hidden_state_order``, ``model_mask_name`` are JSON-only.
+
+The shipped examples (``examples/deepspeed_configs``) follow Megatron-DeepSpeed's data-efficiency
+recipes: GPT-3 1.3B (24 layers, GBS 512, seq 2048, start 128, +16, 200,000 steps = 210B raw
+tokens), GPT-3 350M (GBS 256: the same 210B tokens = 400,000 steps) and BERT-large (seq 512,
+GBS 1024, 2M steps, encoder).
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from megatron.errors import UserError
+from megatron.ltd.schedule import SCHEDULE_TYPES, linear_layer_starts
+
+METHODS = ("random", "tokenbypass")
+MODEL_TYPES = ("decoder", "encoder")
+HIDDEN_STATE_ORDERS = ("seq_batch_dim", "batch_seq_dim")
+DS_PATH = "data_efficiency.data_routing.random_ltd"
+DEFAULT_STEP = 16
+DEFAULT_ROOT_DEGREE = 2.0  # fixed_root without a degree: square-root growth
+
+
+@dataclass(frozen=True)
+class RandomLTDConfig:
+    """Validated random-LTD and layer-token settings (see the module docstring for units)."""
+
+    enabled: bool
+    """Tokens are dropped (False: only the layer-token budget/LR options are in use)."""
+    method: str
+    """'random' (random-LTD) or 'tokenbypass' (Hou et al. 2022)."""
+    num_layers: int
+    """Total transformer layers (--num-layers; DeepSpeed total_layer_num)."""
+    seq_length: int
+    """Full sequence length (--seq-length; DeepSpeed max_value)."""
+    layer_ids: Tuple[int, ...]
+    """Dropping layers, 0-based, ascending (default 1..L-2)."""
+    schedule: str
+    """Kept-length schedule: fixed_linear, fixed_root or constant."""
+    start: int
+    """Kept length at the start (DeepSpeed min_value; the smallest per-layer start)."""
+    step: int
+    """Kept lengths are rounded down to a multiple of this (DeepSpeed seq_per_step)."""
+    schedule_steps: Optional[int]
+    """Iterations from start to full length (DeepSpeed require_steps), or None."""
+    schedule_tokens: Optional[int]
+    """Raw consumed tokens from start to full length (token-based schedule), or None."""
+    root_degree: float
+    """Root degree of fixed_root (1.0 for fixed_linear)."""
+    layer_starts: Optional[Tuple[int, ...]]
+    """Per-layer starts, one per layer id, or None (all layers start at ``start``)."""
+    keep_special_tokens: bool
+    """Ablation: always keep special tokens ([CLS]/[SEP]/first token) in dropping layers."""
+    model_type: Optional[str]
+    """'decoder' (GPT) or 'encoder' (BERT) from the JSON; None: from the model."""
+    hidden_state_order: str
+    """DeepSpeed hidden_state_order (seq_batch_dim is Megatron's [s, b, h])."""
+    model_mask_name: Optional[str]
+    """DeepSpeed model_mask_name (informational)."""
+    train_layer_tokens: Optional[int]
+    """Stop once this many layer tokens have been consumed (budget), or None."""
+    layer_token_lr: bool
+    """Drive LR warmup/decay by consumed layer tokens (paper Appendix C)."""
+    lr_warmup_layer_tokens: Optional[int]
+    """LayerToken LR warmup in layer tokens (None: derived from the iteration warmup)."""
+    lr_decay_layer_tokens: Optional[int]
+    """LayerToken LR decay horizon in layer tokens (None: the run's total layer tokens)."""
+    deepspeed_config: Optional[str]
+    """Path of the DeepSpeed JSON read, if any."""
+
+    def deepspeed_section(self) -> dict:
+        """This config as DeepSpeed's ``data_efficiency.data_routing.random_ltd`` dict."""
+        sched_cfg = {"seq_per_step": self.step}
+        if self.schedule_steps is not None:
+            sched_cfg["require_steps"] = self.schedule_steps
+        if self.schedule_tokens is not None:
+            sched_cfg["require_tokens"] = self.schedule_tokens
+        if self.schedule == "fixed_root":
+            sched_cfg["root_degree"] = self.root_degree
+        out = {
+            "enabled": self.enabled,
+            "total_layer_num": self.num_layers,
+            "random_ltd_layer_num": len(self.layer_ids),
+            "random_ltd_layer_id": list(self.layer_ids),
+            "model_mask_name": self.model_mask_name,
+            "model_type": self.model_type,
+            "hidden_state_order": self.hidden_state_order,
+            "random_ltd_schedule": {"min_value": self.start, "max_value": self.seq_length,
+                                    "schedule_type": self.schedule,
+                                    "schedule_config": sched_cfg},
+            "layer_token_lr_schedule": {"enabled": self.layer_token_lr},
+        }
+        if self.lr_warmup_layer_tokens is not None:
+            out["layer_token_lr_schedule"]["warmup_layer_tokens"] = self.lr_warmup_layer_tokens
+        if self.lr_decay_layer_tokens is not None:
+            out["layer_token_lr_schedule"]["total_layer_tokens"] = self.lr_decay_layer_tokens
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# flags
+
+
+def add_random_ltd_args(parser):
+    """Add the random-LTD, layer-token and DeepSpeed-config flags to ``parser``; returns it."""
+    g = parser.add_argument_group("random-LTD")
+    g.add_argument("--random-ltd", action="store_true",
+                   help="Enable random layerwise token dropping in the middle layers.")
+    g.add_argument("--random-ltd-method", default="random", choices=list(METHODS),
+                   help="Which tokens the dropping layers skip.")
+    g.add_argument("--random-ltd-start", type=int, default=None,
+                   help="Kept tokens per sample at the start (DeepSpeed min_value).")
+    g.add_argument("--random-ltd-step", type=int, default=None,
+                   help=f"Kept length granularity (DeepSpeed seq_per_step; default "
+                        f"{DEFAULT_STEP}).")
+    g.add_argument("--random-ltd-schedule-steps", type=int, default=None,
+                   help="Iterations to grow from the start to --seq-length (require_steps).")
+    g.add_argument("--random-ltd-schedule-tokens", type=int, default=None,
+                   help="Raw consumed tokens (samples x seq length) to grow to --seq-length.")
+    g.add_argument("--random-ltd-layer-ids", type=int, nargs="+", default=None,
+                   help="0-based dropping layers (default 1 .. num_layers-2).")
+    g.add_argument("--random-ltd-schedule", default=None, choices=list(SCHEDULE_TYPES),
+                   help="Kept-length schedule (default fixed_linear).")
+    g.add_argument("--random-ltd-root-degree", type=float, default=None,
+                   help=f"Root degree of fixed_root (default {DEFAULT_ROOT_DEGREE}).")
+    g.add_argument("--random-ltd-layer-starts", type=int, nargs="+", default=None,
+                   help="Per-layer starts: one per dropping layer, or FIRST LAST (linearly "
+                        "spaced over the dropping layers).")
+    g.add_argument("--random-ltd-keep-special-tokens", action="store_true",
+                   help="Ablation: dropping layers always keep the special tokens.")
+    g.add_argument("--train-layer-tokens", type=int, default=None,
+                   help="Stop after this many layer tokens (tokens summed over layers).")
+    g.add_argument("--layer-token-lr", action="store_true",
+                   help="LR warmup and decay measured in layer tokens (LayerToken LR).")
+    g.add_argument("--lr-warmup-layer-tokens", type=int, default=None,
+                   help="LayerToken LR warmup in layer tokens (default: from the iteration "
+                        "warmup).")
+    g.add_argument("--lr-decay-layer-tokens", type=int, default=None,
+                   help="LayerToken LR decay horizon in layer tokens (default: the run's "
+                        "total).")
+    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config",
+                   default=None, help="DeepSpeed JSON; its data_efficiency.data_routing."
+                                      "random_ltd section configures random-LTD.")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed JSON
+
+
+def load_deepspeed_config(path) -> dict:
+    """Read a DeepSpeed JSON (a dict passes through); UserError naming the file otherwise."""
+    if isinstance(path, dict):
+        return path
+    if not os.path.isfile(path):
+        raise UserError(f"--deepspeed-config {path}: no such file")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--deepspeed-config {path}: not valid JSON (line {err.lineno} column "
+                        f"{err.colno}: {err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"--deepspeed-config {path}: cannot be read ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--deepspeed-config {path}: expected a JSON object at the top level")
+    return data
+
+
+class _Json:
+    """Typed access to the JSON with errors naming the file and the key path."""
+
+    def __init__(self, data, where):
+        self.data, self.where = data, where
+
+    def err(self, path, what):
+        return UserError(f"--deepspeed-config {self.where}: {path} {what}")
+
+    def node(self, path):
+        cur = self.data
+        for key in path.split("."):
+            if not isinstance(cur, dict):
+                raise self.err(path, "is inside a value that is not a JSON object")
+            if key not in cur:
+                return None
+            cur = cur[key]
+        return cur
+
+    def get(self, path, kind):
+        value = self.node(path)
+        if value is None:
+            return None
+        if kind == "bool":
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "number":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif kind == "str":
+            ok = isinstance(value, str)
+        elif kind == "dict":
+            ok = isinstance(value, dict)
+        else:  # list of int
+            ok = isinstance(value, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok:
+            expected = {"ints": "a list of integers", "dict": "an object"}.get(kind, f"a {kind}")
+            raise self.err(path, f"must be {expected}, got {value!r}")
+        return value
+
+
+def _merge(flag, flag_value, js, path, json_value):
+    """The value given by either source; a disagreement is a UserError naming both."""
+    if flag_value is not None and json_value is not None:
+        a = list(flag_value) if isinstance(flag_value, (list, tuple)) else flag_value
+        b = list(json_value) if isinstance(json_value, (list, tuple)) else json_value
+        if a != b:
+            shown = " ".join(map(str, a)) if isinstance(a, list) else a
+            raise UserError(f"{flag} {shown} contradicts --deepspeed-config {js.where}: "
+                            f"{path} = {json_value!r}")
+    return flag_value if flag_value is not None else json_value
+
+
+# ----------------------------------------------------------------------------------------------
+# args -> config
+
+
+def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
+    """Validated config from the flags (and the DeepSpeed JSON), or None when neither random-LTD
+    nor any layer-token option is asked for. With only layer-token options (a baseline keyed on
+    layer tokens) the config has ``enabled=False`` and nothing drops."""
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    ds_source = g("deepspeed_config")
+    js = _Json({}, None)
+    section_on = None  # None: no random_ltd section in the JSON
+    if ds_source is not None:
+        where = "<dict>" if isinstance(ds_source, dict) else ds_source
+        js = _Json(load_deepspeed_config(ds_source), where)
+        if js.node(DS_PATH) is not None:
+            js.get(DS_PATH, "dict")
+            switches = ("data_efficiency.enabled", "data_efficiency.data_routing.enabled",
+                        DS_PATH + ".enabled")
+            states = {p: bool(js.get(p, "bool")) for p in switches}
+            section_on = all(states.values())
+            if g("random_ltd") and not section_on:
+                off = next(p for p, v in states.items() if not v)
+                raise UserError(f"--random-ltd contradicts --deepspeed-config {where}: {off} is "
+                                f"false or missing (DeepSpeed then disables random-LTD)")
+    enabled = bool(g("random_ltd")) or bool(section_on)
+    # Values from an inactive section are placeholders: do not read them.
+    P = DS_PATH if section_on else None
+    jget = (lambda sub, kind: js.get(f"{P}.{sub}", kind)) if P else (lambda sub, kind: None)
+    jpath = lambda sub: f"{DS_PATH}.{sub}"  # noqa: E731
+
+    lt_lr_json = jget("layer_token_lr_schedule.enabled", "bool")
+    layer_token_lr = bool(_merge("--layer-token-lr", True if g("layer_token_lr") else None,
+                                 js, jpath("layer_token_lr_schedule.enabled"), lt_lr_json))
+    lr_warmup_lt = _merge("--lr-warmup-layer-tokens", g("lr_warmup_layer_tokens"), js,
+                          jpath("layer_token_lr_schedule.warmup_layer_tokens"),
+                          jget("layer_token_lr_schedule.warmup_layer_tokens", "int"))
+    lr_decay_lt = _merge("--lr-decay-layer-tokens", g("lr_decay_layer_tokens"), js,
+                         jpath("layer_token_lr_schedule.total_layer_tokens"),
+                         jget("layer_token_lr_schedule.total_layer_tokens", "int"))
+    train_lt = g("train_layer_tokens")
+    if not enabled and not (layer_token_lr or train_lt is not None or lr_warmup_lt is not None
+                            or lr_decay_lt is not None):
+        for flag in ("random_ltd_start", "random_ltd_step", "random_ltd_schedule_steps",
+                     "random_ltd_schedule_tokens", "random_ltd_layer_ids", "random_ltd_schedule",
+                     "random_ltd_root_degree", "random_ltd_layer_starts"):
+            if g(flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs --random-ltd")
+        return None
+
+    for value, flag in ((lr_warmup_lt, "--lr-warmup-layer-tokens"),
+                        (lr_decay_lt, "--lr-decay-layer-tokens")):
+        if value is not None and not layer_token_lr:
+            raise UserError(f"{flag} needs --layer-token-lr")
+    if lr_warmup_lt is not None and lr_warmup_lt < 0:
+        raise UserError(f"--lr-warmup-layer-tokens must be >= 0, got {lr_warmup_lt}")
+    if lr_decay_lt is not None and lr_decay_lt <= 0:
+        raise UserError(f"--lr-decay-layer-tokens must be positive, got {lr_decay_lt}")
+    if (lr_warmup_lt is not None and lr_decay_lt is not None and lr_warmup_lt >= lr_decay_lt):
+        raise UserError(f"--lr-warmup-layer-tokens {lr_warmup_lt} must be smaller than "
+                        f"--lr-decay-layer-tokens {lr_decay_lt}")
+    if train_lt is not None and train_lt <= 0:
+        raise UserError(f"--train-layer-tokens must be positive, got {train_lt}")
+
+    num_layers, seq_length = g("num_layers"), g("seq_length")
+    if num_layers is None or num_layers <= 0:
+        raise UserError("--num-layers is required (and positive) for random-LTD/layer tokens")
+    if seq_length is None or seq_length <= 0:
+        raise UserError("--seq-length is required (and positive) for random-LTD/layer tokens")
+
+    common = dict(
+        method=g("random_ltd_method", "random") or "random", num_layers=num_layers,
+        seq_length=seq_length, keep_special_tokens=bool(g("random_ltd_keep_special_tokens")),
+        train_layer_tokens=train_lt, layer_token_lr=layer_token_lr,
+        lr_warmup_layer_tokens=lr_warmup_lt, lr_decay_layer_tokens=lr_decay_lt,
+        deepspeed_config=js.where)
+    if not enabled:
+        return RandomLTDConfig(
+            enabled=False, layer_ids=(), schedule="constant", start=seq_length,
+            step=DEFAULT_STEP, schedule_steps=None, schedule_tokens=None, root_degree=1.0,
+            layer_starts=None, model_type=None, hidden_state_order="seq_batch_dim",
+            model_mask_name=None, **common)
+    if common["method"] not in METHODS:
+        raise UserError(f"--random-ltd-method must be one of {', '.join(METHODS)}, "
+                        f"got {common['method']!r}")
+
+    # -- model shape
+    total = jget("total_layer_num", "int")
+    if total is not None and total != num_layers:
+        raise UserError(f"--num-layers {num_layers} contradicts --deepspeed-config {js.where}: "
+                        f"{jpath('total_layer_num')} = {total}")
+    max_value = jget("random_ltd_schedule.max_value", "int")
+    if max_value is not None and max_value != seq_length:
+        raise UserError(f"--seq-length {seq_length} contradicts --deepspeed-config {js.where}: "
+                        f"{jpath('random_ltd_schedule.max_value')} = {max_value}")
+
+    # -- layers
+    ids = _merge("--random-ltd-layer-ids", g("random_ltd_layer_ids"), js,
+                 jpath("random_ltd_layer_id"), jget("random_ltd_layer_id", "ints"))
+    ids_flag = ("--random-ltd-layer-ids" if g("random_ltd_layer_ids") is not None
+                else jpath("random_ltd_layer_id"))
+    if ids is None:
+        if num_layers < 3:
+            raise UserError(f"--random-ltd needs --num-layers >= 3 (the first and the last "
+                            f"layer never drop), got {num_layers}")
+        ids = list(range(1, num_layers - 1))
+        ids_flag = "--random-ltd-layer-ids (default 1..L-2)"
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise UserError(f"{ids_flag}: at least one dropping layer is needed")
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+        raise UserError(f"{ids_flag}: layer ids {bad} out of range [0, {num_layers - 1}] "
+                        f"(--num-layers {num_layers})")
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{ids_flag}: duplicate layer ids in {ids}")
+    edge = [i for i in ids if i in (0, num_layers - 1)]
+    if edge:
+        raise UserError(f"{ids_flag}: layer(s) {edge} are the first/last layer, which never "
+                        f"drop tokens (random-LTD keeps them at full length)")
+    ids = sorted(ids)
+    n_json = jget("random_ltd_layer_num", "int")
+    if n_json is not None and n_json != len(ids):
+        raise UserError(f"--deepspeed-config {js.where}: {jpath('random_ltd_layer_num')} = "
+                        f"{n_json} but {ids_flag} lists {len(ids)} layers")
+
+    # -- schedule
+    schedule = _merge("--random-ltd-schedule", g("random_ltd_schedule"), js,
+                      jpath("random_ltd_schedule.schedule_type"),
+                      jget("random_ltd_schedule.schedule_type", "str")) or "fixed_linear"
+    if schedule not in SCHEDULE_TYPES:
+        raise UserError(f"--deepspeed-config {js.where}: "
+                        f"{jpath('random_ltd_schedule.schedule_type')} = {schedule!r} is not one "
+                        f"of {', '.join(SCHEDULE_TYPES)}")
+    sc = "random_ltd_schedule.schedule_config."
+    step = _merge("--random-ltd-step", g("random_ltd_step"), js, jpath(sc + "seq_per_step"),
+                  jget(sc + "seq_per_step", "int"))
+    step = DEFAULT_STEP if step is None else step
+    steps = _merge("--random-ltd-schedule-steps", g("random_ltd_schedule_steps"), js,
+                   jpath(sc + "require_steps"), jget(sc + "require_steps", "int"))
+    tokens = _merge("--random-ltd-schedule-tokens", g("random_ltd_schedule_tokens"), js,
+                    jpath(sc + "require_tokens"), jget(sc + "require_tokens", "int"))
+    degree = _merge("--random-ltd-root-degree", g("random_ltd_root_degree"), js,
+                    jpath(sc + "root_degree"), jget(sc + "root_degree", "number"))
+    start = _merge("--random-ltd-start", g("random_ltd_start"), js,
+                   jpath("random_ltd_schedule.min_value"),
+                   jget("random_ltd_schedule.min_value", "int"))
+    start_flag = ("--random-ltd-start" if g("random_ltd_start") is not None
+                  else jpath("random_ltd_schedule.min_value"))
+
+    if not 0 < step <= seq_length:
+        raise UserError(f"--random-ltd-step (seq_per_step) must be in [1, --seq-length "
+                        f"{seq_length}], got {step}")
+    if schedule == "constant":
+        steps = tokens = None  # a constant kept length has no horizon
+        degree = 1.0
+    else:
+        if steps is None and tokens is None:
+            raise UserError(f"--random-ltd-schedule {schedule} needs --random-ltd-schedule-steps "
+                            f"(DeepSpeed {jpath(sc + 'require_steps')}) or "
+                            f"--random-ltd-schedule-tokens")
+        if steps is not None and tokens is not None:
+            raise UserError("--random-ltd-schedule-steps and --random-ltd-schedule-tokens are "
+                            "mutually exclusive")
+        horizon, hflag = ((steps, "--random-ltd-schedule-steps") if steps is not None
+                          else (tokens, "--random-ltd-schedule-tokens"))
+        if horizon <= 0:
+            raise UserError(f"{hflag} must be positive, got {horizon}")
+        if schedule == "fixed_linear":
+            if degree is not None and degree != 1:
+                raise UserError(f"--random-ltd-root-degree {degree} needs --random-ltd-schedule "
+                                f"fixed_root (fixed_linear has degree 1)")
+            degree = 1.0
+        else:
+            degree = DEFAULT_ROOT_DEGREE if degree is None else float(degree)
+            if not degree > 0:
+                raise UserError(f"--random-ltd-root-degree must be positive, got {degree}")
+
+    starts = g("random_ltd_layer_starts")
+    if starts is not None:
+        if len(starts) == len(ids):
+            starts = [int(v) for v in starts]
+        elif len(starts) == 2:
+            starts = linear_layer_starts(starts[0], starts[1], len(ids))
+        else:
+            raise UserError(f"--random-ltd-layer-starts: give one start per dropping layer "
+                            f"({len(ids)}) or FIRST LAST, got {len(starts)} values")
+        if start is not None and start != min(starts):
+            raise UserError(f"{start_flag} {start} must equal the smallest of "
+                            f"--random-ltd-layer-starts ({min(starts)})")
+        start, start_flag = min(starts), "--random-ltd-layer-starts"
+    if start is None:
+        raise UserError(f"--random-ltd needs --random-ltd-start (the kept length at the start; "
+                        f"DeepSpeed {jpath('random_ltd_schedule.min_value')})")
+    for value in (starts or [start]):
+        if not 0 < value <= seq_length:
+            raise UserError(f"{start_flag}: kept length {value} must be in [1, --seq-length "
+                            f"{seq_length}]")
+        if schedule != "constant" and value < step:
+            raise UserError(f"{start_flag} {value} is smaller than --random-ltd-step {step}: the "
+                            f"first kept length would round down to 0")
+
+    model_type = jget("model_type", "str")
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise UserError(f"--deepspeed-config {js.where}: {jpath('model_type')} = {model_type!r} "
+                        f"is not one of {', '.join(MODEL_TYPES)}")
+    order = jget("hidden_state_order", "str") or "seq_batch_dim"
+    if order not in HIDDEN_STATE_ORDERS:
+        raise UserError(f"--deepspeed-config {js.where}: {jpath('hidden_state_order')} = "
+                        f"{order!r} is not one of {', '.join(HIDDEN_STATE_ORDERS)}")
+    mask_name = jget("model_mask_name", "str")
+
+    return RandomLTDConfig(
+        enabled=True, layer_ids=tuple(ids), schedule=schedule, start=int(start), step=int(step),
+        schedule_steps=steps, schedule_tokens=tokens, root_degree=float(degree),
+        layer_starts=tuple(starts) if starts is not None else None, model_type=model_type,
+        hidden_state_order=order, model_mask_name=mask_name, **common)
