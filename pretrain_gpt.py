@@ -38,20 +38,24 @@ def forward_step_provider(args, tokenizer):
     eod = tokenizer.eod
 
     def get_batch(data_iterator):
-        text = next(data_iterator)["text"].to(device=device, dtype=torch.long)
+        batch = next(data_iterator)
+        text = batch["text"].to(device=device, dtype=torch.long)
         tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()  # [b, s] each
         attention_mask, loss_mask, position_ids = get_ltor_masks_and_position_ids(
             tokens, eod, reset_position_ids=args.reset_position_ids,
             reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss)
-        return tokens, labels, loss_mask, attention_mask, position_ids
+        return tokens, labels, loss_mask, attention_mask, position_ids, batch["index"]
 
     def loss_func(loss_mask, per_token_loss):
         loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
         return loss, {"lm loss": loss.detach()}
 
-    def forward_step(data_iterator, model):
-        tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator)
-        output = model(tokens, position_ids, attention_mask, labels=labels)
+    def forward_step(data_iterator, model, token_drop=None):
+        """``token_drop``: None (no dropping) or sample ids -> TokenDropState (random-LTD)."""
+        tokens, labels, loss_mask, attention_mask, position_ids, sample_ids = \
+            get_batch(data_iterator)
+        drop = token_drop(sample_ids) if token_drop is not None else None
+        output = model(tokens, position_ids, attention_mask, labels=labels, token_drop=drop)
         return output, lambda out: loss_func(loss_mask, out)
 
     return forward_step

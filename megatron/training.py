@@ -7,8 +7,10 @@ Entry points (``pretrain_gpt.py``, ``pretrain_bert.py``) supply three providers 
 - ``datasets_provider(args, tokenizer, num_samples) -> (train, valid, test)`` where
   ``num_samples`` is the (train, valid, test) target size in samples;
 - ``forward_step_provider(args, tokenizer) -> forward_step`` with Megatron's narrow contract
-  ``forward_step(data_iterator, model) -> (output_tensor, loss_func)`` and
-  ``loss_func(output_tensor) -> (loss, {name: value})``.
+  ``forward_step(data_iterator, model, token_drop=None) -> (output_tensor, loss_func)`` and
+  ``loss_func(output_tensor) -> (loss, {name: value})``. ``token_drop`` is None (evaluation,
+  or random-LTD off) or a callable mapping the micro-batch's sample ids (the ``'index'`` field
+  of the batch) to a ``megatron.ltd.TokenDropState``.
 """
 
 import dataclasses
