@@ -30,7 +30,7 @@ T_warmup``; the decay runs to the run's total layer tokens. With nothing dropped
 every ratio equals the iteration schedule's, so the LR sequence is the plain one exactly.
 """
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
