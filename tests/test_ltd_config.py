@@ -336,3 +336,25 @@ def test_config_is_frozen():
     with pytest.raises(Exception):
         cfg.start = 1
     assert copy.deepcopy(cfg) == cfg
+
+
+def test_full_flow_from_megatron_flags():
+    from megatron.arguments import parse_args
+    from megatron.ltd.layer_tokens import layer_token_lr_horizons_from_args
+
+    extra = None if "--random-ltd" in build_parser()._option_string_actions else \
+        add_random_ltd_args
+    args = parse_args(gpt("--hidden-size", "64", "--num-attention-heads", "4",
+                          "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3",
+                          "--train-iters", "10", "--lr-warmup-iters", "2", "--mock-data",
+                          "--random-ltd", "--random-ltd-start", "16", "--random-ltd-step", "8",
+                          "--random-ltd-schedule-steps", "4", "--layer-token-lr",
+                          layers=4, seq=32),
+                      extra_args_provider=extra, world_size=1)
+    cfg = random_ltd_config_from_args(args)
+    sched = RandomLTDScheduler.from_config(cfg, args.num_layers, args.seq_length)
+    warmup, decay = layer_token_lr_horizons_from_args(args, cfg, sched)
+    assert warmup == 4 * 32 * 4 * 2
+    # kept 16, 16, 24, 24, 32... over 10 steps: 2 full layers + 2 dropping layers
+    per_sample = [2 * 32 + 2 * k for k in (16, 16, 24, 24, 32, 32, 32, 32, 32, 32)]
+    assert decay == 4 * sum(per_sample)
