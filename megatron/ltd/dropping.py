@@ -110,7 +110,7 @@ class TokenDropState:
 
 
 def middle_layer_kept_lengths(num_layers: int, kept: int) -> Dict[int, int]:
-    """``{1: kept, ..., num_layers - 2: kept}``: random-LTD's default (first and last layer full)."""
+    """``{1: kept, ..., num_layers - 2: kept}``: random-LTD's default (first, last layer full)."""
     return {i: kept for i in range(1, num_layers - 1)}
 
 
