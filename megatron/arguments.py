@@ -29,6 +29,9 @@ def build_parser(extra_args_provider=None):
                 _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
                 _add_data_args, _add_logging_args):
         add(parser)
+    from megatron.ltd.config import add_random_ltd_args
+
+    add_random_ltd_args(parser)
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser
@@ -112,11 +115,14 @@ def validate_args(args, world_size=1):
     # -- training length: iterations, samples, or tokens
     given = [f for f in ("train_iters", "train_samples") if getattr(args, f) is not None]
     _require(len(given) <= 1, "--train-iters and --train-samples are mutually exclusive")
-    if not given and args.train_tokens is None and not args.skip_train:
-        raise UserError("give one of --train-iters, --train-samples or --train-tokens")
-    if args.train_iters is None and args.train_samples is None and args.train_tokens is not None:
+    if not given and args.train_tokens is None and args.train_layer_tokens is None \
+            and not args.skip_train:
+        raise UserError("give one of --train-iters, --train-samples, --train-tokens or "
+                        "--train-layer-tokens")
+    if args.train_iters is None and args.train_samples is None \
+            and args.train_layer_tokens is None:
         # Token budget only: the LR schedule runs on tokens; the loop's iteration bound is
-        # derived once the tokens per iteration are known (training.resolve_train_iters).
+        # derived from the budget (training.resolve_train_iters).
         _require(args.lr_warmup_iters == 0 and args.lr_decay_iters is None
                  and args.lr_warmup_samples == 0 and args.lr_decay_samples is None,
                  "with --train-tokens alone, give the warmup as --lr-warmup-tokens or "
@@ -176,6 +182,11 @@ def validate_args(args, world_size=1):
                         "implemented yet")
     if args.use_distributed_optimizer:
         raise UserError("--use-distributed-optimizer is not implemented yet")
+
+    # random-LTD / layer-token options (flags and DeepSpeed JSON): fail early on bad values.
+    from megatron.ltd.config import random_ltd_config_from_args
+
+    random_ltd_config_from_args(args)
 
     # Bookkeeping that Megatron keeps on args (and so in checkpoints).
     args.consumed_train_samples = 0

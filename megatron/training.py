@@ -13,6 +13,7 @@ Entry points (``pretrain_gpt.py``, ``pretrain_bert.py``) supply three providers 
   of the batch) to a ``megatron.ltd.TokenDropState``.
 """
 
+import argparse
 import dataclasses
 import math
 import time
@@ -78,51 +79,94 @@ def run_pretraining(args, datasets_provider, model_provider, forward_step_provid
     n_params = sum(p.numel() for p in model.parameters())
     log(f" > number of parameters: {n_params}")
     optimizer = build_optimizer(model, args=args, log=log)
-    scheduler = build_scheduler(args, optimizer)
-    state, _ = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker, log=log)
+    ltd = build_token_dropping(args, log)
+    resolve_train_iters(args, ltd)
+    scheduler = build_scheduler(args, optimizer, ltd)
+    state, ckpt = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker,
+                                  log=log)
+    if ckpt is not None and state.iteration > 0 and "random_ltd_scheduler" in ckpt:
+        ltd.load_state_dict(ckpt["random_ltd_scheduler"])
     if args.load is not None and (args.no_load_optim or args.finetune):
         optimizer.reload_model_params()
 
     train_iter, valid_iter, test_iter = build_data_iterators(args, state, tokenizer,
                                                              datasets_provider, log)
     forward_step = forward_step_provider(args, tokenizer)
-    logger = TrainingLogger(args, flops_per_iteration(args), log=log)
+    logger = TrainingLogger(args, log=log)
     log(f"setup done in {time.time() - start_time:.1f} s; training on {device}")
 
     try:
         if not args.skip_train and state.iteration < args.train_iters:
-            train(args, state, forward_step, model, optimizer, scheduler, train_iter, valid_iter,
-                  logger, start_time, log, rng_tracker=parallel.rng_tracker)
+            train(args, state, forward_step, model, optimizer, scheduler, ltd, train_iter,
+                  valid_iter, logger, start_time, log, rng_tracker=parallel.rng_tracker)
         if args.eval_iters > 0 and valid_iter is not None:
             run_evaluation(args, state, forward_step, model, valid_iter, logger,
-                           f"iteration {state.iteration} on validation set")
+                           f"iteration {state.iteration} on validation set", ltd)
         if args.eval_iters > 0 and test_iter is not None:
             run_evaluation(args, state, forward_step, model, test_iter, logger,
-                           f"iteration {state.iteration} on test set", count_valid=False)
+                           f"iteration {state.iteration} on test set", ltd, count_valid=False)
     finally:
         logger.close()
     return PretrainResult(state, model, logger.train_history, logger.valid_history)
 
 
-def build_scheduler(args, optimizer):
+def build_token_dropping(args, log=print_rank_0):
+    """The run's random-LTD driver (also counts layer tokens when random-LTD is off)."""
+    from megatron.ltd.config import random_ltd_config_from_args
+    from megatron.ltd.driver import TokenDroppingDriver
+
+    cfg = random_ltd_config_from_args(args)
+    driver = TokenDroppingDriver(cfg, num_layers=args.num_layers, seq_length=args.seq_length,
+                                 global_batch_size=args.global_batch_size, seed=args.seed)
+    if driver.enabled:
+        log(f" > random-LTD ({cfg.method}): layers {list(cfg.layer_ids)} drop tokens, kept "
+            f"length {cfg.start} -> {cfg.seq_length} ({cfg.schedule}, step {cfg.step}, over "
+            f"{cfg.schedule_steps or cfg.schedule_tokens} "
+            f"{'iterations' if cfg.schedule_steps else 'tokens'})")
+    if cfg is not None and cfg.layer_token_lr:
+        log(" > LayerToken LR: warmup and decay measured in consumed layer tokens")
+    return driver
+
+
+def build_scheduler(args, optimizer, ltd=None):
+    """Megatron's LR/WD scheduler; with --layer-token-lr its token axis is layer tokens.
+
+    A --train-tokens budget alone keeps its token-based schedule (the iteration count derived
+    from it is only the loop's bound); a --train-layer-tokens budget gives an exact iteration
+    count, so iteration-based flags apply to it."""
+    if getattr(args, "train_iters_from_tokens", False):
+        args = argparse.Namespace(**{**vars(args), "train_iters": None})
     steps = scheduler_steps_from_args(args)
+    warmup_tokens, decay_tokens = steps.lr_warmup_tokens, steps.lr_decay_tokens
+    warmup_steps, decay_steps = steps.lr_warmup_steps, steps.lr_decay_steps
+    if ltd is not None and ltd.cfg is not None and ltd.cfg.layer_token_lr:
+        from megatron.ltd.layer_tokens import layer_token_lr_horizons_from_args
+
+        warmup_tokens, decay_tokens = layer_token_lr_horizons_from_args(args, ltd.cfg,
+                                                                        ltd.scheduler)
+        warmup_steps = 0
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=steps.lr_warmup_steps, lr_decay_steps=steps.lr_decay_steps,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=decay_steps,
         lr_decay_style=args.lr_decay_style, start_wd=args.start_weight_decay,
         end_wd=args.end_weight_decay, wd_incr_steps=steps.wd_incr_steps,
         wd_incr_style=args.weight_decay_incr_style,
-        lr_warmup_tokens=steps.lr_warmup_tokens, lr_decay_tokens=steps.lr_decay_tokens,
+        lr_warmup_tokens=warmup_tokens, lr_decay_tokens=decay_tokens,
         use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=args.override_opt_param_scheduler)
 
 
-def resolve_train_iters(args):
-    """Megatron's iteration bound: from --train-samples, or from a --train-tokens budget."""
+def resolve_train_iters(args, ltd=None):
+    """Megatron's iteration bound: --train-iters, or from --train-samples, or enough
+    iterations for a --train-tokens / --train-layer-tokens budget (the budget stops the loop)."""
     if args.train_iters is not None:
         return args.train_iters
     if args.train_samples is not None:
         args.train_iters = args.train_samples // args.global_batch_size
+        return args.train_iters
+    args.train_iters_from_tokens = args.train_layer_tokens is None
+    if ltd is not None:
+        args.train_iters = ltd.iteration_bound(args.train_tokens)
     else:
         args.train_iters = math.ceil(args.train_tokens
                                      / (args.global_batch_size * args.seq_length))
@@ -164,17 +208,18 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, log):
             loader(test_ds, 0))
 
 
-def flops_per_iteration(args):
-    """Model FLOPs of one iteration (Narayanan et al. 2021, eq. 3; 72 without recompute)."""
+def flops_per_iteration(args, kept_length=None):
+    """Model FLOPs of one iteration (Narayanan et al. 2021, eq. 3; 72 without recompute), the
+    middle layers counted at ``kept_length`` under random-LTD."""
     from megatron.model.utils import gpt_flops_per_iteration
 
     return gpt_flops_per_iteration(args.global_batch_size, args.seq_length, args.num_layers,
                                    args.hidden_size, args.padded_vocab_size,
-                                   ffn_hidden_size=args.ffn_hidden_size,
+                                   ffn_hidden_size=args.ffn_hidden_size, kept_length=kept_length,
                                    recompute=args.recompute_granularity == "full")
 
 
-def train_step(args, forward_step, data_iterator, model, optimizer):
+def train_step(args, forward_step, data_iterator, model, optimizer, token_drop=None):
     """One optimizer step over ``args.num_micro_batches`` micro-batches (gradient accumulation).
 
     Returns (loss_dict averaged over micro-batches, update_successful, grad_norm).
@@ -183,7 +228,7 @@ def train_step(args, forward_step, data_iterator, model, optimizer):
     model.train()
     losses = {}
     for _ in range(args.num_micro_batches):
-        output, loss_func = forward_step(data_iterator, model)
+        output, loss_func = forward_step(data_iterator, model, token_drop)
         loss, reported = loss_func(output)
         optimizer.scale_loss(loss / args.num_micro_batches).backward()
         for key, value in reported.items():
@@ -209,7 +254,7 @@ def evaluate(args, forward_step, data_iterator, model, eval_iters):
 
 
 def run_evaluation(args, state, forward_step, model, data_iterator, logger, prefix,
-                   count_valid=True):
+                   ltd=None, count_valid=True):
     try:
         losses = evaluate(args, forward_step, data_iterator, model, args.eval_iters)
     except StopIteration:
@@ -218,14 +263,18 @@ def run_evaluation(args, state, forward_step, model, data_iterator, logger, pref
     if count_valid:
         state.consumed_valid_samples += args.eval_iters * args.global_batch_size
     logger.validation(prefix, losses, state.iteration, state.consumed_train_samples,
-                      state.consumed_train_tokens)
+                      state.consumed_train_tokens,
+                      ltd.consumed_layer_tokens if ltd is not None else None)
     return losses
 
 
-def _should_exit(args, state, start_time):
+def _should_exit(args, state, ltd, start_time):
     """(exit, reason) for the stop conditions other than --train-iters."""
     if args.train_tokens is not None and state.consumed_train_tokens >= args.train_tokens:
         return True, f"consumed {state.consumed_train_tokens} tokens (--train-tokens)"
+    if ltd.budget_reached():
+        return True, (f"consumed {ltd.consumed_layer_tokens} layer tokens "
+                      "(--train-layer-tokens)")
     if args.exit_interval and state.iteration % args.exit_interval == 0:
         return True, f"iteration {state.iteration} is a multiple of --exit-interval"
     if args.exit_duration_in_mins is not None:
@@ -235,41 +284,57 @@ def _should_exit(args, state, start_time):
     return False, ""
 
 
-def train(args, state, forward_step, model, optimizer, scheduler, train_iter, valid_iter,
+def train(args, state, forward_step, model, optimizer, scheduler, ltd, train_iter, valid_iter,
           logger, start_time, log, rng_tracker=None):
     """Run iterations until --train-iters or another stop condition; save as requested."""
-    tokens_per_iteration = args.global_batch_size * args.seq_length
+    layer_token_lr = ltd.cfg is not None and ltd.cfg.layer_token_lr
 
     def save():
         if args.save is not None:
-            save_checkpoint(args, state, model, optimizer, scheduler, rng_tracker, log=log)
+            save_checkpoint(args, state, model, optimizer, scheduler, rng_tracker, log=log,
+                            extra_state={"random_ltd_scheduler": ltd.state_dict()})
 
     saved_at = None
     while state.iteration < args.train_iters:
-        losses, ok, grad_norm = train_step(args, forward_step, train_iter, model, optimizer)
+        token_drop = ltd.begin_iteration(state.iteration)
+        kept = ltd.reserved_length
+        losses, ok, grad_norm = train_step(args, forward_step, train_iter, model, optimizer,
+                                           token_drop)
+        # As Megatron-DeepSpeed: "consumed tokens" grow by the layer-averaged sequence length
+        # (the full length when nothing is dropped), and the token-based LR sees the count
+        # from before this step.
+        tokens_before = state.consumed_train_tokens
+        state.consumed_train_tokens += args.global_batch_size * ltd.effective_seq_length()
+        ltd.end_iteration()
         if ok:
-            # As Megatron-DeepSpeed: the scheduler sees the tokens consumed before this step.
             scheduler.step(increment=args.global_batch_size,
-                           token_num=state.consumed_train_tokens)
+                           token_num=ltd.consumed_layer_tokens if layer_token_lr
+                           else tokens_before)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
-        state.consumed_train_tokens += tokens_per_iteration
         if not ok:
             state.skipped_iters += 1
         elif any(math.isnan(v) or math.isinf(v) for v in losses.values()):
             state.nan_iters += 1
-        lr = optimizer.param_groups[0]["lr"]
-        logger.training_step(state, losses, lr, grad_norm, float(optimizer.get_loss_scale()),
-                             skipped=not ok)
+        extra = {}
+        if ltd.enabled:  # Megatron-DeepSpeed's names
+            extra["seqlen/random_ltd_reserved_length"] = ("random ltd reserved length", kept)
+            extra["seqlen/actual_seq_length"] = ("actual seqlen", ltd.effective_seq_length())
+        extra["layer-tokens/consumed-layer-tokens"] = ("consumed layer tokens",
+                                                       ltd.consumed_layer_tokens)
+        logger.training_step(state, losses, optimizer.param_groups[0]["lr"], grad_norm,
+                             float(optimizer.get_loss_scale()), skipped=not ok, extra=extra,
+                             flops=flops_per_iteration(args, kept if ltd.enabled else None),
+                             layer_tokens=ltd.consumed_layer_tokens)
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \
                 and args.eval_iters > 0 and valid_iter is not None:
             run_evaluation(args, state, forward_step, model, valid_iter, logger,
-                           f"iteration {state.iteration}")
+                           f"iteration {state.iteration}", ltd)
         if args.save_interval and state.iteration % args.save_interval == 0:
             save()
             saved_at = state.iteration
-        stop, reason = _should_exit(args, state, start_time)
+        stop, reason = _should_exit(args, state, ltd, start_time)
         if stop:
             log(f"exiting at iteration {state.iteration}: {reason}")
             break

@@ -14,10 +14,9 @@ class TrainingLogger:
     (``... vs samples``) and consumed tokens (``... vs tokens``).
     """
 
-    def __init__(self, args, flops_per_iteration=None, log=print):
+    def __init__(self, args, log=print):
         self.args = args
         self.log = log
-        self.flops_per_iteration = flops_per_iteration
         self.writer = None
         self.train_history = []  # [(iteration, {name: float})]
         self.valid_history = []
@@ -35,9 +34,11 @@ class TrainingLogger:
         self.nan = 0
         self.interval_start = time.time()
         self.interval_iters = 0
+        self.interval_flops = 0.0
 
-    def scalar(self, tag, value, iteration, samples=None, tokens=None):
-        """One TensorBoard scalar, with its ``vs samples`` / ``vs tokens`` twins."""
+    def scalar(self, tag, value, iteration, samples=None, tokens=None, layer_tokens=None):
+        """One TensorBoard scalar, with its ``vs samples`` / ``vs tokens`` / ``vs layer tokens``
+        twins (layer tokens put random-LTD and baseline runs on one compute axis)."""
         if self.writer is None:
             return
         self.writer.add_scalar(tag, value, iteration)
@@ -45,11 +46,18 @@ class TrainingLogger:
             self.writer.add_scalar(f"{tag} vs samples", value, samples)
         if tokens is not None:
             self.writer.add_scalar(f"{tag} vs tokens", value, tokens)
+        if layer_tokens is not None:
+            self.writer.add_scalar(f"{tag} vs layer tokens", value, layer_tokens)
 
-    def training_step(self, state, loss_dict, lr, grad_norm, loss_scale, skipped, extra=None):
-        """Record one iteration; print a line every --log-interval iterations."""
+    def training_step(self, state, loss_dict, lr, grad_norm, loss_scale, skipped, extra=None,
+                      flops=None, layer_tokens=None):
+        """Record one iteration; print a line every --log-interval iterations.
+
+        ``extra``: {tensorboard tag: (console label, value)}; ``flops``: model FLOPs of this iteration; ``layer_tokens``: consumed so far.
+        """
         args = self.args
         self.interval_iters += 1
+        self.interval_flops += flops or 0.0
         self.train_history.append((state.iteration, {k: float(v) for k, v in loss_dict.items()}))
         if skipped:
             self.skipped += 1
@@ -64,22 +72,23 @@ class TrainingLogger:
         it, samples, tokens = (state.iteration, state.consumed_train_samples,
                                state.consumed_train_tokens)
         if self.writer is not None and it % args.tensorboard_log_interval == 0:
+            axes = (it, samples, tokens, layer_tokens)
             if args.log_learning_rate_to_tensorboard:
-                self.scalar("learning-rate/learning-rate", lr, it, samples, tokens)
+                self.scalar("learning-rate/learning-rate", lr, *axes)
             if args.log_batch_size_to_tensorboard:
-                self.scalar("batch-size/batch-size", args.global_batch_size, it, samples, tokens)
+                self.scalar("batch-size/batch-size", args.global_batch_size, *axes)
             for key, value in loss_dict.items():
-                self.scalar(f"lm-loss-training/{key}", float(value), it, samples, tokens)
+                self.scalar(f"lm-loss-training/{key}", float(value), *axes)
             if args.fp16 and args.log_loss_scale_to_tensorboard:
-                self.scalar("loss-scale/loss-scale", loss_scale, it, samples, tokens)
+                self.scalar("loss-scale/loss-scale", loss_scale, *axes)
             if grad_norm is not None:
-                self.scalar("grad-norm/grad-norm", grad_norm, it, samples, tokens)
+                self.scalar("grad-norm/grad-norm", grad_norm, *axes)
             self.writer.add_scalar("steps-vs-samples/y=samples,x=steps", samples, it)
             self.writer.add_scalar("steps-vs-samples/y=steps,x=samples", it, samples)
             self.writer.add_scalar("steps-vs-tokens/y=tokens,x=steps", tokens, it)
             self.writer.add_scalar("steps-vs-tokens/y=steps,x=tokens", it, tokens)
-            for key, value in (extra or {}).items():
-                self.scalar(key, value, it, samples, tokens)
+            for tag, (_, value) in (extra or {}).items():
+                self.scalar(tag, value, *axes)
             if args.log_memory_to_tensorboard and torch.cuda.is_available():
                 self.scalar("mem-max-allocated-bytes", torch.cuda.max_memory_allocated(), it)
 
@@ -101,21 +110,22 @@ class TrainingLogger:
         parts.append(f"loss scale: {loss_scale:.1f}")
         if grad_norm is not None:
             parts.append(f"grad norm: {grad_norm:.3f}")
-        for key, value in (extra or {}).items():
-            parts.append(f"{key.split('/')[-1]}: {value}")
+        for label, value in (extra or {}).values():
+            parts.append(f"{label}: {value:5d}" if isinstance(value, int) else
+                         f"{label}: {value:.1f}")
         parts.append(f"number of skipped iterations: {self.skipped:3d}")
         parts.append(f"number of nan iterations: {self.nan:3d}")
         parts.append(f"samples per second: {args.global_batch_size / per_iter:.3f}")
         parts.append(f"tokens per second: {tokens_per_iter / per_iter:.1f}")
-        if self.flops_per_iteration:
-            tflops = self.flops_per_iteration / per_iter / args.world_size / 1e12
+        if self.interval_flops:
+            tflops = self.interval_flops / elapsed / args.world_size / 1e12
             parts.append(f"TFLOPs: {tflops:.3f}")
         self.log(" | ".join(parts) + " |")
         if self.writer is not None and args.log_timers_to_tensorboard:
             self.scalar("iteration-time/iteration-time", per_iter, it, samples, tokens)
         self._reset()
 
-    def validation(self, prefix, loss_dict, iteration, samples, tokens):
+    def validation(self, prefix, loss_dict, iteration, samples, tokens, layer_tokens=None):
         self.valid_history.append((iteration, dict(loss_dict)))
         parts = [f" validation loss at {prefix} | "]
         for key, value in loss_dict.items():
@@ -123,10 +133,10 @@ class TrainingLogger:
             parts.append(f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | ")
             if self.writer is not None:
                 self.scalar(f"lm-loss-validation/{key} validation", value, iteration,
-                            samples, tokens)
+                            samples, tokens, layer_tokens)
                 if self.args.log_validation_ppl_to_tensorboard:
                     self.scalar(f"lm-loss-validation/{key} validation ppl", ppl, iteration,
-                                samples, tokens)
+                                samples, tokens, layer_tokens)
         line = "".join(parts)
         self.log("-" * len(line))
         self.log(line)

@@ -1,0 +1,49 @@
+"""Shared by the training tests: a tiny learnable corpus, GPT flags, an in-process run."""
+
+import os
+
+import numpy as np
+
+import pretrain_gpt
+from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "tests", "assets", "tokenizers")
+VOCAB = os.path.join(ASSETS, "gpt2-vocab.json")
+MERGES = os.path.join(ASSETS, "gpt2-merges.txt")
+
+
+def make_corpus(out):
+    """A small corpus with learnable structure: documents repeat short token patterns."""
+    prefix = os.path.join(str(out), "corpus_text_document")
+    rng = np.random.default_rng(0)
+    patterns = [rng.integers(0, 400, size=rng.integers(3, 8)) for _ in range(20)]
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(200):
+        doc = np.concatenate([patterns[i] for i in rng.integers(0, 20, size=12)] + [[1500]])
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def gpt_argv(data_prefix, *extra, iters=8):
+    return ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--train-iters", str(iters), "--lr", "3e-3", "--lr-warmup-iters", "1",
+            "--lr-decay-style", "cosine", "--min-lr", "1e-4",
+            "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
+            "--data-path", data_prefix, "--split", "90,10,0",
+            "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB,
+            "--merge-file", MERGES, "--make-vocab-size-divisible-by", "64",
+            "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1",
+            "--num-workers", "0", "--device", "cpu", "--seed", "7", *extra]
+
+
+def run(argv):
+    logs = []
+    result = pretrain_gpt.pretrain(pretrain_gpt.datasets_provider, pretrain_gpt.model_provider,
+                                   pretrain_gpt.forward_step_provider, argv=argv,
+                                   log=logs.append)
+    return result, logs
+
+
