@@ -7,7 +7,7 @@ from the ``ParallelState`` it was given. The default value describes a single pr
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,15 @@ class ParallelState:
     """This process's rank inside its data-parallel group."""
     dp_group: Any = None
     """Process group of the data-parallel replicas (None when dp_size == 1)."""
+    pp_ranks: Tuple[int, ...] = (0,)
+    """Global ranks of this pipeline's stages, stage order (point-to-point peers)."""
+    tp_ranks: Tuple[int, ...] = (0,)
+    """Global ranks of this tensor-parallel group (tp_ranks[0] is its source for broadcasts)."""
+    dp_ranks: Tuple[int, ...] = (0,)
+    """Global ranks of this data-parallel group."""
+    embedding_group: Any = None
+    """Group of the first and last pipeline stage, which all-reduce the tied embedding's grads
+    (None when pp_size == 1)."""
     rng_tracker: Optional[Any] = field(default=None, compare=False, repr=False)
     """RNGStatesTracker used for dropout inside tensor-parallel regions (attention probabilities).
     None: such dropout uses the default generator, which is only correct when tp_size == 1."""
@@ -41,6 +50,20 @@ class ParallelState:
             size, rank = getattr(self, f"{name}_size"), getattr(self, f"{name}_rank")
             if size < 1 or not 0 <= rank < size:
                 raise ValueError(f"bad parallel layout: {name}_size={size}, {name}_rank={rank}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size * self.dp_size
+
+    @property
+    def next_stage_rank(self) -> int:
+        """Global rank of the next pipeline stage (wraps around)."""
+        return self.pp_ranks[(self.pp_rank + 1) % self.pp_size]
+
+    @property
+    def prev_stage_rank(self) -> int:
+        """Global rank of the previous pipeline stage (wraps around)."""
+        return self.pp_ranks[(self.pp_rank - 1) % self.pp_size]
 
     @property
     def is_first_stage(self) -> bool:

@@ -1,0 +1,153 @@
+"""Process start for multi-process runs: rank discovery (torchrun or SLURM) and process groups.
+
+Ranks are laid out as in Megatron-LM: tensor-parallel ranks are adjacent, then data-parallel,
+then pipeline-parallel::
+
+    global_rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank
+
+so a tensor-parallel group sits inside one node (fast links) and each pipeline stage holds a
+contiguous block of ranks. Every rank creates every group in the same order (a
+torch.distributed requirement) and keeps the handles of its own in the ``ParallelState``.
+"""
+
+import dataclasses
+import datetime
+import os
+import re
+from typing import Dict, List, Mapping, Optional
+
+from megatron.errors import UserError
+from megatron.parallel.state import ParallelState
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedEnv:
+    """Where this process sits in the job, as the launcher told it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # 'torchrun', 'slurm' or 'single'
+
+
+def expand_slurm_nodelist(nodelist: str) -> List[str]:
+    """Expand SLURM's compressed host list: ``"gpu[01-03,07],login1"`` ->
+    ``["gpu01", "gpu02", "gpu03", "gpu07", "login1"]`` (zero padding kept)."""
+    hosts = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                width = len(lo)
+                hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+            else:
+                hosts.append(prefix + part)
+    return hosts
+
+
+def read_distributed_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, else SLURM's
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the first host of SLURM_JOB_NODELIST (so
+    ``srun python pretrain_gpt.py ...`` works without torchrun), else a single process."""
+    env = os.environ if environ is None else environ
+
+    def integer(name):
+        try:
+            return int(env[name])
+        except ValueError:
+            raise UserError(f"environment variable {name}={env[name]!r} is not an integer")
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistributedEnv(integer("RANK"), integer("WORLD_SIZE"),
+                              integer("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                              env.get("MASTER_ADDR", "127.0.0.1"),
+                              integer("MASTER_PORT") if "MASTER_PORT" in env else 29500,
+                              "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
+        hosts = expand_slurm_nodelist(nodelist) if nodelist else []
+        addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
+        port = integer("MASTER_PORT") if "MASTER_PORT" in env else \
+            29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000
+        return DistributedEnv(integer("SLURM_PROCID"), integer("SLURM_NTASKS"),
+                              integer("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+                              addr, port, "slurm")
+    return DistributedEnv(0, 1, 0, "127.0.0.1", 29500, "single")
+
+
+def rank_layout(world_size: int, tp: int, pp: int) -> Dict[str, List[List[int]]]:
+    """Global ranks of every tensor-, data- and pipeline-parallel group, and of every
+    embedding group (first and last stage of a pipeline, which share the tied embedding)."""
+    if tp < 1 or pp < 1 or world_size % (tp * pp):
+        raise UserError(f"world size {world_size} is not divisible by "
+                        f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
+    dp = world_size // (tp * pp)
+
+    def rank(p, d, t):
+        return p * dp * tp + d * tp + t
+
+    return {
+        "tp": [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "embedding": [sorted({rank(0, d, t), rank(pp - 1, d, t)})
+                      for d in range(dp) for t in range(tp)],
+    }
+
+
+def coordinates(rank: int, world_size: int, tp: int, pp: int):
+    """(tp_rank, dp_rank, pp_rank) of a global rank."""
+    dp = world_size // (tp * pp)
+    return rank % tp, (rank // tp) % dp, rank // (tp * dp)
+
+
+def init_process_group(env: DistributedEnv, backend: Optional[str] = None,
+                       timeout_minutes: float = 10.0):
+    """Start torch.distributed for ``env`` (nccl on GPU, gloo on CPU by default)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:"
+                            f"{env.master_port}", rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
+    """Create every group (same order on every rank) and return this rank's ParallelState.
+
+    With one process no group is created and the default (single-process) layout is returned.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if tp * pp != 1:
+            raise UserError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size "
+                            f"{pp} needs {tp * pp} processes; start with torchrun or srun")
+        return ParallelState(rng_tracker=rng_tracker)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout = rank_layout(world, tp, pp)
+    mine = {}
+    for kind in ("tp", "dp", "pp", "embedding"):
+        for ranks in layout[kind]:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                mine[kind] = (group, ranks)
+    tp_rank, dp_rank, pp_rank = coordinates(rank, world, tp, pp)
+    dp = world // (tp * pp)
+    return ParallelState(
+        tp_size=tp, tp_rank=tp_rank, tp_group=mine["tp"][0] if tp > 1 else None,
+        pp_size=pp, pp_rank=pp_rank, pp_group=mine["pp"][0] if pp > 1 else None,
+        dp_size=dp, dp_rank=dp_rank, dp_group=mine["dp"][0] if dp > 1 else None,
+        pp_ranks=tuple(mine["pp"][1]), tp_ranks=tuple(mine["tp"][1]),
+        dp_ranks=tuple(mine["dp"][1]),
+        embedding_group=mine["embedding"][0] if pp > 1 else None,
+        rng_tracker=rng_tracker)
