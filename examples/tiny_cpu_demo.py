@@ -5,8 +5,9 @@
 1. builds a corpus (.jsonl) from the documentation Python ships (pydoc topics, docstrings),
 2. trains a small byte-level BPE vocabulary (tools/train_bpe_vocab.py),
 3. preprocesses the corpus into .bin/.idx (tools/preprocess_data.py, 2 workers),
-4. pretrains a small GPT with pretrain_gpt.py (progress line every 10 iterations,
-   TensorBoard logs, checkpoint at the end),
+4. pretrains a small GPT with pretrain_gpt.py and random-LTD (the middle layers start on a
+   random quarter of the tokens and grow to all of them; the progress line every 10 iterations
+   shows the kept length and the consumed layer tokens; TensorBoard logs; checkpoints),
 5. prints greedy and top-p samples from the checkpoint (tools/generate_text.py).
 
 Each step is the real tool a user would run on the PILE; the commands are printed as they run.
@@ -117,7 +118,10 @@ def main():
         print(f"[3/5] data: reusing {data}.bin/.idx")
 
     ckpt = os.path.join(out, "checkpoints")
-    print("[4/5] pretraining a small GPT (4 layers, hidden 256, seq 256) on CPU")
+    ramp = max(1, int(0.7 * args.train_iters))
+    print("[4/5] pretraining a small GPT (4 layers, hidden 256, seq 256) on CPU with random-LTD: "
+          f"the middle layers keep 64 of 256 tokens at first, +16 every {ramp // 12 or 1} "
+          f"iterations, all 256 after {ramp} (watch 'random ltd reserved length')")
     run([py, "pretrain_gpt.py",
          "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
          "--seq-length", "256", "--max-position-embeddings", "256",
@@ -126,6 +130,8 @@ def main():
          "--lr-decay-style", "cosine", "--lr-warmup-iters", "20", "--weight-decay", "0.1",
          "--adam-beta2", "0.95", "--clip-grad", "1.0",
          "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
+         "--random-ltd", "--random-ltd-start", "64", "--random-ltd-step", "16",
+         "--random-ltd-schedule-steps", str(ramp),
          "--data-path", data, "--split", "98,2,0",
          "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab, "--merge-file", merges,
          "--make-vocab-size-divisible-by", "64",
