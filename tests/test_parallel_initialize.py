@@ -17,6 +17,7 @@ def test_megatron_rank_order():
                             [13, 15]]
     assert layout["pp"] == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
     assert layout["embedding"] == [[0, 12], [1, 13], [2, 14], [3, 15]]
+    assert layout["mp"] == [[0, 1, 4, 5, 8, 9, 12, 13], [2, 3, 6, 7, 10, 11, 14, 15]]
     assert coordinates(13, 16, 2, 4) == (1, 0, 3)
     with pytest.raises(UserError, match="world size 6 is not divisible"):
         rank_layout(6, tp=4, pp=1)

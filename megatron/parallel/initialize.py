@@ -97,6 +97,8 @@ def rank_layout(world_size: int, tp: int, pp: int) -> Dict[str, List[List[int]]]
         "pp": [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
         "embedding": [sorted({rank(0, d, t), rank(pp - 1, d, t)})
                       for d in range(dp) for t in range(tp)],
+        # one model replica: its TP x PP ranks (grad-norm and inf checks reduce over it)
+        "mp": [[rank(p, d, t) for p in range(pp) for t in range(tp)] for d in range(dp)],
     }
 
 
@@ -136,7 +138,7 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
     world, rank = dist.get_world_size(), dist.get_rank()
     layout = rank_layout(world, tp, pp)
     mine = {}
-    for kind in ("tp", "dp", "pp", "embedding"):
+    for kind in ("tp", "dp", "pp", "embedding", "mp"):
         for ranks in layout[kind]:
             group = dist.new_group(ranks)
             if rank in ranks:
@@ -150,4 +152,5 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
         pp_ranks=tuple(mine["pp"][1]), tp_ranks=tuple(mine["tp"][1]),
         dp_ranks=tuple(mine["dp"][1]),
         embedding_group=mine["embedding"][0] if pp > 1 else None,
+        mp_group=mine["mp"][0] if tp * pp > 1 else None,
         rng_tracker=rng_tracker)

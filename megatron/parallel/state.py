@@ -41,6 +41,9 @@ class ParallelState:
     embedding_group: Any = None
     """Group of the first and last pipeline stage, which all-reduce the tied embedding's grads
     (None when pp_size == 1)."""
+    mp_group: Any = None
+    """Group of one model replica (its TP x PP ranks): grad norm and inf/nan checks reduce over
+    it (None when tp_size * pp_size == 1)."""
     rng_tracker: Optional[Any] = field(default=None, compare=False, repr=False)
     """RNGStatesTracker used for dropout inside tensor-parallel regions (attention probabilities).
     None: such dropout uses the default generator, which is only correct when tp_size == 1."""
