@@ -1,0 +1,121 @@
+"""Pipeline-parallel helpers: which layers a stage holds, and the tied embedding of the first and
+last stage.
+
+Layer ids are GLOBAL (0..num_layers-1) everywhere: a stage builds
+``GPTModel(config, parallel, pre_process=parallel.is_first_stage,
+post_process=parallel.is_last_stage, layer_ids=stage_layer_ids(...))`` and random-LTD drops
+tokens in a layer by its global id, whichever stage holds it.
+
+Tied embeddings (Megatron's ``word_embeddings_for_head``): with pp_size > 1 the last stage keeps
+its own copy of the word embeddings for the LM head. ``initialize_embedding_tie`` makes the copy
+equal to the first stage's matrix once at start-up (the copy is zero-initialised, so an all-reduce
+over the embedding group is a broadcast); after every backward ``allreduce_embedding_grads`` sums
+the two gradients, so both copies receive the full gradient and, stepped by identical optimizers,
+stay identical.
+"""
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+from megatron.errors import UserError
+from megatron.parallel.state import ParallelState
+
+
+def parse_layer_split(text: str) -> List[int]:
+    """``"3,5"`` -> ``[3, 5]`` (the value of --pipeline-layer-split)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--pipeline-layer-split must be comma-separated integers (layers per "
+                        f"pipeline stage), got {text!r}")
+    return counts
+
+
+def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int,
+                    layers_per_stage: Optional[Sequence[int]] = None) -> List[int]:
+    """Global ids of the layers held by pipeline stage ``pp_rank``.
+
+    Default: an even split (``num_layers / pp_size`` consecutive layers per stage).
+    ``layers_per_stage``: an explicit count per stage (--pipeline-layer-split), each >= 1,
+    summing to ``num_layers``.
+    """
+    if not 0 <= pp_rank < pp_size:
+        raise ValueError(f"pipeline rank {pp_rank} outside 0..{pp_size - 1}")
+    if layers_per_stage is None:
+        if num_layers % pp_size:
+            raise UserError(f"--num-layers ({num_layers}) must be divisible by "
+                            f"--pipeline-model-parallel-size ({pp_size}) (or give "
+                            f"--pipeline-layer-split)")
+        per = num_layers // pp_size
+        return list(range(pp_rank * per, (pp_rank + 1) * per))
+    counts = [int(c) for c in layers_per_stage]
+    if len(counts) != pp_size:
+        raise UserError(f"--pipeline-layer-split has {len(counts)} entries, expected one per "
+                        f"pipeline stage (--pipeline-model-parallel-size {pp_size})")
+    if any(c < 1 for c in counts):
+        raise UserError(f"--pipeline-layer-split entries must be >= 1, got {counts}")
+    if sum(counts) != num_layers:
+        raise UserError(f"--pipeline-layer-split {','.join(map(str, counts))} sums to "
+                        f"{sum(counts)}, but --num-layers is {num_layers}")
+    start = sum(counts[:pp_rank])
+    return list(range(start, start + counts[pp_rank]))
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under wrappers such as DistributedDataParallel (``.module``)."""
+    while not hasattr(model, "set_input_tensor") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[torch.nn.Module]:
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    return [unwrap_model(m) for m in chunks]
+
+
+def tied_embedding_weight(model, parallel: ParallelState) -> Optional[torch.nn.Parameter]:
+    """This rank's half of the tied embedding pair: the word embeddings on the first stage, the
+    LM head's copy on the last stage; None when there is no pair here (pp_size 1, untied
+    output layer, or a middle stage)."""
+    if parallel.pp_size == 1:
+        return None
+    for chunk in _chunks(model):
+        if getattr(chunk, "config", None) is None or \
+                chunk.config.untie_embeddings_and_output_weights:
+            continue
+        if (parallel.is_first_stage and chunk.pre_process) or \
+                (parallel.is_last_stage and chunk.post_process):
+            return chunk.shared_embedding_or_output_weight()
+    return None
+
+
+def initialize_embedding_tie(model, parallel: ParallelState) -> None:
+    """Make the last stage's LM-head copy equal to the first stage's word embeddings.
+
+    Call once after building (or loading) the model, on every rank. The copy is zeros (GPTModel
+    zero-initialises it), so the sum over the embedding group is the first stage's matrix.
+    """
+    weight = tied_embedding_weight(model, parallel)
+    if weight is None:
+        return
+    if parallel.is_last_stage:
+        weight.data.zero_()
+    torch.distributed.all_reduce(weight.data, group=parallel.embedding_group)
+
+
+def allreduce_embedding_grads(model, parallel: ParallelState) -> None:
+    """Sum the tied embedding's gradient over the first and last stage (in place).
+
+    Call on every rank after the step's backward passes and before the optimizer step; a no-op
+    where ``tied_embedding_weight`` is None. Uses ``main_grad`` when the parameter has one.
+    """
+    weight = tied_embedding_weight(model, parallel)
+    if weight is None:
+        return
+    grad = getattr(weight, "main_grad", None)
+    if grad is None:
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+    torch.distributed.all_reduce(grad, group=parallel.embedding_group)

@@ -1,0 +1,222 @@
+"""Forward/backward schedules over the micro-batches of one step: no pipelining, and 1F1B.
+
+One entry point, ``forward_backward``, called by the training loop (and, with
+``forward_only=True``, by evaluation) on every rank.
+
+The contract with ``forward_step``
+----------------------------------
+``forward_step(data_iterator, model, token_drop) -> (output, loss_func)`` and
+``loss_func(output) -> (loss, {name: value})``, as in ``pretrain_gpt.py``. It is called once per
+micro-batch on EVERY pipeline stage, and every stage reads the micro-batch from its own
+``data_iterator`` (the data is deterministic, so all stages see the same batch):
+
+- the first stage's model embeds the tokens;
+- a later stage's model ignores the tokens and starts from the activation the schedule received
+  from the previous stage (``model.set_input_tensor``, called before ``forward_step``), but uses
+  the position ids and attention mask of the batch; ``token_drop(sample_ids)`` gives every stage
+  the same ``TokenDropState``, so a random-LTD layer drops the same tokens whichever stage holds
+  it and the kept length is the same on every stage;
+- the last stage's model applies the LM head and the loss (labels), and only there is
+  ``loss_func`` called: its reported dict is what ``forward_backward`` returns, one per
+  micro-batch; other stages return ``[]``. A non-last stage's ``output`` is its hidden states
+  ``[micro_batch, seq, hidden]``, sent to the next stage.
+
+The loss is divided by ``num_microbatches`` (gradient accumulation) and passed through
+``scale_loss`` (the optimizer's loss scaling) before its backward, exactly as the
+single-process loop does: with pp_size 1 the schedule is that loop, bit for bit.
+
+1F1B (Narayanan et al. 2021; Megatron-LM's non-interleaved schedule)
+--------------------------------------------------------------------
+Stage ``r`` of ``p`` first runs ``min(p - r - 1, m)`` warm-up forwards, then alternates one
+forward and one backward, then drains the remaining backwards. Backwards run in micro-batch
+order, so each parameter accumulates its gradient in the same order as without pipelining.
+A stage keeps at most ``p - r`` micro-batches' activations alive. Two stages, four micro-batches
+(``Fi``/``Bi``: forward/backward of micro-batch i; ``.`` idle)::
+
+    time       1    2    3    4    5    6    7    8    9    10
+    stage 0    F0   F1   .    B0   F2   B1   F3   B2   .    B3
+    stage 1    .    F0   B0   F1   B1   F2   B2   F3   B3   .
+
+    stage 0: warm-up F0 (send act0) | F1 (send act1, recv grad0) B0 | F2 (send act2, recv
+             grad1) B1 | F3 (send act3, recv grad2) B2 | cool-down (recv grad3) B3
+    stage 1: (recv act0) F0 B0 (send grad0, recv act1) | F1 B1 (send grad1, recv act2) | F2 B2
+             (send grad2, recv act3) | F3 B3 (send grad3)
+
+Each "send x, recv y" pair is one batched exchange with the same neighbour (``p2p``), so the
+two stages never wait on each other in a cycle.
+
+Data-parallel gradient reduction: ``no_sync`` (a context-manager factory, e.g. a DDP-style
+wrapper's ``no_sync``) is entered around every forward and backward of the step except the
+last micro-batch's forward and the step's final backward, so a reducer that reads its sync flag
+at backward time reduces once per step. torch's DistributedDataParallel arms its reducer at
+forward time and therefore cannot wrap a pipeline stage under 1F1B (other backwards run between
+the last forward and the last backward); that combination is refused.
+
+Interleaved 1F1B (--num-layers-per-virtual-pipeline-stage) is not implemented.
+"""
+
+import contextlib
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import torch
+
+from megatron.errors import UserError
+from megatron.parallel import p2p
+from megatron.parallel.pipeline_utils import unwrap_model
+from megatron.parallel.state import ParallelState
+
+
+def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
+                     parallel: ParallelState, num_microbatches: int,
+                     tensor_shape: Sequence[int], dtype: torch.dtype,
+                     scale_loss: Callable[[torch.Tensor], torch.Tensor],
+                     token_drop: Optional[Callable] = None, forward_only: bool = False,
+                     no_sync: Optional[Callable] = None) -> List[dict]:
+    """Run the forward (and backward) passes of ``num_microbatches`` micro-batches.
+
+    ``model``: this stage's module (possibly wrapped, e.g. in DDP) or a one-element list of it.
+    ``tensor_shape`` / ``dtype``: of the activations passed between stages,
+    ``[micro_batch, seq, hidden]``. ``scale_loss(loss)``: the tensor to backpropagate (loss
+    scaling). ``token_drop``: passed to ``forward_step`` (random-LTD), None for no dropping.
+    ``forward_only``: evaluation, no backward (run under ``torch.no_grad``). ``no_sync``: see
+    the module docstring. Gradients accumulate into the parameters' ``.grad``; the caller zeroes
+    them before and steps the optimizer after (after ``allreduce_embedding_grads``).
+
+    Returns the reported loss dicts of every micro-batch, in order, on the last stage; ``[]`` on
+    the other stages.
+    """
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise UserError("interleaved pipeline schedules (--num-layers-per-virtual-pipeline-"
+                            "stage) are not supported; leave the flag unset")
+        model = model[0]
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    run = _Runner(forward_step, data_iterator, model, parallel, num_microbatches,
+                  scale_loss, token_drop, no_sync)
+    if forward_only:
+        with torch.no_grad():
+            if parallel.pp_size == 1:
+                for _ in range(num_microbatches):
+                    run.forward(None)
+            else:
+                _forward_only_pipelined(run, tuple(tensor_shape), dtype)
+        return run.losses
+    if parallel.pp_size == 1:
+        _no_pipelining(run)
+    else:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError("torch DistributedDataParallel cannot wrap a pipeline stage under "
+                               "1F1B: reduce the stage's gradients over the data-parallel group "
+                               "after forward_backward instead")
+        _one_f_one_b(run, tuple(tensor_shape), dtype)
+    return run.losses
+
+
+class _Runner:
+    """Forward and backward of one micro-batch on this stage; collects the reported losses."""
+
+    def __init__(self, forward_step, data_iterator, model, parallel, num_microbatches,
+                 scale_loss, token_drop, no_sync):
+        self.forward_step = forward_step
+        self.data_iterator = data_iterator
+        self.model = model
+        self.stage = unwrap_model(model)
+        self.parallel = parallel
+        self.num_microbatches = num_microbatches
+        self.scale_loss = scale_loss
+        self.token_drop = token_drop
+        self.no_sync = no_sync
+        self.losses: List[dict] = []
+        self.forwards = 0
+        self.backwards = 0
+        self.device = next(self.stage.parameters()).device
+
+    def _sync_context(self, final: bool):
+        if self.no_sync is None or final:
+            return contextlib.nullcontext()
+        return self.no_sync()
+
+    def forward(self, input_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+        """-> the tensor to backpropagate from: this stage's hidden states, or on the last
+        stage the micro-batch's loss divided by the number of micro-batches."""
+        final = self.forwards == self.num_microbatches - 1
+        self.forwards += 1
+        if self.parallel.pp_size > 1:
+            self.stage.set_input_tensor(input_tensor)
+        with self._sync_context(final):
+            if self.token_drop is None:
+                output, loss_func = self.forward_step(self.data_iterator, self.model)
+            else:
+                output, loss_func = self.forward_step(self.data_iterator, self.model,
+                                                      self.token_drop)
+        if not self.parallel.is_last_stage:
+            return output
+        loss, reported = loss_func(output)
+        self.losses.append(reported)
+        return loss / self.num_microbatches
+
+    def backward(self, input_tensor: Optional[torch.Tensor], output: torch.Tensor,
+                 output_grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Backpropagate one micro-batch; -> the gradient of its input (None on the first
+        stage)."""
+        final = self.backwards == self.num_microbatches - 1
+        self.backwards += 1
+        with self._sync_context(final):
+            if output_grad is None:  # last stage: the loss
+                self.scale_loss(output).backward()
+            else:
+                torch.autograd.backward(output, grad_tensors=output_grad)
+        if input_tensor is None:
+            return None
+        if input_tensor.grad is None:  # the stage did not use its input: a zero gradient
+            return torch.zeros_like(input_tensor)
+        return input_tensor.grad
+
+
+def _no_pipelining(run: _Runner) -> None:
+    """pp_size 1: forward and backward each micro-batch in turn (gradient accumulation)."""
+    for _ in range(run.num_microbatches):
+        run.backward(None, run.forward(None), None)
+
+
+def _forward_only_pipelined(run: _Runner, shape, dtype) -> None:
+    parallel = run.parallel
+    for _ in range(run.num_microbatches):
+        input_tensor = p2p.recv_forward(parallel, shape, dtype, run.device)
+        output = run.forward(input_tensor)
+        p2p.send_forward(output, parallel, shape, dtype)
+
+
+def _one_f_one_b(run: _Runner, shape, dtype) -> None:
+    """Non-interleaved 1F1B: warm-up forwards, steady one-forward-one-backward, cool-down."""
+    parallel, m = run.parallel, run.num_microbatches
+    warmup = min(parallel.pp_size - parallel.pp_rank - 1, m)
+    steady = m - warmup
+    inputs, outputs = [], []  # in flight: micro-batches forwarded but not yet backpropagated
+
+    for _ in range(warmup):
+        input_tensor = p2p.recv_forward(parallel, shape, dtype, run.device)
+        output = run.forward(input_tensor)
+        p2p.send_forward(output, parallel, shape, dtype)
+        inputs.append(input_tensor)
+        outputs.append(output)
+
+    input_tensor = p2p.recv_forward(parallel, shape, dtype, run.device) if steady else None
+    for i in range(steady):
+        output = run.forward(input_tensor)
+        output_grad = p2p.send_forward_recv_backward(output, parallel, shape, dtype)
+        inputs.append(input_tensor)
+        outputs.append(output)
+        # backward of the oldest micro-batch in flight
+        input_grad = run.backward(inputs.pop(0), outputs.pop(0), output_grad)
+        if i == steady - 1:
+            p2p.send_backward(input_grad, parallel, shape, dtype)
+        else:
+            input_tensor = p2p.send_backward_recv_forward(input_grad, parallel, shape, dtype,
+                                                          run.device)
+
+    for _ in range(warmup):
+        output_grad = p2p.recv_backward(parallel, shape, dtype, run.device)
+        input_grad = run.backward(inputs.pop(0), outputs.pop(0), output_grad)
+        p2p.send_backward(input_grad, parallel, shape, dtype)

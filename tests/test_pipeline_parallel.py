@@ -1,0 +1,261 @@
+"""Pipeline parallelism: layer split, schedules, tied embeddings; PP=2 and PP=4 (gloo, CPU) match
+the single-process run step for step, with and without random-LTD."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from distributed_harness import run_distributed
+from megatron.errors import UserError
+from megatron.ltd.dropping import TokenDropState
+from megatron.model import GPTModel
+from megatron.model.config import TransformerConfig
+from megatron.parallel.initialize import build_parallel_state
+from megatron.parallel.pipeline_utils import (allreduce_embedding_grads, initialize_embedding_tie,
+                                              parse_layer_split, stage_layer_ids)
+from megatron.parallel.schedules import forward_backward
+from megatron.parallel.state import ParallelState
+from pretrain_gpt import forward_step_provider
+
+MB, NUM_MB, SEQ, HIDDEN, VOCAB, LAYERS = 2, 4, 16, 32, 128, 4
+SEED, LR = 1234, 0.5
+HEAD_COPY = "word_embeddings.weight"  # the last stage's copy of the tied embedding
+
+
+def make_config():
+    return TransformerConfig(num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=4,
+                             seq_length=SEQ, padded_vocab_size=VOCAB, hidden_dropout=0.0,
+                             attention_dropout=0.0)
+
+
+def reference_model():
+    torch.manual_seed(SEED)
+    return GPTModel(make_config())
+
+
+def micro_batches(steps):
+    g = torch.Generator().manual_seed(7)
+    return [{"text": torch.randint(1, VOCAB, (MB, SEQ + 1), generator=g),
+             "index": torch.arange(MB) + MB * i} for i in range(steps * NUM_MB)]
+
+
+def recording_forward_step(events):
+    """pretrain_gpt's forward_step, recording ('F', k) at each forward and ('B', k) when the
+    gradient of micro-batch k's output arrives."""
+    inner = forward_step_provider(
+        SimpleNamespace(device="cpu", reset_position_ids=False, reset_attention_mask=False,
+                        eod_mask_loss=False), SimpleNamespace(eod=0))
+
+    def forward_step(data_iterator, model, token_drop=None):
+        k = sum(1 for e in events if e[0] == "F")
+        events.append(("F", k))
+        output, loss_func = inner(data_iterator, model, token_drop)
+        if output.requires_grad:
+            output.register_hook(lambda grad: events.append(("B", k)))
+        return output, loss_func
+
+    return forward_step
+
+
+def token_drop_for(step):
+    return lambda ids: TokenDropState(SEED, step, {1: 8, 2: 8}, ids)
+
+
+def train(model, parallel, steps, ltd=False, no_sync=None):
+    """``steps`` SGD steps through forward_backward; -> (losses per step, events)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    data, events, losses = iter(micro_batches(steps)), [], []
+    forward_step = recording_forward_step(events)
+    model.train()
+    for step in range(steps):
+        optimizer.zero_grad()
+        reported = forward_backward(
+            forward_step=forward_step, data_iterator=data, model=model, parallel=parallel,
+            num_microbatches=NUM_MB, tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
+            scale_loss=lambda loss: loss, token_drop=token_drop_for(step) if ltd else None,
+            no_sync=no_sync)
+        allreduce_embedding_grads(model, parallel)
+        optimizer.step()
+        losses.append([float(d["lm loss"]) for d in reported])
+    return losses, events
+
+
+def global_name(name, layer_ids):
+    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{layer_ids[int(m.group(1))]}.", name)
+
+
+def build_stage(parallel, split=None):
+    """This rank's stage, with the reference model's initial weights (by global layer id)."""
+    ids = stage_layer_ids(LAYERS, parallel.pp_size, parallel.pp_rank, split)
+    stage = GPTModel(make_config(), parallel, pre_process=parallel.is_first_stage,
+                     post_process=parallel.is_last_stage, layer_ids=ids)
+    full = reference_model().state_dict()
+    for name, param in stage.named_parameters():
+        if name != HEAD_COPY:  # the tie initialisation fills it
+            param.data.copy_(full[global_name(name, ids)])
+    return stage, ids
+
+
+def _pipeline_body(rank, world_size, split, steps, ltd, forward_only):
+    parallel = build_parallel_state(tp=1, pp=world_size)
+    stage, ids = build_stage(parallel, split)
+    initialize_embedding_tie(stage, parallel)
+    out = {"layer_ids": ids}
+    if HEAD_COPY in dict(stage.named_parameters()):
+        out["head_copy_at_start"] = stage.word_embeddings.weight.detach().numpy().copy()
+    if forward_only:
+        stage.eval()
+        events = []
+        with torch.no_grad():
+            reported = forward_backward(
+                forward_step=recording_forward_step(events),
+                data_iterator=iter(micro_batches(1)), model=[stage], parallel=parallel,
+                num_microbatches=NUM_MB, tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
+                scale_loss=lambda loss: loss, forward_only=True)
+        out.update(losses=[[float(d["lm loss"]) for d in reported]], events=events,
+                   grads=[n for n, p in stage.named_parameters() if p.grad is not None])
+        return out
+    out["losses"], out["events"] = train(stage, parallel, steps, ltd)
+    params = {}
+    for name, param in stage.named_parameters():
+        key = "head_copy" if name == HEAD_COPY else global_name(name, ids)
+        params[key] = param.detach().numpy().copy()  # numpy: tensors do not outlive the rank
+    out["params"] = params
+    return out
+
+
+def reference_run(steps, ltd):
+    model = reference_model()
+    losses, _ = train(model, ParallelState(), steps, ltd)
+    return losses, model.state_dict()
+
+
+def check_against_reference(results, steps, ltd):
+    ref_losses, ref_params = reference_run(steps, ltd)
+    assert all(r["losses"] == [[]] * steps for r in results[:-1])
+    torch.testing.assert_close(torch.tensor(results[-1]["losses"]), torch.tensor(ref_losses),
+                               rtol=1e-5, atol=0)
+    merged = {}
+    for r in results:
+        assert not set(merged) & (set(r["params"]) - {"head_copy"}), "a layer on two stages"
+        merged.update({k: torch.from_numpy(v) for k, v in r["params"].items()
+                       if k != "head_copy"})
+    assert set(merged) == set(ref_params)
+    for name, value in ref_params.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # the tied pair: equal at start and, after every step, still identical (bitwise)
+    embedding = "language_model.embedding.word_embeddings.weight"
+    start = reference_model().state_dict()[embedding]
+    assert torch.equal(torch.from_numpy(results[-1]["head_copy_at_start"]), start)
+    assert (results[-1]["params"]["head_copy"] == results[0]["params"][embedding]).all()
+    assert not torch.equal(merged[embedding], start)  # it did train
+
+
+# -- layer split -----------------------------------------------------------------------------
+
+def test_stage_layer_ids_even_and_uneven():
+    assert [stage_layer_ids(8, 4, r) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [stage_layer_ids(8, 2, r, [3, 5]) for r in range(2)] == [[0, 1, 2],
+                                                                    [3, 4, 5, 6, 7]]
+    assert parse_layer_split("3,5") == [3, 5]
+    with pytest.raises(UserError, match="--num-layers .6. must be divisible by "
+                                        "--pipeline-model-parallel-size .4."):
+        stage_layer_ids(6, 4, 0)
+    with pytest.raises(UserError, match="sums to 7, but --num-layers is 8"):
+        stage_layer_ids(8, 2, 0, [3, 4])
+    with pytest.raises(UserError, match="--pipeline-layer-split has 3 entries"):
+        stage_layer_ids(8, 2, 0, [3, 4, 1])
+    with pytest.raises(UserError, match=">= 1"):
+        stage_layer_ids(8, 2, 0, [0, 8])
+    with pytest.raises(UserError, match="--pipeline-layer-split"):
+        parse_layer_split("3;5")
+
+
+# -- no pipelining ---------------------------------------------------------------------------
+
+def test_without_pipelining_is_the_gradient_accumulation_loop_bitwise():
+    model = reference_model()
+    entered = []
+
+    @__import__("contextlib").contextmanager
+    def no_sync():
+        entered.append(1)
+        yield
+
+    forward_backward(forward_step=recording_forward_step([]),
+                     data_iterator=iter(micro_batches(1)), model=model,
+                     parallel=ParallelState(), num_microbatches=NUM_MB,
+                     tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
+                     scale_loss=lambda loss: loss * 8.0, no_sync=no_sync)
+    # train_step's loop, written out
+    manual = reference_model()
+    forward_step, data = recording_forward_step([]), iter(micro_batches(1))
+    for _ in range(NUM_MB):
+        output, loss_func = forward_step(data, manual)
+        loss, _ = loss_func(output)
+        (loss / NUM_MB * 8.0).backward()
+    for (name, a), b in zip(model.named_parameters(), manual.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    # every forward and backward but the last micro-batch's ran inside no_sync
+    assert len(entered) == 2 * (NUM_MB - 1)
+
+
+def test_interleaved_schedule_is_refused_with_the_flag_name():
+    with pytest.raises(UserError, match="--num-layers-per-virtual-pipeline-stage"):
+        forward_backward(forward_step=None, data_iterator=None,
+                         model=[reference_model(), reference_model()],
+                         parallel=ParallelState(), num_microbatches=1, tensor_shape=(1,),
+                         dtype=torch.float32, scale_loss=lambda loss: loss)
+
+
+# -- pipelines -------------------------------------------------------------------------------
+
+def test_pp2_1f1b_matches_single_process_and_follows_the_timeline():
+    steps = 2
+    results = run_distributed(_pipeline_body, 2, args=(None, steps, False, False), timeout=90)
+    check_against_reference(results, steps, ltd=False)
+    # the documented 1F1B timeline of 2 stages x 4 micro-batches (first step)
+    order = lambda events: " ".join(f"{kind}{k}" for kind, k in events[:2 * NUM_MB])  # noqa
+    assert order(results[0]["events"]) == "F0 F1 B0 F2 B1 F3 B2 B3"
+    assert order(results[1]["events"]) == "F0 B0 F1 B1 F2 B2 F3 B3"
+
+
+def test_pp4_with_random_ltd_matches_single_process():
+    steps = 2
+    results = run_distributed(_pipeline_body, 4, args=(None, steps, True, False), timeout=90)
+    assert [r["layer_ids"] for r in results] == [[0], [1], [2], [3]]
+    check_against_reference(results, steps, ltd=True)
+    # stage 0 warms up with pp - 1 = 3 forwards, then one forward, then four backwards;
+    # the last stage alternates
+    order = lambda events: " ".join(f"{kind}{k}" for kind, k in events[:2 * NUM_MB])  # noqa
+    assert order(results[0]["events"]) == "F0 F1 F2 F3 B0 B1 B2 B3"
+    assert order(results[2]["events"]) == "F0 F1 B0 F2 B1 F3 B2 B3"
+    assert order(results[3]["events"]) == "F0 B0 F1 B1 F2 B2 F3 B3"
+    # random-LTD changed the computation (else the test would not cover it)
+    dense, _ = reference_run(steps, ltd=False)
+    assert results[-1]["losses"][0] != pytest.approx(dense[0], rel=1e-4)
+
+
+def test_pp2_uneven_split_with_random_ltd_matches_single_process():
+    steps = 2
+    results = run_distributed(_pipeline_body, 2, args=([3, 1], steps, True, False), timeout=90)
+    assert [r["layer_ids"] for r in results] == [[0, 1, 2], [3]]
+    check_against_reference(results, steps, ltd=True)
+
+
+def test_pp2_forward_only_gives_the_evaluation_losses():
+    results = run_distributed(_pipeline_body, 2, args=(None, 1, False, True), timeout=90)
+    model = reference_model().eval()
+    forward_step, data = recording_forward_step([]), iter(micro_batches(1))
+    expected = []
+    with torch.no_grad():
+        for _ in range(NUM_MB):
+            output, loss_func = forward_step(data, model)
+            expected.append(float(loss_func(output)[0]))
+    assert results[0]["losses"] == [[]]
+    assert results[1]["losses"][0] == pytest.approx(expected, rel=1e-5)
+    for r in results:
+        assert [e[0] for e in r["events"]] == ["F"] * NUM_MB
+        assert r["grads"] == []
