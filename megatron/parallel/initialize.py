@@ -151,6 +151,6 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
         dp_size=dp, dp_rank=dp_rank, dp_group=mine["dp"][0] if dp > 1 else None,
         pp_ranks=tuple(mine["pp"][1]), tp_ranks=tuple(mine["tp"][1]),
         dp_ranks=tuple(mine["dp"][1]),
-        embedding_group=mine["embedding"][0] if pp > 1 else None,
+        embedding_group=mine["embedding"][0] if "embedding" in mine and pp > 1 else None,
         mp_group=mine["mp"][0] if tp * pp > 1 else None,
         rng_tracker=rng_tracker)
