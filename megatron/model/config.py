@@ -56,6 +56,9 @@ class TransformerConfig:
     """SDPA is always used; True restricts it to its flash kernel (--use-flash-attn)."""
     num_tokentypes: int = 0
     """Token-type (segment) embeddings rows; 0 for GPT, 2 for BERT."""
+    sequence_parallel: bool = False
+    """Split activations outside the TP regions along the sequence (--sequence-parallel);
+    a no-op at tensor-parallel size 1."""
 
     def __post_init__(self):
         def need(cond, msg):
@@ -116,8 +119,15 @@ class TransformerConfig:
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Raise a UserError when the shapes cannot be split across ``tp_size`` ranks."""
         for flag, value in (("--num-attention-heads", self.num_attention_heads),
-                            ("--ffn-hidden-size", self.ffn_hidden_size),
-                            ("padded vocabulary size", self.padded_vocab_size)):
+                            ("--ffn-hidden-size", self.ffn_hidden_size)):
             if value % tp_size:
                 raise UserError(f"{flag} ({value}) must be divisible by "
                                 f"--tensor-model-parallel-size ({tp_size})")
+        if self.padded_vocab_size % tp_size:
+            raise UserError(f"padded vocabulary size ({self.padded_vocab_size}) must be divisible "
+                            f"by --tensor-model-parallel-size ({tp_size}): the vocabulary is "
+                            f"padded to a multiple of --make-vocab-size-divisible-by x "
+                            f"--tensor-model-parallel-size")
+        if self.sequence_parallel and tp_size > 1 and self.seq_length % tp_size:
+            raise UserError(f"--seq-length ({self.seq_length}) must be divisible by "
+                            f"--tensor-model-parallel-size ({tp_size}) with --sequence-parallel")

@@ -66,18 +66,22 @@ class GPTModel(nn.Module):
         random-LTD for this micro-batch (dropping only in training mode; None: dense).
 
         Returns the per-token loss [b, s] in fp32 when ``labels`` are given, else the logits
-        [b, s, V/tp]; on a non-last pipeline stage, the hidden states [b, s, h].
+        [b, s, V/tp]; on a non-last pipeline stage, the hidden states [b, s, h] (with sequence
+        parallelism this rank's chunk [b, s / tp, h]; loss and logits always cover all s).
         """
         if position_ids is None:
             ref = input_ids if input_ids is not None else self.language_model.input_tensor
             b, s = ref.shape[0], ref.shape[1]
+            if input_ids is None and self.config.sequence_parallel:
+                s *= self.parallel.tp_size  # the received hidden states are a sequence chunk
             position_ids = torch.arange(s, device=ref.device).expand(b, s)  # [b, s]
         hidden = self.language_model(input_ids, position_ids, attention_mask,
                                      token_drop=token_drop)  # [b, s, h]
         if not self.post_process:
             return hidden
         logits = parallel_lm_logits(hidden, self.shared_embedding_or_output_weight(),
-                                    self.parallel)  # [b, s, V/tp]
+                                    self.parallel,
+                                    sequence_parallel=self.config.sequence_parallel)  # [b,s,V/tp]
         if labels is None:
             return logits
         # The logits are ours alone: the loss may reuse them as its softmax buffer.

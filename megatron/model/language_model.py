@@ -17,16 +17,23 @@ from megatron.model.embedding import Embedding
 from megatron.model.transformer import ParallelTransformer
 from megatron.model.utils import init_method_normal
 from megatron.parallel.layers import ColumnParallelLinear
-from megatron.parallel.mappings import copy_to_tp_region, gather_from_tp_region
+from megatron.parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region,
+                                        gather_from_tp_region)
 from megatron.parallel.state import ParallelState
 
 
 def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, parallel: ParallelState,
-                       parallel_output: bool = True) -> torch.Tensor:
+                       parallel_output: bool = True,
+                       sequence_parallel: bool = False) -> torch.Tensor:
     """Logits ``hidden [b, s, h] @ weight[V/tp, h]^T`` -> [b, s, V/tp] (column-parallel path:
     the input gradient is all-reduced across TP ranks); gathered to [b, s, V] unless
-    ``parallel_output``."""
-    logits = F.linear(copy_to_tp_region(hidden, parallel), weight)  # [b, s, V/tp]
+    ``parallel_output``. ``sequence_parallel``: ``hidden`` is this rank's chunk [b, s/tp, h],
+    all-gathered here (its gradient reduce-scattered), so the logits cover the full sequence."""
+    if sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, parallel)  # [b, s, h]
+    else:
+        hidden = copy_to_tp_region(hidden, parallel)
+    logits = F.linear(hidden, weight)  # [b, s, V/tp]
     return logits if parallel_output else gather_from_tp_region(logits, parallel)
 
 
@@ -48,7 +55,7 @@ class TransformerLanguageModel(nn.Module):
             self.output_layer = ColumnParallelLinear(
                 config.hidden_size, config.padded_vocab_size, bias=False, gather_output=False,
                 init_method=init_method_normal(config.init_method_std), parallel=parallel,
-                params_dtype=config.params_dtype)
+                params_dtype=config.params_dtype, sequence_parallel=config.sequence_parallel)
 
     def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
         """Hidden states [b, s, h] received from the previous pipeline stage."""

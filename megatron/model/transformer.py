@@ -8,6 +8,22 @@ channels, and nothing here changes.
 
 Attention masks follow Megatron's convention: a boolean tensor broadcastable to [b, 1, s, s]
 where True means "masked out" (may not attend).
+
+Dropout and tensor parallelism (Megatron's semantics): the attention-probability dropout acts on
+this rank's heads, so it draws from the RNG tracker's 'model-parallel-rng' state (seeded
+seed + 2718 + tp_rank, different on every TP rank); hidden and embedding dropout act on
+activations replicated across TP ranks and draw from the default generator (same seed, same mask
+on every rank). Consequence: with --attention-dropout > 0 a TP=2 run does not bit-match the TP=1
+run (one [b, heads, s, s] mask from one stream vs two half masks from two streams), exactly as in
+Megatron; TP equivalence holds with attention dropout 0.
+
+Sequence parallelism (``config.sequence_parallel``): between the TP regions the residual stream
+is this rank's sequence chunk [b, s / tp, h] (dim 1, as we are batch-first); the QKV and h_to_4h
+projections all-gather it, the dense and 4h_to_h projections reduce-scatter back to chunks, and
+the LayerNorms and row-parallel biases (tagged ``sequence_parallel``) see only this rank's tokens.
+Hidden dropout then acts on different tokens on each rank, so, as in Megatron, the whole block
+runs inside the tracker's tensor-parallel RNG state (and attention dropout does not fork again).
+Position ids and masks passed to a layer always describe the full sequence.
 """
 
 import contextlib
@@ -18,12 +34,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megatron.errors import UserError
 from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_attention_mask,
                                    gather_position_ids, gather_tokens, kept_indices_by_layer,
                                    scatter_tokens)
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import init_method_normal, scaled_init_method_normal
-from megatron.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
+                                      mark_sequence_parallel)
+from megatron.parallel.mappings import (gather_from_sequence_parallel_region,
+                                        scatter_to_sequence_parallel_region)
 from megatron.parallel.random import tp_region_rng
 from megatron.parallel.state import ParallelState
 
@@ -57,8 +77,17 @@ class LayerNorm(nn.LayerNorm):
     fused LayerNorm Megatron uses); under autocast layer_norm runs in fp32.
     """
 
-    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype):
+    def __init__(self, hidden_size: int, eps: float, params_dtype: torch.dtype,
+                 sequence_parallel: bool = False):
         super().__init__(hidden_size, eps=eps, dtype=params_dtype)
+        if sequence_parallel:  # sees only this rank's tokens: grads all-reduced over TP
+            mark_sequence_parallel(self.weight)
+            mark_sequence_parallel(self.bias)
+
+
+def _layer_norm(config: TransformerConfig) -> LayerNorm:
+    return LayerNorm(config.hidden_size, config.layernorm_epsilon, config.params_dtype,
+                     config.sequence_parallel)
 
 
 class ParallelAttention(nn.Module):
@@ -81,18 +110,22 @@ class ParallelAttention(nn.Module):
         projection = config.kv_channels * config.num_attention_heads
         init = init_method_normal(config.init_method_std)
         out_init = scaled_init_method_normal(config.init_method_std, config.num_layers)
+        sp = config.sequence_parallel
         self.query_key_value = ColumnParallelLinear(
             config.hidden_size, 3 * projection, bias=config.add_bias_linear, gather_output=False,
-            init_method=init, parallel=parallel, params_dtype=config.params_dtype)
+            init_method=init, parallel=parallel, params_dtype=config.params_dtype,
+            sequence_parallel=sp)
         self.dense = RowParallelLinear(
             projection, config.hidden_size, bias=config.add_bias_linear, input_is_parallel=True,
-            init_method=out_init, parallel=parallel, params_dtype=config.params_dtype)
+            init_method=out_init, parallel=parallel, params_dtype=config.params_dtype,
+            sequence_parallel=sp)
 
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, r, _ = hidden.shape
         np_, hn = self.heads_per_partition, self.head_dim
+        # Under sequence parallelism hidden is [b, r / tp, h]; the projection all-gathers it.
         mixed = self.query_key_value(hidden)  # [b, r, np * 3 * hn]
+        b, r = mixed.shape[0], mixed.shape[1]
         mixed = mixed.view(b, r, np_, 3 * hn)  # [b, r, np, 3 * hn]
         q, k, v = mixed.split(hn, dim=-1)  # each [b, r, np, hn]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # each [b, np, r, hn]
@@ -109,7 +142,9 @@ class ParallelAttention(nn.Module):
             mask, is_causal = None, self.causal
         dropout_p = self.config.attention_dropout if self.training else 0.0
         # Attention probabilities belong to this rank's heads: under TP they need a per-rank mask.
-        rng = tp_region_rng(self.parallel) if dropout_p > 0 else contextlib.nullcontext()
+        # (Under sequence parallelism the block already runs in that RNG state.)
+        fork = dropout_p > 0 and not self.config.sequence_parallel
+        rng = tp_region_rng(self.parallel) if fork else contextlib.nullcontext()
         kernel = contextlib.nullcontext()
         if self.config.use_flash_attn:
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -118,7 +153,7 @@ class ParallelAttention(nn.Module):
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal)  # [b, np, r, hn]
         context = context.transpose(1, 2).reshape(b, r, np_ * hn)  # [b, r, np * hn]
-        return self.dense(context)  # [b, r, h]
+        return self.dense(context)  # [b, r, h] ([b, r / tp, h] sequence-parallel)
 
 
 class ParallelMLP(nn.Module):
@@ -129,12 +164,14 @@ class ParallelMLP(nn.Module):
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, bias=config.add_bias_linear,
             gather_output=False, init_method=init_method_normal(config.init_method_std),
-            parallel=parallel, params_dtype=config.params_dtype)
+            parallel=parallel, params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel)
         self.dense_4h_to_h = RowParallelLinear(
             config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
             input_is_parallel=True,
             init_method=scaled_init_method_normal(config.init_method_std, config.num_layers),
-            parallel=parallel, params_dtype=config.params_dtype)
+            parallel=parallel, params_dtype=config.params_dtype,
+            sequence_parallel=config.sequence_parallel)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         inner = F.gelu(self.dense_h_to_4h(hidden), approximate="tanh")  # [b, r, ffn / tp]
@@ -153,11 +190,9 @@ class ParallelTransformerLayer(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.hidden_dropout = config.hidden_dropout
-        self.input_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
-                                         config.params_dtype)
+        self.input_layernorm = _layer_norm(config)
         self.self_attention = ParallelAttention(config, layer_number, parallel, causal)
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
-                                                  config.params_dtype)
+        self.post_attention_layernorm = _layer_norm(config)
         self.mlp = ParallelMLP(config, parallel)
 
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
@@ -213,8 +248,7 @@ class ParallelTransformer(nn.Module):
             ParallelTransformerLayer(config, i, parallel, causal) for i in self.layer_ids)
         self.post_process = post_process
         if post_process:
-            self.final_layernorm = LayerNorm(config.hidden_size, config.layernorm_epsilon,
-                                             config.params_dtype)
+            self.final_layernorm = _layer_norm(config)
 
     def _forward_layer(self, layer, hidden, position_ids, attention_mask):
         recompute = self.config.recompute_granularity == "full"
@@ -225,6 +259,8 @@ class ParallelTransformer(nn.Module):
 
     def _forward_dropped(self, layer, hidden, position_ids, attention_mask, indices):
         """Run ``layer`` on the tokens ``indices [b, r]`` of each sample; the rest skip it."""
+        if self._sequence_parallel:
+            return self._forward_dropped_sp(layer, hidden, position_ids, attention_mask, indices)
         s = hidden.size(1)
         flat = flat_token_indices(indices, s)
         kept = self._forward_layer(layer, gather_tokens(hidden, indices, flat),
@@ -232,26 +268,68 @@ class ParallelTransformer(nn.Module):
                                    gather_attention_mask(attention_mask, indices, s))
         return scatter_tokens(hidden, indices, kept, flat)
 
+    def _forward_dropped_sp(self, layer, hidden, position_ids, attention_mask, indices):
+        """random-LTD under sequence parallelism: ``hidden`` is this rank's chunk [b, s/tp, h].
+
+        The kept positions index the full sequence, so the chunks are all-gathered, the kept
+        tokens gathered ([b, r, h], identical on every rank) and split into r/tp chunks for the
+        sequence-parallel layer; its output chunks are all-gathered, scattered into the full
+        sequence, and this rank's chunk is kept. Everything between the collectives is
+        replicated, so their backwards split (not reduce-scatter) the complete gradients.
+        Needs r divisible by tp (three extra collectives per dropping layer).
+        """
+        parallel = self.parallel
+        r = indices.size(1)
+        if r % parallel.tp_size:
+            raise UserError(f"random-LTD with --sequence-parallel: kept length {r} of layer "
+                            f"{layer.layer_number} is not divisible by "
+                            f"--tensor-model-parallel-size ({parallel.tp_size}); use "
+                            f"--random-ltd-start/--random-ltd-step multiples of it")
+        full = gather_from_sequence_parallel_region(hidden, parallel,
+                                                    output_grad_is_partial=False)  # [b, s, h]
+        s = full.size(1)
+        flat = flat_token_indices(indices, s)
+        kept = scatter_to_sequence_parallel_region(gather_tokens(full, indices, flat),
+                                                   parallel)  # [b, r / tp, h]
+        kept = self._forward_layer(layer, kept, gather_position_ids(position_ids, indices, s),
+                                   gather_attention_mask(attention_mask, indices, s))
+        kept = gather_from_sequence_parallel_region(kept, parallel,
+                                                    output_grad_is_partial=False)  # [b, r, h]
+        return scatter_to_sequence_parallel_region(scatter_tokens(full, indices, kept, flat),
+                                                   parallel)  # [b, s / tp, h]
+
+    @property
+    def _sequence_parallel(self) -> bool:
+        return self.config.sequence_parallel and self.parallel.tp_size > 1
+
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
                 token_drop: Optional[TokenDropState] = None) -> torch.Tensor:
         """hidden [b, s, h] -> [b, s, h] (after the final LayerNorm on the last stage).
-        ``token_drop``: random-LTD for this micro-batch (training mode only; see the class)."""
+        ``token_drop``: random-LTD for this micro-batch (training mode only; see the class).
+        Sequence-parallel: hidden is this rank's chunk [b, s / tp, h], and so is the output;
+        position_ids and attention_mask describe the full sequence."""
+        seq_len = hidden.size(1) * (self.parallel.tp_size if self._sequence_parallel else 1)
         drops = {}
         if token_drop is not None and self.training:
             if token_drop.sample_ids.shape != (hidden.size(0),):
                 raise ValueError(f"token_drop.sample_ids has shape "
                                  f"{tuple(token_drop.sample_ids.shape)}, expected "
                                  f"({hidden.size(0)},): one id per sample of the micro-batch")
-            drops = kept_indices_by_layer(token_drop, self.layer_ids, hidden.size(1),
+            drops = kept_indices_by_layer(token_drop, self.layer_ids, seq_len,
                                           hidden.device, include_full=self._always_gather)
-        for layer_id, layer in zip(self.layer_ids, self.layers):
-            indices = drops.get(layer_id)
-            if indices is None:
-                hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
-            else:
-                hidden = self._forward_dropped(layer, hidden, position_ids, attention_mask,
-                                               indices)
+        rng = contextlib.nullcontext()
+        if self.config.sequence_parallel and self.training and \
+                (self.config.hidden_dropout > 0 or self.config.attention_dropout > 0):
+            rng = tp_region_rng(self.parallel)  # each rank drops out different tokens
+        with rng:
+            for layer_id, layer in zip(self.layer_ids, self.layers):
+                indices = drops.get(layer_id)
+                if indices is None:
+                    hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
+                else:
+                    hidden = self._forward_dropped(layer, hidden, position_ids,
+                                                   attention_mask, indices)
         if self.post_process:
             hidden = self.final_layernorm(hidden)
         return hidden
