@@ -15,15 +15,25 @@ from ``args``).
 Nothing is lost: each file is written to a temporary name, flushed to disk and renamed; the
 tracker file is replaced last, so a crash at any moment leaves ``latest`` naming a complete
 checkpoint.
+
+Parallel runs (``parallel=`` a ParallelState), as Megatron: every (tp, pp) rank has its own file;
+data-parallel rank 0 of each writes it, with ``rng_state`` the list of every DP rank's RNG states
+(all-gathered over DP); a barrier; then global rank 0 replaces the tracker. The ``optimizer``
+entry is the full torch state even with --use-distributed-optimizer (consolidated over DP, see
+``megatron.optim.distributed``), so a run resumes with any DP size. Loading reads this rank's
+file and its DP entry of ``rng_state`` (entry 0, with a warning, when the DP size changed).
+Another TP/PP layout needs ``tools/checkpoint_util.py``.
 """
 
 import dataclasses
 import os
 
 import torch
+import torch.distributed as dist
 
 from megatron.errors import UserError
 from megatron.initialize import get_rng_state, set_rng_state
+from megatron.parallel.state import ParallelState
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -115,9 +125,49 @@ def atomic_write_text(path, text):
     _fsync_dir(os.path.dirname(path))
 
 
+def _distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _unwrap(model):
+    from megatron.parallel.data_parallel import unwrap
+
+    return unwrap(model)
+
+
+def optimizer_param_names(model, optimizer):
+    """Names of the parameters of each optimizer group, in the order of the optimizer's state
+    indices (fp32 masters named after their model parameter); None if one is not found."""
+    names = {id(p): n for n, p in _unwrap(model).named_parameters()}
+    for model_groups, master_groups in zip(getattr(optimizer, "float16_groups", []),
+                                           getattr(optimizer, "fp32_from_float16_groups", [])):
+        for param, master in zip(model_groups, master_groups):
+            if id(param) in names:
+                names[id(master)] = names[id(param)]
+    try:
+        return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def _gather_rng_states(tracker, parallel):
+    """This rank's RNG states, all-gathered over the data-parallel group (DP rank order)."""
+    mine = get_rng_state(tracker)
+    if parallel.dp_size == 1 or parallel.dp_group is None:
+        return [mine]
+    states = [None] * parallel.dp_size
+    dist.all_gather_object(states, mine, group=parallel.dp_group)
+    return states
+
+
 def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=print,
-                    extra_state=None):
-    """Save everything needed to continue bit-identically, then point ``latest`` at it."""
+                    extra_state=None, parallel=None):
+    """Save everything needed to continue bit-identically, then point ``latest`` at it.
+
+    Every rank calls this (the RNG gather and the distributed optimizer's consolidation are
+    collectives); DP rank 0 of each (tp, pp) rank writes its file.
+    """
+    parallel = parallel or ParallelState()
     root = args.save
     log(f"saving checkpoint at iteration {state.iteration:7d} to {root}")
     # Megatron keeps the consumed counters on args; keep them in sync for compatibility.
@@ -130,18 +180,28 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
         "iteration": state.iteration,
         "tokens": state.consumed_train_tokens,
         "train_state": dataclasses.asdict(state),
-        "model": model.state_dict(),
+        "model": _unwrap(model).state_dict(),
     }
     if not args.no_save_optim:
-        ckpt["optimizer"] = optimizer.state_dict()
+        ckpt["optimizer"] = optimizer.state_dict()  # collective with a distributed optimizer
         ckpt["opt_param_scheduler"] = scheduler.state_dict()
+        names = optimizer_param_names(model, optimizer)
+        if names is not None:  # lets tools/checkpoint_util.py reshard the optimizer state
+            ckpt["optimizer_param_names"] = names
     if not args.no_save_rng:
-        ckpt["rng_state"] = [get_rng_state(tracker)]
+        ckpt["rng_state"] = _gather_rng_states(tracker, parallel)
     if extra_state:
         ckpt.update(extra_state)
-    path = checkpoint_file(root, state.iteration)
-    atomic_torch_save(ckpt, path)
-    atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(state.iteration))
+    if parallel.dp_rank == 0:
+        path = checkpoint_file(root, state.iteration, parallel.tp_rank, parallel.pp_rank,
+                               parallel.pp_size)
+        atomic_torch_save(ckpt, path)
+    if _distributed():
+        dist.barrier()
+    if not _distributed() or dist.get_rank() == 0:
+        atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(state.iteration))
+    if _distributed():
+        dist.barrier()
     log(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {root}")
 
 
@@ -179,12 +239,24 @@ def _load_model_state(model, state_dict, path):
     model.load_state_dict(state_dict)
 
 
-def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print):
+def _check_layout(ckpt_args, args, path):
+    for name, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
+                       ("pipeline_model_parallel_size", "--pipeline-model-parallel-size")):
+        saved, given = getattr(ckpt_args, name, None), getattr(args, name, None)
+        if saved is not None and given is not None and saved != given:
+            raise UserError(f"checkpoint {path} was saved with {flag} {saved} but {flag} "
+                            f"{given} was given; convert it with tools/checkpoint_util.py")
+
+
+def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, parallel=None):
     """Load ``--load`` if it holds a checkpoint; returns (TrainState, the checkpoint dict).
 
     With ``--finetune`` (or a release checkpoint) only the model weights are loaded and the
-    counters start from zero.
+    counters start from zero. ``parallel``: this rank's layout (reads its (tp, pp) file and its
+    DP entry of the RNG states).
     """
+    parallel = parallel or ParallelState()
+    model = _unwrap(model)
     root = args.load
     if root is None:
         return TrainState(), None
@@ -196,7 +268,8 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print):
             f"(no {TRACKER_FILENAME}); training from scratch")
         return TrainState(), None
     iteration, release = found
-    path = checkpoint_file(root, iteration, release=release)
+    path = checkpoint_file(root, iteration, parallel.tp_rank, parallel.pp_rank, parallel.pp_size,
+                           release=release)
     if not os.path.isfile(path):
         raise UserError(f"{os.path.join(root, TRACKER_FILENAME)} names iteration {iteration} "
                         f"but {path} does not exist")
@@ -207,6 +280,7 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print):
         raise UserError(f"cannot read checkpoint {path}: {err}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    _check_layout(ckpt.get("args"), args, path)
     check_shapes(ckpt.get("args"), args, path)
     _load_model_state(model, ckpt["model"], path)
 
@@ -232,6 +306,16 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print):
         if rng is None:
             raise UserError(f"{path} holds no RNG state (saved with --no-save-rng); "
                             "pass --no-load-rng")
-        set_rng_state(rng[0], tracker)
+        if isinstance(rng, dict):  # a single entry
+            rng = [rng]
+        if len(rng) == parallel.dp_size:
+            entry = rng[parallel.dp_rank]
+        else:
+            entry = rng[0]
+            if parallel.dp_rank == 0:
+                log(f"WARNING: {path} holds the RNG states of {len(rng)} data-parallel ranks, "
+                    f"this run has {parallel.dp_size}; every data-parallel rank continues from "
+                    "those of rank 0")
+        set_rng_state(entry, tracker)
     log(f"  successfully loaded checkpoint from {root} at iteration {state.iteration}")
     return state, ckpt

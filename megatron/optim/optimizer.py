@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from megatron.errors import UserError
 from megatron.optim.clip_grads import clip_grad_norm_fp32, count_zeros_fp32, get_grads_for_norm
+from megatron.optim.distributed import (load_optimizer_state_dict, optimizer_state_dict,
+                                        shard_optimizer_state)
 from megatron.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
 
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "shared")
@@ -160,12 +162,13 @@ class FP32Optimizer(MegatronOptimizer):
 
     def state_dict(self):
         # As Megatron: the fp32 optimizer's checkpoint is the torch optimizer's state itself.
-        return self.optimizer.state_dict()
+        # (--use-distributed-optimizer: a collective over DP; None on DP ranks other than 0.)
+        return optimizer_state_dict(self.optimizer)
 
     def load_state_dict(self, state_dict):
         if "state" not in state_dict and "optimizer" in state_dict:
             state_dict = state_dict["optimizer"]
-        self.optimizer.load_state_dict(state_dict)
+        load_optimizer_state_dict(self.optimizer, state_dict)
 
 
 class Float16OptimizerWithFloat16Params(MegatronOptimizer):
@@ -297,7 +300,7 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
     # -- checkpointing ---------------------------------------------------------------------------
 
     def state_dict(self):
-        state = {"optimizer": self.optimizer.state_dict()}
+        state = {"optimizer": optimizer_state_dict(self.optimizer)}
         if self.grad_scaler is not None:
             state["grad_scaler"] = self.grad_scaler.state_dict()
         state["fp32_from_fp16_params"] = self.fp32_from_float16_groups
@@ -306,7 +309,7 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
     @torch.no_grad()
     def load_state_dict(self, state_dict):
         key = "optimizer" if "optimizer" in state_dict else "optimizer_state_dict"
-        self.optimizer.load_state_dict(state_dict[key])
+        load_optimizer_state_dict(self.optimizer, state_dict[key])
         if self.grad_scaler is not None and "grad_scaler" in state_dict:
             self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
         # Without 'grad_scaler' (old or bf16 checkpoint) the fresh scaler is kept, as Megatron.
@@ -347,7 +350,8 @@ def _torch_optimizer(name, groups, *, lr, weight_decay, adam_beta1, adam_beta2, 
 
 _FLAG_NAMES = ("optimizer", "lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
                "sgd_momentum", "clip_grad", "fp16", "bf16", "loss_scale", "initial_loss_scale",
-               "min_loss_scale", "loss_scale_window", "hysteresis", "log_num_zeros_in_grad")
+               "min_loss_scale", "loss_scale_window", "hysteresis", "log_num_zeros_in_grad",
+               "use_distributed_optimizer")
 
 
 def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay=0.01,
@@ -357,13 +361,15 @@ def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay
                     min_loss_scale=1.0, loss_scale_window=1000, hysteresis=2,
                     model_parallel_group=None, log=print, tp_rank=0,
                     log_num_zeros_in_grad=False, no_weight_decay_cond=None,
-                    scale_lr_cond=None, lr_mult=1.0):
+                    scale_lr_cond=None, lr_mult=1.0, use_distributed_optimizer=False,
+                    data_parallel_group=None):
     """Build the Megatron optimizer for ``model`` (a module or list of modules).
 
     Keyword names follow Megatron's flags (``--adam-beta1`` -> ``adam_beta1`` ...). When a config
     ``args`` with those attribute names is given, its values replace the keywords'. ``loss_scale``
     None means dynamic loss scaling for fp16. ``tp_rank`` decides which replicated parameters
-    count towards the gradient norm.
+    count towards the gradient norm. ``use_distributed_optimizer`` shards the optimizer state
+    over ``data_parallel_group`` (ZeRO-1, see ``megatron.optim.distributed``).
     """
     if args is not None:
         flags = dict(optimizer=optimizer, lr=lr, weight_decay=weight_decay,
@@ -371,11 +377,13 @@ def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay
                      sgd_momentum=sgd_momentum, clip_grad=clip_grad, fp16=fp16, bf16=bf16,
                      loss_scale=loss_scale, initial_loss_scale=initial_loss_scale,
                      min_loss_scale=min_loss_scale, loss_scale_window=loss_scale_window,
-                     hysteresis=hysteresis, log_num_zeros_in_grad=log_num_zeros_in_grad)
+                     hysteresis=hysteresis, log_num_zeros_in_grad=log_num_zeros_in_grad,
+                     use_distributed_optimizer=use_distributed_optimizer)
         flags.update({k: getattr(args, k) for k in _FLAG_NAMES if hasattr(args, k)})
         return build_optimizer(model, **flags, model_parallel_group=model_parallel_group,
                                log=log, tp_rank=tp_rank, no_weight_decay_cond=no_weight_decay_cond,
-                               scale_lr_cond=scale_lr_cond, lr_mult=lr_mult)
+                               scale_lr_cond=scale_lr_cond, lr_mult=lr_mult,
+                               data_parallel_group=data_parallel_group)
     if fp16 and bf16:
         raise UserError("--fp16 and --bf16 are mutually exclusive")
     if lr is None:
@@ -394,7 +402,9 @@ def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay
     common = dict(clip_grad=clip_grad, log_num_zeros_in_grad=log_num_zeros_in_grad,
                   model_parallel_group=model_parallel_group, tp_rank=tp_rank)
     if not (fp16 or bf16):
-        return FP32Optimizer(torch_opt, **common)
+        wrapper = FP32Optimizer(torch_opt, **common)
+        return shard_optimizer_state(wrapper, data_parallel_group) \
+            if use_distributed_optimizer else wrapper
     grad_scaler = None
     if fp16:
         if loss_scale:
@@ -405,4 +415,7 @@ def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay
                                             backoff_factor=0.5,
                                             growth_interval=loss_scale_window,
                                             hysteresis=hysteresis)
-    return Float16OptimizerWithFloat16Params(torch_opt, grad_scaler=grad_scaler, **common)
+    wrapper = Float16OptimizerWithFloat16Params(torch_opt, grad_scaler=grad_scaler, **common)
+    # After the wrapper swapped in the fp32 masters: ZeRO partitions the masters.
+    return shard_optimizer_state(wrapper, data_parallel_group) \
+        if use_distributed_optimizer else wrapper
