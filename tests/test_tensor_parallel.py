@@ -186,8 +186,46 @@ def _cross_entropy_body(rank, world_size):
                                **TOL)
 
 
-def test_vocab_parallel_cross_entropy_tp2():
-    run_distributed(_cross_entropy_body, 2, timeout=60)
+def _sequence_mappings_body(rank, world_size):
+    """The sequence-parallel conjugate pairs, forward and backward, against hand results."""
+    from megatron.parallel.mappings import (gather_from_sequence_parallel_region,
+                                            reduce_scatter_to_sequence_parallel_region,
+                                            scatter_to_sequence_parallel_region)
+
+    parallel = _tp_state(world_size)
+    full = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)  # [b, s, h], replicated
+    mine = slice(2 * rank, 2 * rank + 2)
+    x = full.clone().requires_grad_()
+    chunk = scatter_to_sequence_parallel_region(x, parallel)
+    assert torch.equal(chunk, full[:, mine])
+    (chunk * (rank + 1)).sum().backward()  # backward all-gathers each rank's chunk gradient
+    assert torch.equal(x.grad[:, :2], torch.ones(2, 2, 3)) and \
+        torch.equal(x.grad[:, 2:], torch.full((2, 2, 3), 2.0))
+
+    for partial in (True, False):
+        c = full[:, mine].clone().requires_grad_()
+        gathered = gather_from_sequence_parallel_region(c, parallel, partial)
+        assert torch.equal(gathered, full)
+        (gathered * (rank + 1)).sum().backward()
+        # partial grads are reduce-scattered (1 + 2), complete ones just split
+        want = 3.0 if partial else float(rank + 1)
+        assert torch.equal(c.grad, torch.full((2, 2, 3), want))
+
+    p = (full * (rank + 1)).requires_grad_()  # partial sums: they add up to 3 * full
+    reduced = reduce_scatter_to_sequence_parallel_region(p, parallel)
+    assert torch.equal(reduced, 3 * full[:, mine])
+    (reduced * (rank + 1)).sum().backward()  # backward all-gathers
+    assert torch.equal(p.grad[:, :2], torch.ones(2, 2, 3)) and \
+        torch.equal(p.grad[:, 2:], torch.full((2, 2, 3), 2.0))
+
+
+def _collectives_body(rank, world_size):
+    _cross_entropy_body(rank, world_size)
+    _sequence_mappings_body(rank, world_size)
+
+
+def test_vocab_parallel_cross_entropy_and_sequence_mappings_tp2():
+    run_distributed(_collectives_body, 2, timeout=60)
 
 
 def test_padded_vocab_must_divide_by_tp():
