@@ -1,6 +1,7 @@
 """Pipeline parallelism: layer split, schedules, tied embeddings; PP=2 and PP=4 (gloo, CPU) match
 the single-process run step for step, with and without random-LTD."""
 
+import contextlib
 import re
 from types import SimpleNamespace
 
@@ -35,10 +36,10 @@ def reference_model():
     return GPTModel(make_config())
 
 
-def micro_batches(steps):
+def micro_batches(count):
     g = torch.Generator().manual_seed(7)
     return [{"text": torch.randint(1, VOCAB, (MB, SEQ + 1), generator=g),
-             "index": torch.arange(MB) + MB * i} for i in range(steps * NUM_MB)]
+             "index": torch.arange(MB) + MB * i} for i in range(count)]
 
 
 def recording_forward_step(events):
@@ -63,17 +64,21 @@ def token_drop_for(step):
     return lambda ids: TokenDropState(SEED, step, {1: 8, 2: 8}, ids)
 
 
-def train(model, parallel, steps, ltd=False, no_sync=None):
-    """``steps`` SGD steps through forward_backward; -> (losses per step, events)."""
+def train(model, parallel, steps, ltd=False, no_sync=None, num_mb=NUM_MB):
+    """``steps`` SGD steps through forward_backward; -> (losses per step, events). Each step
+    consumes ``num_mb * dp_size`` micro-batches; DP rank d takes the d-th run of ``num_mb``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    data, events, losses = iter(micro_batches(steps)), [], []
+    step_size = num_mb * parallel.dp_size
+    mine = [mb for i, mb in enumerate(micro_batches(steps * step_size))
+            if (i % step_size) // num_mb == parallel.dp_rank]
+    data, events, losses = iter(mine), [], []
     forward_step = recording_forward_step(events)
     model.train()
     for step in range(steps):
         optimizer.zero_grad()
         reported = forward_backward(
             forward_step=forward_step, data_iterator=data, model=model, parallel=parallel,
-            num_microbatches=NUM_MB, tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
+            num_microbatches=num_mb, tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
             scale_loss=lambda loss: loss, token_drop=token_drop_for(step) if ltd else None,
             no_sync=no_sync)
         allreduce_embedding_grads(model, parallel)
@@ -98,42 +103,54 @@ def build_stage(parallel, split=None):
     return stage, ids
 
 
-def _pipeline_body(rank, world_size, split, steps, ltd, forward_only):
-    parallel = build_parallel_state(tp=1, pp=world_size)
+def _pipeline_body(rank, world_size, split, steps, ltd, forward_only, pp=None):
+    """One pipeline of ``pp`` stages (default: all ranks); ``forward_only`` None: PP x DP."""
+    parallel = build_parallel_state(tp=1, pp=pp or world_size)
     stage, ids = build_stage(parallel, split)
     initialize_embedding_tie(stage, parallel)
     out = {"layer_ids": ids}
     if HEAD_COPY in dict(stage.named_parameters()):
         out["head_copy_at_start"] = stage.word_embeddings.weight.detach().numpy().copy()
+    if forward_only is None:  # PP x DP: the stage wrapped in torch DDP over the DP group
+        ddp = torch.nn.parallel.DistributedDataParallel(stage, process_group=parallel.dp_group,
+                                                        broadcast_buffers=False)
+        out["losses"], _ = train(ddp, parallel, steps, ltd, no_sync=ddp.no_sync)
+        out["dp_rank"], out["pp_rank"] = parallel.dp_rank, parallel.pp_rank
+        out["params"] = stage_params(stage, ids)
+        return out
     if forward_only:
         stage.eval()
         events = []
         with torch.no_grad():
             reported = forward_backward(
                 forward_step=recording_forward_step(events),
-                data_iterator=iter(micro_batches(1)), model=[stage], parallel=parallel,
+                data_iterator=iter(micro_batches(NUM_MB)), model=[stage], parallel=parallel,
                 num_microbatches=NUM_MB, tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
                 scale_loss=lambda loss: loss, forward_only=True)
         out.update(losses=[[float(d["lm loss"]) for d in reported]], events=events,
                    grads=[n for n, p in stage.named_parameters() if p.grad is not None])
         return out
     out["losses"], out["events"] = train(stage, parallel, steps, ltd)
-    params = {}
-    for name, param in stage.named_parameters():
-        key = "head_copy" if name == HEAD_COPY else global_name(name, ids)
-        params[key] = param.detach().numpy().copy()  # numpy: tensors do not outlive the rank
-    out["params"] = params
+    out["params"] = stage_params(stage, ids)
     return out
 
 
-def reference_run(steps, ltd):
+def stage_params(stage, ids):
+    """Parameters by global name (the LM head's copy as 'head_copy'), as numpy arrays (tensors
+    do not outlive the rank's process)."""
+    return {"head_copy" if name == HEAD_COPY else global_name(name, ids):
+            param.detach().numpy().copy() for name, param in stage.named_parameters()}
+
+
+def reference_run(steps, ltd, num_mb=NUM_MB):
     model = reference_model()
-    losses, _ = train(model, ParallelState(), steps, ltd)
+    losses, _ = train(model, ParallelState(), steps, ltd, num_mb=num_mb)
     return losses, model.state_dict()
 
 
-def check_against_reference(results, steps, ltd):
-    ref_losses, ref_params = reference_run(steps, ltd)
+def check_against_reference(results, steps, ltd, reference=None):
+    """``results``: the stages of one pipeline, in order."""
+    ref_losses, ref_params = reference or reference_run(steps, ltd)
     assert all(r["losses"] == [[]] * steps for r in results[:-1])
     torch.testing.assert_close(torch.tensor(results[-1]["losses"]), torch.tensor(ref_losses),
                                rtol=1e-5, atol=0)
@@ -179,19 +196,19 @@ def test_without_pipelining_is_the_gradient_accumulation_loop_bitwise():
     model = reference_model()
     entered = []
 
-    @__import__("contextlib").contextmanager
+    @contextlib.contextmanager
     def no_sync():
         entered.append(1)
         yield
 
     forward_backward(forward_step=recording_forward_step([]),
-                     data_iterator=iter(micro_batches(1)), model=model,
+                     data_iterator=iter(micro_batches(NUM_MB)), model=model,
                      parallel=ParallelState(), num_microbatches=NUM_MB,
                      tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
                      scale_loss=lambda loss: loss * 8.0, no_sync=no_sync)
     # train_step's loop, written out
     manual = reference_model()
-    forward_step, data = recording_forward_step([]), iter(micro_batches(1))
+    forward_step, data = recording_forward_step([]), iter(micro_batches(NUM_MB))
     for _ in range(NUM_MB):
         output, loss_func = forward_step(data, manual)
         loss, _ = loss_func(output)
@@ -248,7 +265,7 @@ def test_pp2_uneven_split_with_random_ltd_matches_single_process():
 def test_pp2_forward_only_gives_the_evaluation_losses():
     results = run_distributed(_pipeline_body, 2, args=(None, 1, False, True), timeout=90)
     model = reference_model().eval()
-    forward_step, data = recording_forward_step([]), iter(micro_batches(1))
+    forward_step, data = recording_forward_step([]), iter(micro_batches(NUM_MB))
     expected = []
     with torch.no_grad():
         for _ in range(NUM_MB):
@@ -259,3 +276,18 @@ def test_pp2_forward_only_gives_the_evaluation_losses():
     for r in results:
         assert [e[0] for e in r["events"]] == ["F"] * NUM_MB
         assert r["grads"] == []
+
+
+def test_pp2_times_dp2_with_ddp_matches_single_process():
+    # ranks 0, 1: stage 0 of DP replicas 0, 1; ranks 2, 3: stage 1. Each replica runs 4 of the
+    # step's 8 micro-batches; averaged gradients equal one process running all 8.
+    steps = 2
+    results = run_distributed(_pipeline_body, 4, args=(None, steps, True, None, 2), timeout=90)
+    assert [(r["pp_rank"], r["dp_rank"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ref_losses, ref_params = reference_run(steps, ltd=True, num_mb=2 * NUM_MB)
+    torch.testing.assert_close(
+        torch.tensor([a + b for a, b in zip(results[2]["losses"], results[3]["losses"])]),
+        torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    for replica in (results[0::2], results[1::2]):
+        replica[-1] = dict(replica[-1], losses=ref_losses)  # losses checked above
+        check_against_reference(replica, steps, True, (ref_losses, ref_params))

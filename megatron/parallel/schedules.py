@@ -49,8 +49,11 @@ Data-parallel gradient reduction: ``no_sync`` (a context-manager factory, e.g. a
 wrapper's ``no_sync``) is entered around every forward and backward of the step except the
 last micro-batch's forward and the step's final backward, so a reducer that reads its sync flag
 at backward time reduces once per step. torch's DistributedDataParallel arms its reducer at
-forward time and therefore cannot wrap a pipeline stage under 1F1B (other backwards run between
-the last forward and the last backward); that combination is refused.
+forward time, and under 1F1B other backwards run between the last forward and the last
+backward; so with pp_size > 1 a DDP-wrapped stage runs the whole schedule inside DDP's
+``no_sync`` and its gradients are then averaged over DDP's group in one flat all-reduce per
+dtype (``average_gradients``): the same result as DDP's bucketed reduction, without the overlap
+with backward.
 
 Interleaved 1F1B (--num-layers-per-virtual-pipeline-stage) is not implemented.
 """
@@ -104,11 +107,15 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
         return run.losses
     if parallel.pp_size == 1:
         _no_pipelining(run)
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        # DDP arms its reducer at forward time, but 1F1B runs other micro-batches' backwards
+        # between the last forward and the last backward: keep DDP out of the schedule and
+        # average the accumulated gradients over its group once, afterwards.
+        run.no_sync = None
+        with model.no_sync():
+            _one_f_one_b(run, tuple(tensor_shape), dtype)
+        average_gradients(run.stage, model.process_group)
     else:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            raise RuntimeError("torch DistributedDataParallel cannot wrap a pipeline stage under "
-                               "1F1B: reduce the stage's gradients over the data-parallel group "
-                               "after forward_backward instead")
         _one_f_one_b(run, tuple(tensor_shape), dtype)
     return run.losses
 
@@ -172,6 +179,27 @@ class _Runner:
         if input_tensor.grad is None:  # the stage did not use its input: a zero gradient
             return torch.zeros_like(input_tensor)
         return input_tensor.grad
+
+
+def average_gradients(module: torch.nn.Module, group) -> None:
+    """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes):
+    one flat all-reduce per dtype. A parameter without a gradient counts as zero."""
+    world = torch.distributed.get_world_size(group)
+    by_dtype = {}
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
+        torch.distributed.all_reduce(flat, group=group)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def _no_pipelining(run: _Runner) -> None:
