@@ -51,12 +51,27 @@ def forward_step_provider(args, tokenizer):
         return loss, {"lm loss": loss.detach()}
 
     def forward_step(data_iterator, model, token_drop=None):
-        """``token_drop``: None (no dropping) or sample ids -> TokenDropState (random-LTD)."""
+        """``token_drop``: None (no dropping) or sample ids -> TokenDropState (random-LTD).
+        A ``megatron.ltd.driver.TokenDropper`` (``accepts_tokens``) also gets the EOD positions
+        (the special tokens) and the labels, and sees the per-token losses (TokenBypass)."""
         tokens, labels, loss_mask, attention_mask, position_ids, sample_ids = \
             get_batch(data_iterator)
-        drop = token_drop(sample_ids) if token_drop is not None else None
+        drop, observe = None, None
+        if getattr(token_drop, "accepts_tokens", False):
+            drop = token_drop(sample_ids, special_mask=tokens == eod, labels=labels,
+                              tokens=tokens)
+            if token_drop.wants_losses:
+                observe = token_drop.observe_losses
+        elif token_drop is not None:
+            drop = token_drop(sample_ids)
         output = model(tokens, position_ids, attention_mask, labels=labels, token_drop=drop)
-        return output, lambda out: loss_func(loss_mask, out)
+
+        def loss(out):
+            if observe is not None:
+                observe(labels, out.detach(), loss_mask, tokens)
+            return loss_func(loss_mask, out)
+
+        return output, loss
 
     return forward_step
 

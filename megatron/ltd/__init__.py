@@ -1,4 +1,5 @@
-"""random-LTD: kept-token sampling, gather/scatter, kept-length schedules, layer-token accounting."""
+"""random-LTD: kept-token sampling, gather/scatter, kept-length schedules, layer-token accounting,
+TokenBypass importance, and the training loop's driver."""
 
 from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_attention_mask,
                                    gather_position_ids, gather_tokens, kept_indices_by_layer,
@@ -13,3 +14,5 @@ from megatron.ltd.layer_tokens import (cumulative_layer_tokens, iterations_for_l
                                        total_layer_tokens)
 from megatron.ltd.config import (RandomLTDConfig, add_random_ltd_args, load_deepspeed_config,
                                  random_ltd_config_from_args)
+from megatron.ltd.tokenbypass import TokenImportance, bypass_layer_ids, tokenbypass_config
+from megatron.ltd.driver import TokenDropper, TokenDroppingDriver

@@ -6,22 +6,79 @@ tokens for token-based schedules); *layer tokens* are tokens summed over all lay
 ``(s*(L-n) + r*n) // L``, which is what Megatron-DeepSpeed adds to "consumed tokens" (and so to
 ``--train-tokens`` and token-based LR) when random-LTD is on. A baseline run (random-LTD off)
 still counts layer tokens (``s * L`` per sample) so that the two compare at equal compute.
+
+Methods (``--random-ltd-method``): ``random`` draws each dropping layer's kept tokens by the
+hash of ``megatron.ltd.dropping``; with ``--random-ltd-keep-special-tokens`` the special tokens
+the entry point marks (GPT: EOD) are always among them. ``tokenbypass`` keeps the most important
+tokens by a per-id loss EMA (``megatron.ltd.tokenbypass``), one kept set for all its layers,
+which default to ``L/2 .. L-2`` (``self.cfg.layer_ids``; layer-token accounting follows them);
+special tokens are always kept.
+
+The ``token_drop`` callable (``TokenDropper``) takes the micro-batch's sample ids and, as keyword
+arguments, what the entry point knows per position: ``special_mask`` [b, s] (always kept when
+asked for), ``labels`` [b, s] (TokenBypass importance), ``tokens``, ``padding_mask`` (never kept
+by TokenBypass). Entry points tell it apart from a plain ``sample_ids -> TokenDropState``
+callable by ``accepts_tokens``. After the forward, the entry point's loss function hands it the
+per-token losses (``observe_losses``); TokenBypass's table is updated from them once per
+optimizer step, in ``end_iteration``.
 """
 
 import math
-from functools import partial
+
+import torch
 
 from megatron.ltd.dropping import TokenDropState
 from megatron.ltd.layer_tokens import iterations_for_layer_tokens
 from megatron.ltd.schedule import RandomLTDScheduler
+from megatron.ltd.tokenbypass import TokenImportance, tokenbypass_config
+
+
+class TokenDropper:
+    """The ``token_drop`` callable of one iteration: a micro-batch -> ``TokenDropState``."""
+
+    accepts_tokens = True
+    """Entry points may pass ``special_mask``/``labels``/``tokens``/``padding_mask``."""
+
+    def __init__(self, seed, iteration, kept_lengths, *, keep_special=False, importance=None):
+        self.seed = seed
+        self.iteration = iteration
+        self.kept_lengths = dict(kept_lengths)
+        self.keep_special = keep_special
+        self.importance = importance
+
+    def __call__(self, sample_ids, *, special_mask=None, labels=None, tokens=None,
+                 padding_mask=None):
+        priority = None
+        if self.importance is not None:
+            priority = self.importance.position_importance(labels, tokens)
+            if padding_mask is not None:
+                priority = priority.masked_fill(padding_mask.to(priority.device), -math.inf)
+        keep = special_mask if self.keep_special else None
+        return TokenDropState(self.seed, self.iteration, self.kept_lengths, sample_ids,
+                              keep_mask=keep, priority=priority,
+                              shared_layers=self.importance is not None)
+
+    @property
+    def wants_losses(self):
+        """True when ``observe_losses`` does something (TokenBypass)."""
+        return self.importance is not None
+
+    def observe_losses(self, labels, per_token_loss, loss_mask=None, tokens=None):
+        """A training micro-batch's per-token losses [b, s] (TokenBypass's table; else no-op)."""
+        if self.importance is not None:
+            with torch.no_grad():
+                self.importance.observe(labels, per_token_loss, loss_mask, tokens)
 
 
 class TokenDroppingDriver:
     """Owns the ``RandomLTDScheduler`` of a run; one ``begin``/``end`` pair per iteration."""
 
     def __init__(self, cfg, *, num_layers, seq_length, global_batch_size, seed):
+        cfg = tokenbypass_config(cfg)
         self.cfg = cfg
         self.enabled = cfg is not None and cfg.enabled
+        self.method = cfg.method if self.enabled else None
+        self.importance = TokenImportance() if self.method == "tokenbypass" else None
         self.num_layers = num_layers
         self.seq_length = seq_length
         self.global_batch_size = global_batch_size
@@ -33,14 +90,25 @@ class TokenDroppingDriver:
     # -- per iteration ---------------------------------------------------------------------------
     def begin_iteration(self, iteration):
         """Kept lengths for this iteration's forward; returns the ``token_drop`` callable
-        (micro-batch sample ids -> TokenDropState) or None for a dense step."""
+        (a ``TokenDropper``: micro-batch sample ids -> TokenDropState) or None for a dense step."""
         self._kept = self.scheduler.kept_lengths(iteration) if self.enabled else {}
         if not self._kept:
             return None
-        return partial(TokenDropState, self.seed, iteration, dict(self._kept))
+        keep_special = self.method == "tokenbypass" or self.cfg.keep_special_tokens
+        return TokenDropper(self.seed, iteration, self._kept, keep_special=keep_special,
+                            importance=self.importance)
+
+    def observe_losses(self, labels, per_token_loss, loss_mask=None, tokens=None):
+        """A training micro-batch's per-token losses (TokenBypass's table; else no-op)."""
+        if self.importance is not None:
+            with torch.no_grad():
+                self.importance.observe(labels, per_token_loss, loss_mask, tokens)
 
     def end_iteration(self):
-        """Account the finished optimizer step; returns its layer tokens."""
+        """Account the finished optimizer step (and apply TokenBypass's per-step EMA update);
+        returns its layer tokens."""
+        if self.importance is not None:
+            self.importance.step()
         return self.scheduler.step(self.global_batch_size)
 
     @property
@@ -83,7 +151,15 @@ class TokenDroppingDriver:
         return min(bounds) if bounds else None
 
     def state_dict(self):
-        return self.scheduler.state_dict()
+        """The scheduler's state; with TokenBypass also ``token_importance`` (the EMA table)."""
+        state = self.scheduler.state_dict()
+        if self.importance is not None:
+            state["token_importance"] = self.importance.state_dict()
+        return state
 
     def load_state_dict(self, state):
+        state = dict(state)
+        importance = state.pop("token_importance", None)
         self.scheduler.load_state_dict(state)
+        if self.importance is not None and importance is not None:
+            self.importance.load_state_dict(importance)

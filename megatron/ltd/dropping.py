@@ -28,6 +28,17 @@ Why a hash, not torch's RNG
       16-bit halves), so CPU and GPU compute the same bits. Keys carry the position in their low
       bits, so they are all distinct and the top-k result never depends on tie-breaking.
 
+Always-kept positions and importance (generalised selection)
+    ``keep_mask [b, s]`` (True = always kept, e.g. special tokens for the paper's Tab. 4 ablation)
+    gives those positions the smallest keys of all (``-2**63 + position``, below every hash key),
+    so they are kept first, in position order if there are more than ``r`` of them, and the other
+    ``r - k`` positions are the ``r - k`` smallest hash keys among the rest: still uniform over
+    the non-special positions. Without always-kept positions the keys, and so the indices, are
+    exactly plain random-LTD's. ``priority [b, s]`` (higher = keep first; TokenBypass importance)
+    orders positions by priority, ties by the key above: a stable sort by descending priority of
+    the positions in key order. Both stay vectorised, sorted ascending, and pure functions of
+    (seed, iteration, layer, sample id) and the given per-position inputs.
+
 Moving tokens
     ``gather_tokens`` is one ``index_select`` on the flattened ``[b*s, h]`` view and
     ``scatter_tokens`` one out-of-place ``index_copy``; see ``scatter_tokens`` for why these
@@ -86,12 +97,23 @@ class TokenDropState:
     schedule keeps the first and last layers out of the map (``middle_layer_kept_lengths``).
     ``sample_ids``: [b] integers, a unique id of each sample of the micro-batch within the global
     batch, the same whatever the TP/PP/DP layout or micro-batch split (the dataset index).
+
+    Optional, per position of the full-length input (see the module docstring):
+    ``keep_mask``: [b, s] bool, True where the position is always kept (special tokens).
+    ``priority``: [b, s] float, higher is kept first, ties broken by the hash (TokenBypass).
+    ``shared_layers``: one kept set for all dropping layers with the same kept length (the hash
+    of the smallest layer id in ``kept_lengths`` breaks ties), instead of one per layer. The
+    dropped tokens then skip the whole range (TokenBypass); the block still gathers and scatters
+    around each layer, which gives exactly the values of gathering once and merging back once.
     """
 
     seed: int
     iteration: int
     kept_lengths: Mapping[int, int]
     sample_ids: torch.Tensor
+    keep_mask: Optional[torch.Tensor] = None
+    priority: Optional[torch.Tensor] = None
+    shared_layers: bool = False
 
     def __post_init__(self):
         lengths = {int(k): int(v) for k, v in dict(self.kept_lengths).items()}
@@ -107,6 +129,15 @@ class TokenDropState:
             raise ValueError(f"sample_ids must be a 1-D integer tensor, got {ids.dtype} "
                              f"{tuple(ids.shape)}")
         object.__setattr__(self, "sample_ids", ids.to(torch.int64))
+        for name in ("keep_mask", "priority"):
+            value = getattr(self, name)
+            if value is not None and (value.dim() != 2 or value.size(0) != ids.numel()):
+                raise ValueError(f"{name} must be [b={ids.numel()}, s], got "
+                                 f"{tuple(value.shape)}")
+        if self.keep_mask is not None and self.keep_mask.dtype != torch.bool:
+            raise ValueError(f"keep_mask must be bool, got {self.keep_mask.dtype}")
+        if self.priority is not None and not self.priority.dtype.is_floating_point:
+            raise ValueError(f"priority must be floating point, got {self.priority.dtype}")
 
 
 def middle_layer_kept_lengths(num_layers: int, kept: int) -> Dict[int, int]:
@@ -115,10 +146,17 @@ def middle_layer_kept_lengths(num_layers: int, kept: int) -> Dict[int, int]:
 
 
 def kept_indices_for_layers(seed: int, iteration: int, layer_ids: Sequence[int],
-                            sample_ids: torch.Tensor, seq_len: int, kept: int) -> torch.Tensor:
+                            sample_ids: torch.Tensor, seq_len: int, kept: int,
+                            keep_mask: Optional[torch.Tensor] = None,
+                            priority: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Kept positions ``[len(layer_ids), b, kept]`` (int64, each row sorted ascending) for several
     layers at once; row ``[j, i]`` equals ``sample_kept_indices(seed, iteration, layer_ids[j],
-    sample_ids[i:i+1], seq_len, kept)[0]``. Vectorised over layers, samples and positions."""
+    sample_ids[i:i+1], seq_len, kept)[0]``. Vectorised over layers, samples and positions.
+
+    ``keep_mask`` [b, seq_len] bool: positions kept before all others (the first ``kept`` of them
+    by position if there are more). ``priority`` [b, seq_len] float: positions kept in order of
+    descending priority, ties by the hash (always-kept positions count as +inf). Both are the
+    same for every layer of ``layer_ids``."""
     if not 1 <= seq_len < 2 ** 31:
         raise ValueError(f"seq_len must be in [1, 2**31), got {seq_len}")
     if not 1 <= kept <= seq_len:
@@ -149,17 +187,36 @@ def kept_indices_for_layers(seed: int, iteration: int, layer_ids: Sequence[int],
     pos_bits = max(1, (seq_len - 1).bit_length())
     extra = 31 - pos_bits  # hash bits beyond the first lane's 32: key < 2**63
     hashed = (lanes[0] << extra) | (lanes[1] >> (32 - extra))  # [L, b, s], < 2**(63 - pos_bits)
-    keys = (hashed << pos_bits) | pos  # distinct within a row
-    smallest = torch.topk(keys, kept, dim=-1, largest=False, sorted=False).values
-    return torch.sort(smallest & ((1 << pos_bits) - 1), dim=-1).values  # [L, b, r]
+    keys = (hashed << pos_bits) | pos  # distinct within a row, in [0, 2**63)
+    for name, value in (("keep_mask", keep_mask), ("priority", priority)):
+        if value is not None and tuple(value.shape) != (sid.numel(), seq_len):
+            raise ValueError(f"{name} must be [b={sid.numel()}, seq_len={seq_len}], got "
+                             f"{tuple(value.shape)}")
+    if keep_mask is not None:
+        # Below every hash key, in position order; the low bits still hold the position.
+        keys = torch.where(keep_mask.to(device), pos + torch.iinfo(torch.int64).min, keys)
+    if priority is None:
+        smallest = torch.topk(keys, kept, dim=-1, largest=False, sorted=False).values
+        return torch.sort(smallest & ((1 << pos_bits) - 1), dim=-1).values  # [L, b, r]
+    priority = priority.to(device)
+    if keep_mask is not None:
+        priority = priority.masked_fill(keep_mask.to(device), float("inf"))
+    by_key = torch.argsort(keys, dim=-1)  # [L, b, s] positions in key order
+    ranked = priority.expand_as(keys).gather(-1, by_key)
+    # Stable: among equal priorities the key order stays (ties broken by the hash).
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :kept]
+    return torch.sort(by_key.gather(-1, order), dim=-1).values  # [L, b, r]
 
 
 def sample_kept_indices(seed: int, iteration: int, layer_id: int, sample_ids: torch.Tensor,
-                        seq_len: int, kept: int) -> torch.Tensor:
+                        seq_len: int, kept: int, keep_mask: Optional[torch.Tensor] = None,
+                        priority: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Positions ``[b, kept]`` (int64, ascending, on ``sample_ids``' device) kept by layer
     ``layer_id`` for each sample: a uniform ``kept``-subset of ``range(seq_len)``, a pure function
-    of (seed, iteration, layer_id, sample id) and (seq_len, kept). Never uses torch's RNG."""
-    return kept_indices_for_layers(seed, iteration, [layer_id], sample_ids, seq_len, kept)[0]
+    of (seed, iteration, layer_id, sample id) and (seq_len, kept). Never uses torch's RNG.
+    ``keep_mask`` / ``priority``: see ``kept_indices_for_layers``."""
+    return kept_indices_for_layers(seed, iteration, [layer_id], sample_ids, seq_len, kept,
+                                   keep_mask, priority)[0]
 
 
 def kept_indices_by_layer(state: TokenDropState, layer_ids: Iterable[int], seq_len: int,
@@ -168,7 +225,9 @@ def kept_indices_by_layer(state: TokenDropState, layer_ids: Iterable[int], seq_l
     """Global layer id -> kept positions [b, r] for those of ``layer_ids`` that drop at this
     input length (r < seq_len). ``include_full`` also returns ``arange(seq_len)`` rows for
     layers with r >= seq_len (tests force the gather/scatter path this way). One hash evaluation
-    per distinct kept length."""
+    per distinct kept length. With ``state.shared_layers`` the layers of one kept length share
+    one selection, and the same tensor object (hashed with the smallest layer id of
+    ``state.kept_lengths``, so every pipeline stage agrees)."""
     groups: Dict[int, list] = {}
     for layer_id in layer_ids:
         kept = state.kept_lengths.get(layer_id)
@@ -178,9 +237,13 @@ def kept_indices_by_layer(state: TokenDropState, layer_ids: Iterable[int], seq_l
     sample_ids = state.sample_ids if device is None else state.sample_ids.to(device)
     out = {}
     for kept, ids in groups.items():
-        indices = kept_indices_for_layers(state.seed, state.iteration, ids, sample_ids, seq_len,
-                                          kept)
-        out.update(zip(ids, indices.unbind(0)))
+        hashed = [min(state.kept_lengths)] if state.shared_layers else ids
+        indices = kept_indices_for_layers(state.seed, state.iteration, hashed, sample_ids,
+                                          seq_len, kept, state.keep_mask, state.priority)
+        if state.shared_layers:
+            out.update((layer_id, indices[0]) for layer_id in ids)
+        else:
+            out.update(zip(ids, indices.unbind(0)))
     return out
 
 
