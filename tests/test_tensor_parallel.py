@@ -326,6 +326,23 @@ def _sequence_parallel_body(rank, world_size):
     with pytest.raises(UserError, match="--sequence-parallel.*kept length 7"):
         sp(ids, labels=labels, token_drop=_token_drop(7))
 
+    # Two pipeline stages on one rank (rope): the later stage receives a sequence chunk and
+    # still derives the full-length position ids.
+    cfg = _config(sequence_parallel=True, position_embedding_type="rope")
+    whole = GPTModel(cfg, parallel)
+    first = GPTModel(cfg, parallel, post_process=False, layer_ids=[0, 1])
+    last = GPTModel(cfg, parallel, pre_process=False, layer_ids=[2, 3])
+    sd = whole.state_dict()
+    first.load_state_dict({k: v for k, v in sd.items() if k in first.state_dict()})
+    stage = {k.replace("layers.2.", "layers.0.").replace("layers.3.", "layers.1."): v
+             for k, v in sd.items()}
+    stage["word_embeddings.weight"] = sd["language_model.embedding.word_embeddings.weight"]
+    last.load_state_dict({k: v for k, v in stage.items() if k in last.state_dict()})
+    hidden = first(ids)
+    assert hidden.shape == (B, S // world_size, H)
+    last.set_input_tensor(hidden)
+    torch.testing.assert_close(last(None, labels=labels), whole(ids, labels=labels), **TOL)
+
 
 def test_sequence_parallel_equals_tensor_parallel():
     run_distributed(_sequence_parallel_body, 2, timeout=120)
