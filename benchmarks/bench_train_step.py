@@ -14,7 +14,8 @@ embeddings, attention probabilities and residual branches.
   from ``build_optimizer`` (torch AdamW, fused where the device supports it, weight decay 0.01
   except biases/norms, gradient clipping at 1.0 as Megatron's default; bf16:
   ``Float16OptimizerWithFloat16Params``, bf16 model with fp32 master weights), and one call of
-  ``megatron.training.train_step`` with ``pretrain_gpt``'s forward step (loss: mean per-token
+  ``megatron.training``'s training step (``StepRunner.train_step``, or ``train_step`` in the
+  earlier layout) with ``pretrain_gpt``'s forward step (loss: mean per-token
   cross entropy in fp32, from our vocab-parallel cross entropy).
 - HF: ``GPT2LMHeadModel(config)`` with ``attn_implementation="sdpa"``, vocabulary 50257,
   ``model(input_ids, labels=input_ids).loss`` (HF shifts the labels; mean cross entropy over
@@ -79,15 +80,15 @@ def parse_args(argv=None):
 
 
 def build_ours(args, dtype, device):
-    """GPTModel + build_optimizer + train_step exactly as megatron.training wires them."""
+    """GPTModel + build_optimizer + the training loop's step, wired as megatron.training does."""
     import pretrain_gpt
+    from megatron import training
     from megatron.model import GPTModel
     from megatron.model.config import TransformerConfig
     from megatron.optim import build_optimizer
     from megatron.parallel.random import build_rng_tracker
     from megatron.parallel.state import ParallelState
     from megatron.tokenizer.abstract import vocab_size_with_padding
-    from megatron.training import train_step
 
     config = TransformerConfig(
         num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -96,18 +97,28 @@ def build_ours(args, dtype, device):
     parallel = ParallelState(rng_tracker=build_rng_tracker(args.seed, tp_rank=0))
     model = GPTModel(config, parallel=parallel).to(device)
     optimizer = build_optimizer(model, lr=LR, bf16=dtype == torch.bfloat16, log=lambda _: None)
-    flags = types.SimpleNamespace(device=str(device), reset_position_ids=False,
-                                  reset_attention_mask=False, eod_mask_loss=False,
-                                  num_micro_batches=1)
+    flags = types.SimpleNamespace(
+        device=str(device), reset_position_ids=False, reset_attention_mask=False,
+        eod_mask_loss=False, num_micro_batches=1, micro_batch_size=args.batch_size,
+        seq_length=args.seq_length, hidden_size=args.hidden, tensor_model_parallel_size=1,
+        sequence_parallel=False, params_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
     forward_step = pretrain_gpt.forward_step_provider(flags, types.SimpleNamespace(eod=0))
     runner = torch.compile(model) if args.compile else model
     text = make_tokens(args, device, args.seq_length + 1)  # tokens + the next-token labels
     batch = {"text": text, "index": torch.arange(args.batch_size)}  # what the data loader gives
 
+    if hasattr(training, "StepRunner"):  # the loop's per-rank step object
+        stepper = training.StepRunner(flags, parallel, model, runner, optimizer, forward_step)
+
+        def train_step():
+            return stepper.train_step(iter([batch]))
+    else:  # earlier layout: a train_step function
+        def train_step():
+            return training.train_step(flags, forward_step, iter([batch]), runner, optimizer)
+
     def step():
-        losses, _, _ = train_step(flags, forward_step, iter([batch]), runner,
-                                  optimizer)
-        return losses["lm loss"]
+        losses, _, _ = train_step()
+        return float(losses["lm loss"])
 
     return model, optimizer, step
 
@@ -179,6 +190,8 @@ def run_dtype(args, dtype_name, device):
     steps = {name: side[2] for name, side in sides.items()}
     print(f"\n[{dtype_name}] warmup {args.warmup}, {args.steps} timed steps, alternating")
     times = interleaved_times(steps, args.steps, args.warmup, device, log=print)
+    if hasattr(os, "getloadavg"):
+        print("  load average after timing: %.1f %.1f %.1f" % os.getloadavg())
 
     results = {}
     for name, (model, optimizer, step) in sides.items():
@@ -195,6 +208,12 @@ def run_dtype(args, dtype_name, device):
     if args.profile:
         for name, step in steps.items():
             profile_step(f"{name} {dtype_name}", step, device, args.profile)
+    if len(times) == 2:
+        # Median of the per-round ratios: each round runs both sides back to back, so a
+        # slow phase of a shared machine cancels better than in the ratio of the medians.
+        for kind in ("wall", "cpu"):
+            ratios = [h / o for h, o in zip(times["hf"][kind], times["ours"][kind])]
+            results["hf"][f"paired_{kind}"] = median(ratios)
     del sides, steps
     return results, method
 
@@ -238,6 +257,8 @@ def main(argv=None):
             print(f"{dtype_name:<6}{'HF/ours':<6}{hf['ms'] / ours['ms']:>9.2f}x"
                   f"{hf['cpu_ms'] / ours['cpu_ms']:>9.2f}x{'':>11}{'':>11}{'':>10}"
                   f"{(hf['state_mib'] + hf['step_mib']) / (ours['state_mib'] + ours['step_mib']):>9.2f}x")
+            print(f"{dtype_name:<6}{'paired':<6}{hf['paired_wall']:>9.2f}x"
+                  f"{hf['paired_cpu']:>9.2f}x   (median over rounds of HF/ours)")
     return table
 
 
