@@ -81,7 +81,7 @@ def validate_args(args, world_size=1):
     _require(args.num_attention_heads % tp == 0,
              f"--num-attention-heads {args.num_attention_heads} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
-    _require(args.num_layers % pp == 0 or args.num_layers >= pp,
+    _require(args.num_layers >= pp,
              f"--num-layers {args.num_layers} cannot be split over "
              f"--pipeline-model-parallel-size {pp}")
     if args.ffn_hidden_size is None:
@@ -171,17 +171,25 @@ def validate_args(args, world_size=1):
     _require(args.log_interval > 0, "--log-interval must be positive")
     _require(args.eval_interval > 0, "--eval-interval must be positive")
 
-    # -- pipeline / tensor parallel are not available in this build yet
-    if world_size > 1 or tp > 1 or pp > 1:
-        raise UserError(
-            f"world size {world_size}, --tensor-model-parallel-size {tp}, "
-            f"--pipeline-model-parallel-size {pp}: multi-process training (tensor, pipeline "
-            "and data parallelism) is not implemented yet; run a single process")
+    # -- parallel options
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False  # as Megatron: nothing to split at TP 1
     if args.sequence_parallel:
-        raise UserError("--sequence-parallel needs tensor parallelism, which is not "
-                        "implemented yet")
-    if args.use_distributed_optimizer:
-        raise UserError("--use-distributed-optimizer is not implemented yet")
+        _require(args.seq_length % tp == 0,
+                 f"--sequence-parallel needs --seq-length {args.seq_length} divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise UserError("--num-layers-per-virtual-pipeline-stage: the interleaved 1F1B "
+                        "schedule is not implemented; leave the flag unset")
+    if args.pipeline_layer_split is not None:
+        from megatron.parallel.pipeline_utils import parse_layer_split, stage_layer_ids
+
+        args.pipeline_layer_split = parse_layer_split(args.pipeline_layer_split)
+        stage_layer_ids(args.num_layers, pp, 0, args.pipeline_layer_split)  # validates
+    elif pp > 1:
+        _require(args.num_layers % pp == 0,
+                 f"--num-layers {args.num_layers} is not divisible by "
+                 f"--pipeline-model-parallel-size {pp} (or give --pipeline-layer-split)")
 
     # random-LTD / layer-token options (flags and DeepSpeed JSON): fail early on bad values.
     from megatron.ltd.config import random_ltd_config_from_args
@@ -222,6 +230,8 @@ def transformer_config_from_args(args):
         add_bias_linear=not args.disable_bias_linear,
         params_dtype=dtype[args.params_dtype],
         recompute_granularity=args.recompute_granularity,
+        sequence_parallel=args.sequence_parallel,
+        init_seed=args.seed,
     )
 
 
@@ -355,7 +365,11 @@ def _add_distributed_args(parser):
     g = parser.add_argument_group("distributed")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Split LayerNorm/dropout activations along the sequence over TP ranks.")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--pipeline-layer-split", default=None,
+                   help="Layers per pipeline stage, e.g. 3,5 (default: even split).")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="Default: nccl on GPU, gloo on CPU.")

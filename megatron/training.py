@@ -25,7 +25,13 @@ from megatron.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
+from megatron.parallel.data_parallel import no_sync_factory, wrap_data_parallel
+from megatron.parallel.initialize import (build_parallel_state, init_process_group,
+                                          read_distributed_env)
+from megatron.parallel.layers import allreduce_sequence_parallel_grads
+from megatron.parallel.pipeline_utils import allreduce_embedding_grads, initialize_embedding_tie
 from megatron.parallel.random import build_rng_tracker
+from megatron.parallel.schedules import forward_backward
 from megatron.parallel.state import ParallelState
 from megatron.training_log import TrainingLogger
 from megatron.utils import print_rank_0
@@ -69,41 +75,65 @@ def build_tokenizer_from_args(args, log=print_rank_0):
 def run_pretraining(args, datasets_provider, model_provider, forward_step_provider,
                     log=print_rank_0):
     start_time = time.time()
+    env = read_distributed_env()
+    started_here = env.world_size > 1 and not torch.distributed.is_initialized()
+    if started_here:
+        init_process_group(env, args.distributed_backend)
+    try:
+        return _run_pretraining(args, datasets_provider, model_provider, forward_step_provider,
+                                log, start_time)
+    finally:
+        if started_here:
+            torch.distributed.destroy_process_group()
+
+
+def _run_pretraining(args, datasets_provider, model_provider, forward_step_provider, log,
+                     start_time):
     device = select_device(args.device)
     args.device = str(device)
-    set_random_seed(args.seed)
-    parallel = ParallelState(rng_tracker=build_rng_tracker(args.seed, tp_rank=0))
+    parallel = build_parallel_state(args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size)
+    parallel = dataclasses.replace(parallel,
+                                   rng_tracker=build_rng_tracker(args.seed, parallel.tp_rank))
+    # As Megatron: pipeline stages use different default-generator seeds (different dropout
+    # streams); tensor-parallel ranks share one, so replicated regions drop the same units.
+    set_random_seed(args.seed + 100 * parallel.pp_rank)
     tokenizer = build_tokenizer_from_args(args, log)
 
     model = model_provider(args, parallel).to(device)
+    initialize_embedding_tie(model, parallel)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f" > number of parameters: {n_params}")
-    optimizer = build_optimizer(model, args=args, log=log)
+    log(f" > number of parameters on (tensor, pipeline) model parallel rank "
+        f"({parallel.tp_rank}, {parallel.pp_rank}): {n_params}")
+    optimizer = build_optimizer(model, args=args, log=log, model_parallel_group=parallel.mp_group,
+                                tp_rank=parallel.tp_rank, data_parallel_group=parallel.dp_group)
     ltd = build_token_dropping(args, log)
     resolve_train_iters(args, ltd)
     scheduler = build_scheduler(args, optimizer, ltd)
     state, ckpt = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker,
-                                  log=log)
+                                  log=log, parallel=parallel)
     if ckpt is not None and state.iteration > 0 and "random_ltd_scheduler" in ckpt:
         ltd.load_state_dict(ckpt["random_ltd_scheduler"])
     if args.load is not None and (args.no_load_optim or args.finetune):
         optimizer.reload_model_params()
 
     train_iter, valid_iter, test_iter = build_data_iterators(args, state, tokenizer,
-                                                             datasets_provider, log)
-    forward_step = forward_step_provider(args, tokenizer)
-    logger = TrainingLogger(args, log=log)
-    log(f"setup done in {time.time() - start_time:.1f} s; training on {device}")
+                                                             datasets_provider, parallel, log)
+    step = StepRunner(args, parallel, model, wrap_data_parallel(model, parallel), optimizer,
+                      forward_step_provider(args, tokenizer))
+    logger = TrainingLogger(args, log=log, write=torch_rank() == 0)
+    log(f"setup done in {time.time() - start_time:.1f} s; training on {device} "
+        f"(TP {parallel.tp_size} x PP {parallel.pp_size} x DP {parallel.dp_size})")
 
     try:
         if not args.skip_train and state.iteration < args.train_iters:
-            train(args, state, forward_step, model, optimizer, scheduler, ltd, train_iter,
-                  valid_iter, logger, start_time, log, rng_tracker=parallel.rng_tracker)
+            train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time,
+                  log)
         if args.eval_iters > 0 and valid_iter is not None:
-            run_evaluation(args, state, forward_step, model, valid_iter, logger,
+            run_evaluation(args, state, step, valid_iter, logger,
                            f"iteration {state.iteration} on validation set", ltd)
         if args.eval_iters > 0 and test_iter is not None:
-            run_evaluation(args, state, forward_step, model, test_iter, logger,
+            run_evaluation(args, state, step, test_iter, logger,
                            f"iteration {state.iteration} on test set", ltd, count_valid=False)
     finally:
         logger.close()
@@ -184,7 +214,7 @@ def train_valid_test_num_samples(args):
             args.eval_iters * args.global_batch_size)
 
 
-def build_data_iterators(args, state, tokenizer, datasets_provider, log):
+def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, log):
     from megatron.data.samplers import build_pretraining_data_loader
 
     resolve_train_iters(args)
@@ -199,8 +229,8 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, log):
         if dataset is None:
             return None
         return iter(build_pretraining_data_loader(
-            dataset, consumed, args.micro_batch_size, dp_rank=0,
-            dp_size=args.data_parallel_size, num_workers=args.num_workers,
+            dataset, consumed, args.micro_batch_size, dp_rank=parallel.dp_rank,
+            dp_size=parallel.dp_size, num_workers=args.num_workers,
             dataloader_type=args.dataloader_type, seed=args.seed))
 
     return (loader(train_ds, state.consumed_train_samples),
@@ -219,44 +249,99 @@ def flops_per_iteration(args, kept_length=None):
                                    recompute=args.recompute_granularity == "full")
 
 
-def train_step(args, forward_step, data_iterator, model, optimizer, token_drop=None):
-    """One optimizer step over ``args.num_micro_batches`` micro-batches (gradient accumulation).
+@dataclasses.dataclass
+class StepRunner:
+    """One rank's model, optimizer and schedule: runs training steps and evaluation batches.
 
-    Returns (loss_dict averaged over micro-batches, update_successful, grad_norm).
+    ``model`` is this rank's module (a pipeline stage, tensor-parallel shard); ``wrapped`` the
+    same module under data parallelism (or itself). Loss dicts come back on every rank: reduced
+    on the last pipeline stage (mean over micro-batches and data-parallel replicas) and
+    broadcast along the pipeline.
     """
-    optimizer.zero_grad()
-    model.train()
+
+    args: argparse.Namespace
+    parallel: ParallelState
+    model: torch.nn.Module
+    wrapped: torch.nn.Module
+    optimizer: object
+    forward_step: object
+
+    def _schedule(self, data_iterator, token_drop, forward_only):
+        args = self.args
+        seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel
+                                  else 1)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16}[args.params_dtype]
+        reported = forward_backward(
+            forward_step=self.forward_step, data_iterator=data_iterator, model=self.wrapped,
+            parallel=self.parallel, num_microbatches=args.num_micro_batches,
+            tensor_shape=(args.micro_batch_size, seq, args.hidden_size), dtype=dtype,
+            scale_loss=self.optimizer.scale_loss, token_drop=token_drop,
+            forward_only=forward_only,
+            no_sync=None if forward_only else no_sync_factory(self.wrapped))
+        return reduce_loss_dicts(reported, self.parallel)
+
+    def train_step(self, data_iterator, token_drop=None):
+        """One optimizer step over the global batch; (losses, update_successful, grad_norm)."""
+        self.optimizer.zero_grad()
+        self.model.train()
+        losses = self._schedule(data_iterator, token_drop, forward_only=False)
+        allreduce_embedding_grads(self.model, self.parallel)
+        if self.args.sequence_parallel:
+            allreduce_sequence_parallel_grads(self.model, self.parallel)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        return losses, update_successful, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self, data_iterator, eval_iters):
+        """Mean of each reported loss over ``eval_iters`` global batches (no dropout/dropping)."""
+        self.model.eval()
+        totals = {}
+        for _ in range(eval_iters):
+            for key, value in self._schedule(data_iterator, None, forward_only=True).items():
+                totals[key] = totals.get(key, 0.0) + value
+        self.model.train()
+        return {key: value / eval_iters for key, value in totals.items()}
+
+
+def torch_rank():
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def reduce_loss_dicts(reported, parallel):
+    """Per-micro-batch loss dicts (last stage only) -> {name: float}, the same on every rank:
+    averaged over micro-batches and data-parallel replicas, broadcast along the pipeline."""
     losses = {}
-    for _ in range(args.num_micro_batches):
-        output, loss_func = forward_step(data_iterator, model, token_drop)
-        loss, reported = loss_func(output)
-        optimizer.scale_loss(loss / args.num_micro_batches).backward()
-        for key, value in reported.items():
-            losses[key] = losses.get(key, 0.0) + float(value) / args.num_micro_batches
-    update_successful, grad_norm, _ = optimizer.step()
-    return losses, update_successful, grad_norm
+    for item in reported:
+        for key, value in item.items():
+            losses[key] = losses.get(key, 0.0) + float(value) / len(reported)
+    if parallel.dp_size > 1 and parallel.is_last_stage:
+        keys = sorted(losses)
+        t = torch.tensor([losses[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t, group=parallel.dp_group)
+        losses = {k: float(v) / parallel.dp_size for k, v in zip(keys, t)}
+    if parallel.pp_size > 1:
+        box = [losses]
+        torch.distributed.broadcast_object_list(box, src=parallel.pp_ranks[-1],
+                                                group=parallel.pp_group)
+        losses = box[0]
+    return losses
 
 
-@torch.no_grad()
-def evaluate(args, forward_step, data_iterator, model, eval_iters):
-    """Average of each reported loss over ``eval_iters`` global batches (no dropout)."""
-    model.eval()
-    totals = {}
-    for _ in range(eval_iters):
-        for _ in range(args.num_micro_batches):
-            output, loss_func = forward_step(data_iterator, model)
-            _, reported = loss_func(output)
-            for key, value in reported.items():
-                totals[key] = totals.get(key, 0.0) + float(value)
-    model.train()
-    n = eval_iters * args.num_micro_batches
-    return {key: value / n for key, value in totals.items()}
+def agree_to_stop(stop, parallel):
+    """Every rank stops together (a wall-clock limit may trip on one rank first)."""
+    if parallel.world_size == 1:
+        return stop
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
-def run_evaluation(args, state, forward_step, model, data_iterator, logger, prefix,
-                   ltd=None, count_valid=True):
+def run_evaluation(args, state, step, data_iterator, logger, prefix, ltd=None,
+                   count_valid=True):
     try:
-        losses = evaluate(args, forward_step, data_iterator, model, args.eval_iters)
+        losses = step.evaluate(data_iterator, args.eval_iters)
     except StopIteration:
         logger.log(f" > evaluation skipped at {prefix}: the dataset is exhausted")
         return None
@@ -284,22 +369,23 @@ def _should_exit(args, state, ltd, start_time):
     return False, ""
 
 
-def train(args, state, forward_step, model, optimizer, scheduler, ltd, train_iter, valid_iter,
-          logger, start_time, log, rng_tracker=None):
+def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log):
     """Run iterations until --train-iters or another stop condition; save as requested."""
     layer_token_lr = ltd.cfg is not None and ltd.cfg.layer_token_lr
 
+    optimizer = step.optimizer
+
     def save():
         if args.save is not None:
-            save_checkpoint(args, state, model, optimizer, scheduler, rng_tracker, log=log,
+            save_checkpoint(args, state, step.model, optimizer, scheduler,
+                            step.parallel.rng_tracker, log=log, parallel=step.parallel,
                             extra_state={"random_ltd_scheduler": ltd.state_dict()})
 
     saved_at = None
     while state.iteration < args.train_iters:
         token_drop = ltd.begin_iteration(state.iteration)
         kept = ltd.reserved_length
-        losses, ok, grad_norm = train_step(args, forward_step, train_iter, model, optimizer,
-                                           token_drop)
+        losses, ok, grad_norm = step.train_step(train_iter, token_drop)
         # As Megatron-DeepSpeed: "consumed tokens" grow by the layer-averaged sequence length
         # (the full length when nothing is dropped), and the token-based LR sees the count
         # from before this step.
@@ -329,13 +415,13 @@ def train(args, state, forward_step, model, optimizer, scheduler, ltd, train_ite
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \
                 and args.eval_iters > 0 and valid_iter is not None:
-            run_evaluation(args, state, forward_step, model, valid_iter, logger,
-                           f"iteration {state.iteration}", ltd)
+            run_evaluation(args, state, step, valid_iter, logger, f"iteration {state.iteration}",
+                           ltd)
         if args.save_interval and state.iteration % args.save_interval == 0:
             save()
             saved_at = state.iteration
         stop, reason = _should_exit(args, state, ltd, start_time)
-        if stop:
+        if agree_to_stop(stop, step.parallel):
             log(f"exiting at iteration {state.iteration}: {reason}")
             break
     if saved_at != state.iteration:

@@ -14,13 +14,14 @@ class TrainingLogger:
     (``... vs samples``) and consumed tokens (``... vs tokens``).
     """
 
-    def __init__(self, args, log=print):
+    def __init__(self, args, log=print, write=True):
+        """``write``: this rank writes TensorBoard (rank 0 only in multi-process runs)."""
         self.args = args
         self.log = log
         self.writer = None
         self.train_history = []  # [(iteration, {name: float})]
         self.valid_history = []
-        if args.tensorboard_dir:
+        if args.tensorboard_dir and write:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir,

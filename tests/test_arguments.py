@@ -57,6 +57,20 @@ def test_train_tokens_alone_bounds_the_iterations():
         parse_args(argv + ["--lr-warmup-iters", "2"], world_size=1)
 
 
-def test_multi_process_layouts_are_reported_unimplemented():
-    with pytest.raises(UserError, match="not implemented"):
-        parse(world_size=2)
+def test_parallel_layouts():
+    args = parse("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                 "--num-layers", "4", "--global-batch-size", "8", world_size=8)
+    assert args.data_parallel_size == 2 and args.num_micro_batches == 2
+    with pytest.raises(UserError, match="--num-layers 3 is not divisible"):
+        parse("--pipeline-model-parallel-size", "2", "--num-layers", "3", world_size=2)
+    args = parse("--pipeline-model-parallel-size", "2", "--num-layers", "3",
+                 "--pipeline-layer-split", "1,2", world_size=2)
+    assert args.pipeline_layer_split == [1, 2]
+    with pytest.raises(UserError, match="--pipeline-layer-split"):
+        parse("--pipeline-model-parallel-size", "2", "--pipeline-layer-split", "1,2",
+              world_size=2)
+    with pytest.raises(UserError, match="--num-layers-per-virtual-pipeline-stage"):
+        parse("--num-layers-per-virtual-pipeline-stage", "1", world_size=1)
+    with pytest.raises(UserError, match="--num-attention-heads 4 is not divisible"):
+        parse("--tensor-model-parallel-size", "8", world_size=8)
+    assert not parse("--sequence-parallel").sequence_parallel  # nothing to split at TP 1

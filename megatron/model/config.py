@@ -59,6 +59,10 @@ class TransformerConfig:
     sequence_parallel: bool = False
     """Split activations outside the TP regions along the sequence (--sequence-parallel);
     a no-op at tensor-parallel size 1."""
+    init_seed: Optional[int] = None
+    """When set (--seed), each part's weights (embeddings, layer i, output layer) are drawn from
+    a generator seeded by (init_seed, part): the model is the same whatever the pipeline split.
+    None: draw from the default generator in construction order."""
 
     def __post_init__(self):
         def need(cond, msg):

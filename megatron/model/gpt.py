@@ -41,6 +41,9 @@ class GPTModel(nn.Module):
                 config.padded_vocab_size, config.hidden_size, init_method=nn.init.zeros_,
                 parallel=parallel, params_dtype=config.params_dtype)
             self.word_embeddings.weight.shared_embedding = True
+            # A copy of the first stage's weights: left out of the gradient norm (Megatron's
+            # 'shared'), so the tied embedding is counted once.
+            self.word_embeddings.weight.shared = True
         if tied and pre_process and parallel.pp_size > 1:
             self.language_model.embedding.word_embeddings.weight.shared_embedding = True
 

@@ -15,7 +15,7 @@ from megatron.ltd.dropping import TokenDropState
 from megatron.model.config import TransformerConfig
 from megatron.model.embedding import Embedding
 from megatron.model.transformer import ParallelTransformer
-from megatron.model.utils import init_method_normal
+from megatron.model.utils import init_method_normal, seeded_init
 from megatron.parallel.layers import ColumnParallelLinear
 from megatron.parallel.mappings import (copy_to_tp_region, gather_from_sequence_parallel_region,
                                         gather_from_tp_region)
@@ -48,14 +48,20 @@ class TransformerLanguageModel(nn.Module):
         self.post_process = post_process
         self.input_tensor = None
         if pre_process:
-            self.embedding = Embedding(config, parallel)
+            with seeded_init(config.init_seed, 0):
+                self.embedding = Embedding(config, parallel)
         self.encoder = ParallelTransformer(config, parallel, layer_ids=layer_ids,
                                            post_process=post_process, causal=causal)
         if post_process and config.untie_embeddings_and_output_weights:
-            self.output_layer = ColumnParallelLinear(
-                config.hidden_size, config.padded_vocab_size, bias=False, gather_output=False,
-                init_method=init_method_normal(config.init_method_std), parallel=parallel,
-                params_dtype=config.params_dtype, sequence_parallel=config.sequence_parallel)
+            with seeded_init(config.init_seed, config.num_layers + 1):
+                self.output_layer = self._output_layer(config, parallel)
+
+    @staticmethod
+    def _output_layer(config, parallel):
+        return ColumnParallelLinear(
+            config.hidden_size, config.padded_vocab_size, bias=False, gather_output=False,
+            init_method=init_method_normal(config.init_method_std), parallel=parallel,
+            params_dtype=config.params_dtype, sequence_parallel=config.sequence_parallel)
 
     def set_input_tensor(self, tensor: Optional[torch.Tensor]) -> None:
         """Hidden states [b, s, h] received from the previous pipeline stage."""

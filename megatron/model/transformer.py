@@ -39,7 +39,7 @@ from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_at
                                    gather_position_ids, gather_tokens, kept_indices_by_layer,
                                    scatter_tokens)
 from megatron.model.config import TransformerConfig
-from megatron.model.utils import init_method_normal, scaled_init_method_normal
+from megatron.model.utils import init_method_normal, scaled_init_method_normal, seeded_init
 from megatron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
                                       mark_sequence_parallel)
 from megatron.parallel.mappings import (gather_from_sequence_parallel_region,
@@ -244,8 +244,11 @@ class ParallelTransformer(nn.Module):
         self.layer_ids = list(range(config.num_layers)) if layer_ids is None else list(layer_ids)
         if any(not 0 <= i < config.num_layers for i in self.layer_ids):
             raise ValueError(f"layer ids {self.layer_ids} outside 0..{config.num_layers - 1}")
-        self.layers = nn.ModuleList(
-            ParallelTransformerLayer(config, i, parallel, causal) for i in self.layer_ids)
+        layers = []
+        for i in self.layer_ids:
+            with seeded_init(config.init_seed, 1 + i):  # part id: layer i (embeddings are 0)
+                layers.append(ParallelTransformerLayer(config, i, parallel, causal))
+        self.layers = nn.ModuleList(layers)
         self.post_process = post_process
         if post_process:
             self.final_layernorm = _layer_norm(config)

@@ -1,5 +1,6 @@
 """Weight-init functions and the FLOPs estimate used for throughput (TFLOP/s, MFU) reporting."""
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -58,3 +59,16 @@ def gpt_flops_per_token(seq_length: int, num_layers: int, hidden_size: int, voca
     """``gpt_flops_per_iteration`` for one sequence divided by its ``seq_length`` tokens."""
     return gpt_flops_per_iteration(1, seq_length, num_layers, hidden_size, vocab_size,
                                    **kwargs) / seq_length
+
+
+@contextlib.contextmanager
+def seeded_init(seed: Optional[int], part: int):
+    """Initialise the parameters created inside from a generator seeded by (seed, part), leaving
+    the default CPU generator as it was; a no-op when ``seed`` is None. Parameters are created
+    on the CPU, so only the CPU generator is involved."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((int(seed) * 1_000_003 + int(part)) % (2 ** 63))
+        yield
