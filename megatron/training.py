@@ -26,8 +26,8 @@ from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
 from megatron.parallel.data_parallel import no_sync_factory, wrap_data_parallel
-from megatron.parallel.initialize import (build_parallel_state, init_process_group,
-                                          read_distributed_env)
+from megatron.parallel.initialize import (build_parallel_state, comm_device,
+                                          init_process_group, read_distributed_env)
 from megatron.parallel.layers import allreduce_sequence_parallel_grads
 from megatron.parallel.pipeline_utils import allreduce_embedding_grads, initialize_embedding_tie
 from megatron.parallel.random import build_rng_tracker
@@ -149,7 +149,7 @@ def build_token_dropping(args, log=print_rank_0):
     driver = TokenDroppingDriver(cfg, num_layers=args.num_layers, seq_length=args.seq_length,
                                  global_batch_size=args.global_batch_size, seed=args.seed)
     if driver.enabled:
-        log(f" > random-LTD ({cfg.method}): layers {list(cfg.layer_ids)} drop tokens, kept "
+        log(f" > random-LTD ({cfg.method}): layers {list(driver.cfg.layer_ids)} drop tokens, kept "
             f"length {cfg.start} -> {cfg.seq_length} ({cfg.schedule}, step {cfg.step}, over "
             f"{cfg.schedule_steps or cfg.schedule_tokens} "
             f"{'iterations' if cfg.schedule_steps else 'tokens'})")
@@ -318,7 +318,7 @@ def reduce_loss_dicts(reported, parallel):
             losses[key] = losses.get(key, 0.0) + float(value) / len(reported)
     if parallel.dp_size > 1 and parallel.is_last_stage:
         keys = sorted(losses)
-        t = torch.tensor([losses[k] for k in keys], dtype=torch.float64)
+        t = torch.tensor([losses[k] for k in keys], dtype=torch.float64, device=comm_device())
         torch.distributed.all_reduce(t, group=parallel.dp_group)
         losses = {k: float(v) / parallel.dp_size for k, v in zip(keys, t)}
     if parallel.pp_size > 1:
@@ -333,7 +333,7 @@ def agree_to_stop(stop, parallel):
     """Every rank stops together (a wall-clock limit may trip on one rank first)."""
     if parallel.world_size == 1:
         return stop
-    flag = torch.tensor([1 if stop else 0], dtype=torch.int32)
+    flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=comm_device())
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -391,7 +391,7 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         # from before this step.
         tokens_before = state.consumed_train_tokens
         state.consumed_train_tokens += args.global_batch_size * ltd.effective_seq_length()
-        ltd.end_iteration()
+        ltd.end_iteration(step.parallel)
         if ok:
             scheduler.step(increment=args.global_batch_size,
                            token_num=ltd.consumed_layer_tokens if layer_token_lr

@@ -365,3 +365,15 @@ def test_keep_special_tokens_trains_and_resumes_bitwise(data_prefix, tmp_path):
     mid, end_full, end_split = _resume_is_bitwise(data_prefix, tmp_path, SPECIAL, 4, 2)
     assert "token_importance" not in mid
     assert end_full == end_split
+
+
+def test_tokenbypass_defaults_to_a_constant_half_of_the_sequence():
+    from megatron.arguments import parse_args
+    from megatron.ltd.config import random_ltd_config_from_args
+
+    args = parse_args(["--num-layers", "8", "--hidden-size", "32", "--num-attention-heads", "4",
+                       "--seq-length", "64", "--micro-batch-size", "1", "--train-iters", "2",
+                       "--lr", "1e-3", "--mock-data", "--random-ltd", "--random-ltd-method",
+                       "tokenbypass"], world_size=1)
+    cfg = random_ltd_config_from_args(args)
+    assert (cfg.schedule, cfg.start) == ("constant", 32)

@@ -65,6 +65,8 @@ LAYOUTS = {
     "DP2": (2, []),
     "TP2xPP2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     "TP2xDP2": (4, ["--tensor-model-parallel-size", "2"]),
+    "TP2-sequence-parallel": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "DP2-distributed-optimizer": (2, ["--use-distributed-optimizer"]),
 }
 
 
@@ -116,3 +118,32 @@ def test_conversion_keeps_the_next_step_loss(data_prefix, tmp_path):
     assert from_single.train_losses[-1][0] == 4
     assert from_single.train_losses[-1][1]["lm loss"] == pytest.approx(step4, rel=1e-5)
     assert round_trip[0][-1] == pytest.approx(step4, rel=1e-5)
+
+
+def test_tokenbypass_under_pipeline_and_data_parallelism(data_prefix, tmp_path):
+    """The importance table is updated identically on every rank (DP sums, PP broadcast)."""
+    tb = ["--random-ltd", "--random-ltd-method", "tokenbypass", "--random-ltd-start", "16",
+          "--random-ltd-schedule", "constant"]
+    single, _ = run(argv_for(data_prefix, str(tmp_path / "single"), *tb))
+    flags = ["--pipeline-model-parallel-size", "2"]
+    per_rank = run_distributed(_train, 4, args=(
+        [argv_for(data_prefix, str(tmp_path / "pp2dp2"), *flags, *tb)],), timeout=300)
+    ref = [d["lm loss"] for _, d in single.train_losses]
+    for losses in per_rank:
+        assert losses[0] == pytest.approx(ref, rel=1e-5)
+
+
+def test_resume_with_another_data_parallel_size(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "dp2")
+
+    def argv(*extra):
+        a = argv_for(data_prefix, ckpt, *LTD, *extra)
+        a[a.index("--train-iters") + 1] = "4"
+        return a
+
+    full, _ = run(argv("--save", str(tmp_path / "full")))
+    run_distributed(_train, 2, args=([argv("--exit-interval", "2")],), timeout=300)
+    resumed, _ = run(argv("--load", ckpt))  # DP 2 -> DP 1
+    assert [i for i, _ in resumed.train_losses] == [3, 4]
+    assert [d["lm loss"] for _, d in resumed.train_losses] == pytest.approx(
+        [d["lm loss"] for _, d in full.train_losses[2:]], rel=1e-5)

@@ -374,10 +374,12 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
         raise UserError(f"--deepspeed-config {js.where}: {jpath('random_ltd_layer_num')} = "
                         f"{n_json} but {ids_flag} lists {len(ids)} layers")
 
-    # -- schedule
+    # -- schedule (TokenBypass defaults: a constant half of the sequence, as Hou et al.)
+    tokenbypass = g("random_ltd_method") == "tokenbypass"
     schedule = _merge("--random-ltd-schedule", g("random_ltd_schedule"), js,
                       jpath("random_ltd_schedule.schedule_type"),
-                      jget("random_ltd_schedule.schedule_type", "str")) or "fixed_linear"
+                      jget("random_ltd_schedule.schedule_type", "str")) or \
+        ("constant" if tokenbypass else "fixed_linear")
     if schedule not in SCHEDULE_TYPES:
         raise UserError(f"--deepspeed-config {js.where}: "
                         f"{jpath('random_ltd_schedule.schedule_type')} = {schedule!r} is not one "
@@ -439,6 +441,8 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
             raise UserError(f"{start_flag} {start} must equal the smallest of "
                             f"--random-ltd-layer-starts ({min(starts)})")
         start, start_flag = min(starts), "--random-ltd-layer-starts"
+    if start is None and tokenbypass:
+        start = seq_length // 2
     if start is None:
         raise UserError(f"--random-ltd needs --random-ltd-start (the kept length at the start; "
                         f"DeepSpeed {jpath('random_ltd_schedule.min_value')})")

@@ -104,12 +104,40 @@ class TokenDroppingDriver:
             with torch.no_grad():
                 self.importance.observe(labels, per_token_loss, loss_mask, tokens)
 
-    def end_iteration(self):
+    def end_iteration(self, parallel=None):
         """Account the finished optimizer step (and apply TokenBypass's per-step EMA update);
-        returns its layer tokens."""
+        returns its layer tokens. Called on every rank."""
         if self.importance is not None:
+            if parallel is not None and parallel.world_size > 1:
+                self._share_importance_update(parallel)
             self.importance.step()
         return self.scheduler.step(self.global_batch_size)
+
+    def _share_importance_update(self, parallel):
+        """Make TokenBypass's table update the same on every rank: the last pipeline stage (the
+        only one that sees losses) sums its per-id statistics over data-parallel replicas and
+        broadcasts them along the pipeline. Tensor-parallel ranks see identical losses."""
+        import torch.distributed as dist
+
+        from megatron.parallel.initialize import comm_device
+
+        device = comm_device()
+        pending = self.importance.pending()
+        sums, counts = pending if pending is not None else (torch.zeros(0), torch.zeros(0))
+        size = torch.tensor([max(self.importance.ema.numel(), sums.numel())], device=device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX)  # tables grow as ids appear: agree on size
+        n = int(size)
+        full_sums = torch.zeros(n, dtype=torch.float64, device=device)
+        full_counts = torch.zeros(n, dtype=torch.int64, device=device)
+        full_sums[:sums.numel()] = sums.detach().to(device, torch.float64)
+        full_counts[:counts.numel()] = counts.detach().to(device, torch.int64)
+        if parallel.dp_size > 1 and parallel.is_last_stage:
+            dist.all_reduce(full_sums, group=parallel.dp_group)
+            dist.all_reduce(full_counts, group=parallel.dp_group)
+        if parallel.pp_size > 1:
+            dist.broadcast(full_sums, src=parallel.pp_ranks[-1], group=parallel.pp_group)
+            dist.broadcast(full_counts, src=parallel.pp_ranks[-1], group=parallel.pp_group)
+        self.importance.set_pending(full_sums, full_counts)
 
     @property
     def kept_lengths(self):

@@ -154,3 +154,14 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
         embedding_group=mine["embedding"][0] if "embedding" in mine and pp > 1 else None,
         mp_group=mine["mp"][0] if tp * pp > 1 else None,
         rng_tracker=rng_tracker)
+
+
+def comm_device():
+    """Device for small bookkeeping collectives: CUDA under NCCL (which only moves GPU
+    tensors), else CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
