@@ -1,6 +1,7 @@
 """The tokenizer interface every Megatron tokenizer type implements."""
 
 from abc import ABC, abstractmethod
+from types import MappingProxyType
 from typing import Dict, List, Sequence
 
 from megatron.errors import UserError
@@ -93,40 +94,110 @@ class AbstractTokenizer(ABC):
         raise NotImplementedError(f"{self.tokenizer_type} has no detokenizer")
 
     # ---- special tokens ---------------------------------------------------------------------
+    #: Special token name (``"eod"``, ``"cls"``, ...) -> id. Subclasses set their own dict in
+    #: ``__init__``; a name that is absent raises MissingSpecialToken.
+    _special_ids = MappingProxyType({})
+
     def _missing(self, what):
         raise MissingSpecialToken(f"--tokenizer-type {self.tokenizer_type} has no {what} token; "
                                  f"choose a tokenizer type that provides it")
 
+    def _special_id(self, name, what):
+        """Id of the special token ``name`` (from ``_special_ids``); ``what`` names it in errors."""
+        idx = self._special_ids.get(name)
+        return self._missing(what) if idx is None else idx
+
     @property
     def eod(self) -> int:
         """End-of-document id, appended after each document by preprocessing."""
-        return self._missing("end-of-document")
+        return self._special_id("eod", "end-of-document")
 
     @property
     def cls(self) -> int:
-        return self._missing("[CLS]")
+        return self._special_id("cls", "[CLS]")
 
     @property
     def sep(self) -> int:
-        return self._missing("[SEP]")
+        return self._special_id("sep", "[SEP]")
 
     @property
     def pad(self) -> int:
-        return self._missing("[PAD]")
+        return self._special_id("pad", "[PAD]")
 
     @property
     def mask(self) -> int:
-        return self._missing("[MASK]")
+        return self._special_id("mask", "[MASK]")
 
     @property
     def bos(self) -> int:
-        return self._missing("beginning-of-sequence")
+        return self._special_id("bos", "beginning-of-sequence")
 
     @property
     def eos(self) -> int:
-        return self._missing("end-of-sequence")
+        return self._special_id("eos", "end-of-sequence")
 
     @property
     def additional_special_tokens_ids(self):
         """Ids of the ``<extra_id_i>`` tokens (``--vocab-extra-ids``); None if not supported."""
         return None
+
+
+class DictVocabTokenizer(AbstractTokenizer):
+    """A tokenizer whose vocabulary is the dicts ``_vocab`` (token -> id) and ``_inv_vocab``.
+
+    Tokens appended with ``_add_token`` (special tokens, ``<extra_id_i>``) get the next free id.
+    """
+
+    #: The ``<extra_id_i>`` tokens added by ``_add_extra_ids``; None when the type has none.
+    _extra_tokens = None
+
+    def _set_vocab(self, vocab):
+        self._vocab = vocab
+        self._inv_vocab = {idx: token for token, idx in vocab.items()}
+
+    def _add_token(self, token):
+        """Id of ``token``, appended to the vocab first when absent."""
+        if token not in self._vocab:
+            idx = len(self._vocab)
+            self._vocab[token] = idx
+            self._inv_vocab[idx] = token
+        return self._vocab[token]
+
+    def _add_extra_ids(self, count):
+        """Append ``<extra_id_0..count-1>`` (Megatron's ``--vocab-extra-ids``)."""
+        self._extra_tokens = [f"<extra_id_{i}>" for i in range(count)]
+        for token in self._extra_tokens:
+            self._add_token(token)
+
+    @property
+    def vocab_size(self):
+        return len(self._vocab)
+
+    @property
+    def vocab(self):
+        return self._vocab
+
+    @property
+    def inv_vocab(self):
+        return self._inv_vocab
+
+    @property
+    def additional_special_tokens_ids(self):
+        if self._extra_tokens is None:
+            return None
+        return [self._vocab[t] for t in self._extra_tokens]
+
+
+class TokenizersBackedTokenizer(DictVocabTokenizer):
+    """Encoding through a Hugging Face ``tokenizers.Tokenizer`` set with ``_set_backend``."""
+
+    def _set_backend(self, tok):
+        self._tok = tok
+        # encode_batch_fast skips offset tracking (tokenizers >= 0.21); else the plain batch call.
+        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+
+    def tokenize(self, text):
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts):
+        return [enc.ids for enc in self._encode_batch(list(texts), add_special_tokens=False)]

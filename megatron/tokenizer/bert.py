@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from megatron.errors import UserError
 from megatron.tokenizer._files import read_text, require_file
-from megatron.tokenizer.abstract import AbstractTokenizer
+from megatron.tokenizer.abstract import TokenizersBackedTokenizer
 
 REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -48,7 +48,7 @@ def _clean_up_tokenization(text):
     return text
 
 
-class BertWordPieceTokenizer(AbstractTokenizer):
+class BertWordPieceTokenizer(TokenizersBackedTokenizer):
     """BERT WordPiece; ``lower_case`` picks BertWordPieceLowerCase vs BertWordPieceCase."""
 
     def __init__(self, vocab_file, lower_case=True, vocab_extra_ids=0):
@@ -63,47 +63,17 @@ class BertWordPieceTokenizer(AbstractTokenizer):
             clean_text=True, handle_chinese_chars=True, strip_accents=lower_case,
             lowercase=lower_case)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        self._tok = tok
-        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
+        self._set_backend(tok)
 
-        self._vocab = vocab
-        self._inv_vocab = {idx: token for token, idx in vocab.items()}
+        self._set_vocab(vocab)
         # Tokens the WordPiece model never produces from text; they only get ids.
-        self._bos_id = self._add_token("[BOS]")
-        self._eos_id = self._add_token("[EOS]")
-        self._extra_tokens = [f"<extra_id_{i}>" for i in range(vocab_extra_ids)]
-        for token in self._extra_tokens:
-            self._add_token(token)
-        self._cls_id = vocab["[CLS]"]
-        self._sep_id = vocab["[SEP]"]
-        self._pad_id = vocab["[PAD]"]
-        self._mask_id = vocab["[MASK]"]
-        self._unk_id = vocab["[UNK]"]
-
-    def _add_token(self, token):
-        if token not in self._vocab:
-            idx = len(self._vocab)
-            self._vocab[token] = idx
-            self._inv_vocab[idx] = token
-        return self._vocab[token]
-
-    @property
-    def vocab_size(self):
-        return len(self._vocab)
-
-    @property
-    def vocab(self):
-        return self._vocab
-
-    @property
-    def inv_vocab(self):
-        return self._inv_vocab
-
-    def tokenize(self, text):
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts):
-        return [enc.ids for enc in self._encode_batch(list(texts), add_special_tokens=False)]
+        bos_id = self._add_token("[BOS]")
+        eos_id = self._add_token("[EOS]")
+        self._add_extra_ids(vocab_extra_ids)
+        # Megatron-LM: eod is the [EOS] id (appended to the vocab if the file lacks it).
+        self._special_ids = {"cls": vocab["[CLS]"], "sep": vocab["[SEP]"], "pad": vocab["[PAD]"],
+                             "mask": vocab["[MASK]"], "unk": vocab["[UNK]"], "bos": bos_id,
+                             "eos": eos_id, "eod": eos_id}
 
     def convert_ids_to_tokens(self, token_ids):
         return [self._inv_vocab[int(i)] for i in token_ids]
@@ -123,38 +93,5 @@ class BertWordPieceTokenizer(AbstractTokenizer):
         return out
 
     @property
-    def cls(self):
-        return self._cls_id
-
-    @property
-    def sep(self):
-        return self._sep_id
-
-    @property
-    def pad(self):
-        return self._pad_id
-
-    @property
-    def mask(self):
-        return self._mask_id
-
-    @property
     def unk(self):
-        return self._unk_id
-
-    @property
-    def bos(self):
-        return self._bos_id
-
-    @property
-    def eos(self):
-        return self._eos_id
-
-    @property
-    def eod(self):
-        # Megatron-LM: the [EOS] id (appended to the vocab if the file lacks it).
-        return self._eos_id
-
-    @property
-    def additional_special_tokens_ids(self):
-        return [self._vocab[t] for t in self._extra_tokens]
+        return self._special_ids["unk"]

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from megatron.errors import UserError
 from megatron.tokenizer._files import read_text, require_file
-from megatron.tokenizer.abstract import AbstractTokenizer
+from megatron.tokenizer.abstract import TokenizersBackedTokenizer
 
 EOD_TOKEN = "<|endoftext|>"
 
@@ -68,7 +68,7 @@ def load_gpt2_merges(merge_file, vocab, vocab_file):
     return merges
 
 
-class GPT2BPETokenizer(AbstractTokenizer):
+class GPT2BPETokenizer(TokenizersBackedTokenizer):
     """GPT-2 byte-level BPE; ``eod`` is the id of ``<|endoftext|>``."""
 
     tokenizer_type = "GPT2BPETokenizer"
@@ -82,44 +82,15 @@ class GPT2BPETokenizer(AbstractTokenizer):
         if EOD_TOKEN not in vocab:
             raise UserError(f"--vocab-file {vocab_file}: has no {EOD_TOKEN} token, which GPT-2 "
                             f"uses as the end-of-document id")
-        self._vocab = vocab
-        self._inv_vocab = {idx: token for token, idx in vocab.items()}
-        self._eod_id = vocab[EOD_TOKEN]
+        self._set_vocab(vocab)
+        self._special_ids = {"eod": vocab[EOD_TOKEN], "eos": vocab[EOD_TOKEN]}
         # No unk token: a byte-level vocab has a token for each of the 256 bytes. (A vocab
         # lacking one would silently drop that byte here, where GPT-2's encoder raises KeyError.)
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
-        self._tok = tok
-        # encode_batch_fast skips offset tracking (tokenizers >= 0.21); else the plain batch call.
-        self._encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-
-    @property
-    def vocab_size(self):
-        return len(self._vocab)
-
-    @property
-    def vocab(self):
-        return self._vocab
-
-    @property
-    def inv_vocab(self):
-        return self._inv_vocab
-
-    def tokenize(self, text):
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def tokenize_batch(self, texts):
-        return [enc.ids for enc in self._encode_batch(list(texts), add_special_tokens=False)]
+        self._set_backend(tok)
 
     def detokenize(self, token_ids):
         # Invalid UTF-8 byte sequences become U+FFFD, like GPT-2's errors='replace'.
         return self._tok.decode([int(i) for i in token_ids], skip_special_tokens=False)
-
-    @property
-    def eod(self):
-        return self._eod_id
-
-    @property
-    def eos(self):
-        return self._eod_id

@@ -9,10 +9,10 @@
 import os
 
 from megatron.errors import UserError
-from megatron.tokenizer.abstract import AbstractTokenizer
+from megatron.tokenizer.abstract import DictVocabTokenizer
 
 
-class HFTokenizer(AbstractTokenizer):
+class HFTokenizer(DictVocabTokenizer):
     tokenizer_type = "HFTokenizer"
 
     def __init__(self, tokenizer_model):
@@ -35,20 +35,11 @@ class HFTokenizer(AbstractTokenizer):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"--tokenizer-model {path}: cannot load a tokenizer ({first})") \
                 from None
-        self._vocab = self._tok.get_vocab()
-        self._inv_vocab = {idx: token for token, idx in self._vocab.items()}
+        self._set_vocab(self._tok.get_vocab())
 
     @property
     def vocab_size(self):
-        return len(self._tok)
-
-    @property
-    def vocab(self):
-        return self._vocab
-
-    @property
-    def inv_vocab(self):
-        return self._inv_vocab
+        return len(self._tok)  # the tokenizer's own count, added tokens included
 
     def tokenize(self, text):
         return list(self._tok(text)["input_ids"])
@@ -59,34 +50,9 @@ class HFTokenizer(AbstractTokenizer):
     def detokenize(self, token_ids):
         return self._tok.decode([int(i) for i in token_ids])
 
-    def _special(self, attr, what):
-        idx = getattr(self._tok, attr, None)
+    def _special_id(self, name, what):
+        """The tokenizer's own ``<name>_token_id`` (eod: ``eos_token_id``), read on each use."""
+        if name == "eod":
+            name, what = "eos", "end-of-document (eos)"
+        idx = getattr(self._tok, f"{name}_token_id", None)
         return self._missing(what) if idx is None else idx
-
-    @property
-    def eod(self):
-        return self._special("eos_token_id", "end-of-document (eos)")
-
-    @property
-    def eos(self):
-        return self._special("eos_token_id", "end-of-sequence")
-
-    @property
-    def bos(self):
-        return self._special("bos_token_id", "beginning-of-sequence")
-
-    @property
-    def pad(self):
-        return self._special("pad_token_id", "[PAD]")
-
-    @property
-    def cls(self):
-        return self._special("cls_token_id", "[CLS]")
-
-    @property
-    def sep(self):
-        return self._special("sep_token_id", "[SEP]")
-
-    @property
-    def mask(self):
-        return self._special("mask_token_id", "[MASK]")

@@ -18,6 +18,9 @@ class NullTokenizer(AbstractTokenizer):
         super().__init__(vocab_size)
         self._eod_id = vocab_size
         self._vocab = None
+        # Megatron returns -1 for the BERT-only tokens of this type.
+        self._special_ids = {"eod": vocab_size, "eos": vocab_size, "cls": -1, "sep": -1,
+                             "mask": -1}
 
     @property
     def vocab_size(self):
@@ -47,24 +50,3 @@ class NullTokenizer(AbstractTokenizer):
 
     def detokenize(self, token_ids):
         return " ".join(str(int(i)) for i in token_ids)
-
-    @property
-    def eod(self):
-        return self._eod_id
-
-    @property
-    def eos(self):
-        return self._eod_id
-
-    # Megatron returns -1 for the BERT-only tokens of this type.
-    @property
-    def cls(self):
-        return -1
-
-    @property
-    def sep(self):
-        return -1
-
-    @property
-    def mask(self):
-        return -1

@@ -13,7 +13,7 @@ import re
 
 from megatron.errors import UserError
 from megatron.tokenizer._files import require_file
-from megatron.tokenizer.abstract import AbstractTokenizer
+from megatron.tokenizer.abstract import DictVocabTokenizer
 
 
 def load_sentencepiece(model_file):
@@ -30,18 +30,14 @@ def load_sentencepiece(model_file):
     return processor
 
 
-class _SentencePieceBase(AbstractTokenizer):
+class _SentencePieceBase(DictVocabTokenizer):
     """Shared vocab handling over a ``sentencepiece.SentencePieceProcessor``."""
 
     def __init__(self, model_file, *more_ctor_args):
         self._sp = load_sentencepiece(model_file)
         super().__init__(model_file, *more_ctor_args)
-        self._vocab = {}
-        self._inv_vocab = {}
-        for idx in range(self._sp.get_piece_size()):
-            piece = self._sp.id_to_piece(idx)
-            self._vocab[piece] = idx
-            self._inv_vocab[idx] = piece
+        self._set_vocab({self._sp.id_to_piece(idx): idx
+                         for idx in range(self._sp.get_piece_size())})
 
     def _piece_or(self, idx, fallback):
         """The model's piece for ``idx``, or ``fallback`` when the model disables it (id -1)."""
@@ -49,25 +45,9 @@ class _SentencePieceBase(AbstractTokenizer):
             return self._sp.id_to_piece(idx)
         return fallback
 
-    @property
-    def vocab_size(self):
-        return len(self._vocab)
-
-    @property
-    def vocab(self):
-        return self._vocab
-
-    @property
-    def inv_vocab(self):
-        return self._inv_vocab
-
-    @property
-    def encoder(self):
-        return self._vocab
-
-    @property
-    def decoder(self):
-        return self._inv_vocab
+    # Megatron's aliases of vocab and inv_vocab.
+    encoder = DictVocabTokenizer.vocab
+    decoder = DictVocabTokenizer.inv_vocab
 
 
 class SentencePieceTokenizer(_SentencePieceBase):
@@ -78,28 +58,21 @@ class SentencePieceTokenizer(_SentencePieceBase):
     def __init__(self, model_file, vocab_extra_ids=0):
         super().__init__(model_file, vocab_extra_ids)
         self._special = {}  # token -> id, in the order Megatron adds them
-        self._cls_id = self._add_special("<CLS>")
-        self._sep_id = self._add_special("<SEP>")
-        self._eod_id = self._add_special("<EOD>")
-        self._mask_id = self._add_special("<MASK>")
-        self._pad_id = self._add_special(self._piece_or(self._sp.pad_id(), "<PAD>"))
-        self._bos_id = self._add_special(self._piece_or(self._sp.bos_id(), "<BOS>"))
-        self._eos_id = self._add_special(self._piece_or(self._sp.eos_id(), "<EOS>"))
-        self._extra_tokens = [f"<extra_id_{i}>" for i in range(vocab_extra_ids)]
-        for token in self._extra_tokens:
-            self._add_special(token)
+        self._special_ids = {name: self._add_token(token) for name, token in (
+            ("cls", "<CLS>"), ("sep", "<SEP>"), ("eod", "<EOD>"), ("mask", "<MASK>"),
+            ("pad", self._piece_or(self._sp.pad_id(), "<PAD>")),
+            ("bos", self._piece_or(self._sp.bos_id(), "<BOS>")),
+            ("eos", self._piece_or(self._sp.eos_id(), "<EOS>")))}
+        self._add_extra_ids(vocab_extra_ids)
         self._inv_special = {idx: token for token, idx in self._special.items()}
         # Leftmost match wins; at one position the earliest-added token wins (regex alternation
         # order), which is how Megatron's scan breaks ties too.
         self._special_re = re.compile("|".join(re.escape(t) for t in self._special))
 
-    def _add_special(self, token):
-        if token not in self._vocab:
-            idx = len(self._vocab)
-            self._vocab[token] = idx
-            self._inv_vocab[idx] = token
-        self._special[token] = self._vocab[token]
-        return self._vocab[token]
+    def _add_token(self, token):
+        """Append ``token`` when absent and treat it as special: matched whole in the text."""
+        idx = self._special[token] = super()._add_token(token)
+        return idx
 
     def tokenize(self, text):
         ids = []
@@ -133,38 +106,6 @@ class SentencePieceTokenizer(_SentencePieceBase):
                 last = pos + 1
         return text + self._sp.decode(token_ids[last:])
 
-    @property
-    def cls(self):
-        return self._cls_id
-
-    @property
-    def sep(self):
-        return self._sep_id
-
-    @property
-    def pad(self):
-        return self._pad_id
-
-    @property
-    def mask(self):
-        return self._mask_id
-
-    @property
-    def bos(self):
-        return self._bos_id
-
-    @property
-    def eos(self):
-        return self._eos_id
-
-    @property
-    def eod(self):
-        return self._eod_id
-
-    @property
-    def additional_special_tokens_ids(self):
-        return [self._vocab[t] for t in self._extra_tokens]
-
 
 class GPTSentencePieceTokenizer(_SentencePieceBase):
     """The SentencePiece model as is; ``eod`` = ``eos`` = the model's eos id."""
@@ -176,6 +117,10 @@ class GPTSentencePieceTokenizer(_SentencePieceBase):
         if self._sp.eos_id() < 0:
             raise UserError(f"--tokenizer-model {model_file}: the SentencePiece model has no eos "
                             f"piece, which GPTSentencePieceTokenizer uses as end-of-document")
+        # Megatron returns -1 for the BERT-only tokens of this type.
+        self._special_ids = {"cls": -1, "sep": -1, "mask": -1, "pad": self._sp.pad_id(),
+                             "bos": self._sp.bos_id(), "eos": self._sp.eos_id(),
+                             "eod": self._sp.eos_id()}
 
     def tokenize(self, text):
         return self._sp.encode(text, out_type=int)
@@ -185,32 +130,3 @@ class GPTSentencePieceTokenizer(_SentencePieceBase):
 
     def detokenize(self, token_ids):
         return self._sp.decode([int(i) for i in token_ids])
-
-    # Megatron returns -1 for the BERT-only tokens of this type.
-    @property
-    def cls(self):
-        return -1
-
-    @property
-    def sep(self):
-        return -1
-
-    @property
-    def mask(self):
-        return -1
-
-    @property
-    def pad(self):
-        return self._sp.pad_id()
-
-    @property
-    def bos(self):
-        return self._sp.bos_id()
-
-    @property
-    def eos(self):
-        return self._sp.eos_id()
-
-    @property
-    def eod(self):
-        return self._sp.eos_id()
