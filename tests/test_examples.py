@@ -4,7 +4,8 @@
 - the GPT-3 350M / 1.3B scripts, with ``torchrun`` or ``srun`` replaced by a stub that records
   its arguments, build command lines that our own flag parser accepts for 64 ranks, with the
   random-LTD switch, the DeepSpeed-JSON variant, the layer-token budget and the recipe's
-  per-budget learning rates;
+  per-budget learning rates; they share ``examples/gpt3_common.sh``, found from the repository
+  root, so a copy of a script that sbatch runs from its spool directory builds the same command;
 - ``examples/pretrain_gpt_tiny_cpu.sh`` really trains 3 iterations with 2 gloo processes
   (torchrun, TP 2) on the test corpus and writes per-rank checkpoints;
 - ``examples/run_slurm.sbatch`` really trains 2 iterations with 2 processes started by a stub
@@ -14,6 +15,7 @@
 
 import glob
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -163,6 +165,20 @@ def test_gpt3_script_under_slurm_uses_plain_srun(tmp_path):
     assert os.path.basename(launch[-2]).startswith("python") and launch[-1] == "-u"
     assert entry.endswith("pretrain_gpt.py")
     assert _parse(flags).num_layers == 24
+
+
+def test_gpt3_script_spooled_by_sbatch_finds_the_shared_file(tmp_path):
+    """sbatch runs a copy of the script from its spool directory: the root, and with it
+    examples/gpt3_common.sh, comes from SLURM_SUBMIT_DIR, and the command is the same."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    shutil.copy(os.path.join(ROOT, "examples", "pretrain_gpt3_1.3B.sh"), copy)
+    expected = _recorded_command(tmp_path, "pretrain_gpt3_1.3B.sh", "slurm")
+    assert _recorded_command(tmp_path, str(copy), "slurm", SLURM_SUBMIT_DIR=ROOT) == expected
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "gpt3_common.sh")],
+                          env=_clean_env(), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "pretrain_gpt3_" in done.stderr
 
 
 def test_slurm_script_refuses_to_run_outside_a_job():
