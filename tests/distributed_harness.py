@@ -50,6 +50,21 @@ class DistributedTestError(RuntimeError):
     pass
 
 
+def _all_failures(rank, payload, results, grace=3.0):
+    """The first failure plus any other rank's within ``grace`` seconds: when one rank raises,
+    its peers fail too (connection reset), and the root cause may not arrive first."""
+    failures = [(rank, payload)]
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            other, status, text = results.get(timeout=max(deadline - time.time(), 0.01))
+        except queue.Empty:
+            break
+        if status == "error":
+            failures.append((other, text))
+    return "\n".join(f"rank {r} failed:\n{text}" for r, text in sorted(failures))
+
+
 def run_distributed(body, world_size, args=(), timeout=120.0):
     """Run ``body`` on ``world_size`` ranks; returns the list of per-rank results."""
     ctx = multiprocessing.get_context("fork")
@@ -77,7 +92,7 @@ def run_distributed(body, world_size, args=(), timeout=120.0):
                                                f"{procs[dead[0]].exitcode}")
                 continue
             if status == "error":
-                raise DistributedTestError(f"rank {rank} failed:\n{payload}")
+                raise DistributedTestError(_all_failures(rank, payload, results))
             collected[rank] = payload
     finally:
         for p in procs:
