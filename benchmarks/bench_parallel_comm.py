@@ -371,7 +371,7 @@ def fmt_mb(x):
 
 def comm_table(args, results):
     rows = []
-    header = (f"| layout | rank (tp,pp,dp) | " + " | ".join(TITLES[c] for c in CATEGORIES)
+    header = ("| layout | rank (tp,pp,dp) | " + " | ".join(TITLES[c] for c in CATEGORIES)
               + " | measured total | analytical total | ratio |")
     print("\nBytes sent per rank per training step (kB = 1e3, MB = 1e6 bytes; each category: "
           "measured / analytical)\n")

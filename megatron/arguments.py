@@ -9,7 +9,6 @@ padded vocabulary, ...) is computed here once, and every user mistake is reporte
 """
 
 import argparse
-import math
 import os
 
 from megatron.errors import UserError

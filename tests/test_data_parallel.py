@@ -117,8 +117,7 @@ def test_no_wrapper_with_one_dp_rank():
 
 def _zero_body(rank, world_size, dtype_name):
     from megatron.optim import build_optimizer
-    from megatron.optim.distributed import (dp_all_equal, is_zero, local_state_numel,
-                                            optimizer_state_dict)
+    from megatron.optim.distributed import dp_all_equal, is_zero, local_state_numel
     from megatron.parallel.data_parallel import no_sync_factory, wrap_data_parallel
 
     dtype = getattr(torch, dtype_name)
@@ -135,7 +134,7 @@ def _zero_body(rank, world_size, dtype_name):
         assert is_zero(opt.optimizer) == distributed
         _train_steps(wrapped, opt, batches[:3], rank, 2, no_sync_factory(wrapped))
         runs[distributed] = (model, wrapped, opt)
-    (m_rep, w_rep, o_rep), (m_zero, w_zero, o_zero) = runs[False], runs[True]
+    (m_rep, w_rep, o_rep), (m_zero, _, o_zero) = runs[False], runs[True]
     for (name, a), b in zip(m_rep.named_parameters(), m_zero.parameters()):
         assert torch.equal(a, b), name  # identical after 3 clipped steps
     assert dp_all_equal(list(m_zero.parameters()), parallel.dp_group)

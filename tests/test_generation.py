@@ -2,7 +2,6 @@
 
 import argparse
 import io
-import os
 
 import pytest
 import torch

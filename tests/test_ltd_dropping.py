@@ -7,7 +7,6 @@ from megatron.ltd import (TokenDropState, gather_attention_mask, gather_position
                           gather_tokens, kept_indices_by_layer, kept_indices_for_layers,
                           middle_layer_kept_lengths, sample_kept_indices, scatter_tokens)
 from megatron.model import GPTModel, ParallelTransformer, TransformerConfig
-from megatron.model.transformer import ParallelTransformerLayer
 from megatron.parallel.random import build_rng_tracker
 from megatron.parallel.state import ParallelState
 

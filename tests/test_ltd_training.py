@@ -2,7 +2,6 @@
 DeepSpeed configs, and exact resume in the middle of the schedule."""
 
 import json
-import os
 
 import pytest
 import torch
