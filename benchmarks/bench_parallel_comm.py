@@ -326,23 +326,8 @@ def analytical(args, tp, pp, dp, tp_rank, pp_rank, kept=None):
 def _single_process(argv, threads, queue):
     import torch
 
-    import megatron.training as training
-    import pretrain_gpt
-
     torch.set_num_threads(threads)
-    times = []
-    original_step = training.StepRunner.train_step
-
-    def train_step(self, *a, **k):
-        start = time.perf_counter()
-        out = original_step(self, *a, **k)
-        times.append(time.perf_counter() - start)
-        return out
-
-    training.StepRunner.train_step = train_step
-    pretrain_gpt.pretrain(pretrain_gpt.datasets_provider, pretrain_gpt.model_provider,
-                          pretrain_gpt.forward_step_provider, argv=argv, log=lambda *a: None)
-    queue.put(times)
+    queue.put(_timed_pretrain(argv))
 
 
 def run_single(argv, threads):
@@ -496,6 +481,11 @@ def main():
 
 def _timed_rank(rank, world_size, argv):
     """One rank, no counting: seconds per train_step."""
+    return _timed_pretrain(argv)
+
+
+def _timed_pretrain(argv):
+    """Run pretrain_gpt with ``argv``; seconds of each StepRunner.train_step."""
     import megatron.training as training
     import pretrain_gpt
 

@@ -203,13 +203,18 @@ def validate_args(args, world_size=1):
     return args
 
 
-def transformer_config_from_args(args):
-    """The model's own small config (no parallel or training flags)."""
+def params_torch_dtype(args):
+    """torch dtype of the parameters and activations (--fp16 / --bf16 / fp32)."""
     import torch
 
+    return {"fp32": torch.float32, "bf16": torch.bfloat16,
+            "fp16": torch.float16}[args.params_dtype]
+
+
+def transformer_config_from_args(args):
+    """The model's own small config (no parallel or training flags)."""
     from megatron.model.config import TransformerConfig
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -227,7 +232,7 @@ def transformer_config_from_args(args):
         rotary_percent=args.rotary_percent,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         add_bias_linear=not args.disable_bias_linear,
-        params_dtype=dtype[args.params_dtype],
+        params_dtype=params_torch_dtype(args),
         recompute_granularity=args.recompute_granularity,
         sequence_parallel=args.sequence_parallel,
         init_seed=args.seed,

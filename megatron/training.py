@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from megatron.arguments import parse_args
+from megatron.arguments import params_torch_dtype, parse_args
 from megatron.checkpointing import TrainState, load_checkpoint, save_checkpoint
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
@@ -217,7 +217,6 @@ def train_valid_test_num_samples(args):
 def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, log):
     from megatron.data.samplers import build_pretraining_data_loader
 
-    resolve_train_iters(args)
     num_samples = train_valid_test_num_samples(args)
     log(" > datasets target sizes (minimum size):")
     log(f"    train:      {num_samples[0]}")
@@ -270,12 +269,11 @@ class StepRunner:
         args = self.args
         seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel
                                   else 1)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
-                 "fp16": torch.float16}[args.params_dtype]
         reported = forward_backward(
             forward_step=self.forward_step, data_iterator=data_iterator, model=self.wrapped,
             parallel=self.parallel, num_microbatches=args.num_micro_batches,
-            tensor_shape=(args.micro_batch_size, seq, args.hidden_size), dtype=dtype,
+            tensor_shape=(args.micro_batch_size, seq, args.hidden_size),
+            dtype=params_torch_dtype(args),
             scale_loss=self.optimizer.scale_loss, token_drop=token_drop,
             forward_only=forward_only,
             no_sync=None if forward_only else no_sync_factory(self.wrapped))

@@ -1,13 +1,13 @@
 """Small helpers shared by the entry points: batch masks, printing."""
 
+import os
+
 import torch
 
 
 def print_rank_0(*args, **kwargs):
-    """Print on rank 0 only (every process is rank 0 until multi-process training lands)."""
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    """Print on rank 0 only (the RANK set by torchrun, or SLURM_PROCID)."""
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         print(*args, **kwargs, flush=True)
 
 
