@@ -17,9 +17,10 @@ def get_ltor_masks_and_position_ids(tokens, eod, *, reset_position_ids=False,
 
     Returns ``(attention_mask, loss_mask, position_ids)``. ``attention_mask`` is None for a
     plain causal mask (the model then uses the fused causal path); with
-    ``reset_attention_mask`` it is a boolean [b, 1, s, s] tensor, True where attention is
-    allowed: causal and within the same document. The EOD token belongs to the document it
-    ends, as in Megatron.
+    ``reset_attention_mask`` it is a boolean [b, 1, s, s] tensor in Megatron's convention,
+    True where attention is *masked out* (Megatron's ``attention_mask < 0.5``): a token may
+    attend only to itself and earlier tokens of its own document. The EOD token belongs to the
+    document it ends, as in Megatron.
     """
     b, s = tokens.shape
     device = tokens.device
@@ -43,5 +44,5 @@ def get_ltor_masks_and_position_ids(tokens, eod, *, reset_position_ids=False,
         if reset_attention_mask:
             same_doc = doc_start.unsqueeze(2) == doc_start.unsqueeze(1)  # [b, s, s]
             causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
-            attention_mask = (same_doc & causal).unsqueeze(1)  # [b, 1, s, s]
+            attention_mask = ~(same_doc & causal).unsqueeze(1)  # [b, 1, s, s], True = masked
     return attention_mask, loss_mask, position_ids.contiguous()
