@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from distributed_harness import run_distributed
 from megatron.errors import UserError
+from megatron.model import transformer
 from megatron.ltd.dropping import TokenDropState, middle_layer_kept_lengths
 from megatron.model import GPTModel, TransformerConfig
 from megatron.parallel.state import ParallelState
@@ -246,21 +247,22 @@ def _dropout_body(rank, world_size):
         model = GPTModel(_config(num_layers=2, hidden_dropout=0.3, attention_dropout=0.3,
                                  sequence_parallel=sp), parallel)
         masks, attention_states = [], []
-        dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+        dropout, attention = F.dropout, transformer.causal_attention_with_dropout
 
         def recording_dropout(x, p=0.5, training=True, inplace=False):
             y = dropout(x, p, training, inplace)
             masks.append((y == 0) & (x != 0))
             return y
 
-        def recording_sdpa(*args, **kwargs):
+        def recording_attention(*args, **kwargs):  # the CPU kernel for attention with dropout
             attention_states.append(torch.get_rng_state())
-            return sdpa(*args, **kwargs)
-        F.dropout, F.scaled_dot_product_attention = recording_dropout, recording_sdpa
+            return attention(*args, **kwargs)
+        F.dropout = recording_dropout
+        transformer.causal_attention_with_dropout = recording_attention
         try:
             model(ids, labels=labels).mean().backward()
         finally:
-            F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+            F.dropout, transformer.causal_attention_with_dropout = dropout, attention
         assert len(masks) == 1 + 2 * 2 and len(attention_states) == 2  # embedding + 2 per layer
         out[sp] = (masks, attention_states, torch.get_rng_state())
     return _plain(out)

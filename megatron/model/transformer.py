@@ -38,6 +38,7 @@ from megatron.errors import UserError
 from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_attention_mask,
                                    gather_position_ids, gather_tokens, kept_indices_by_layer,
                                    scatter_tokens)
+from megatron.model.attention import causal_attention_with_dropout, core_attention
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import init_method_normal, scaled_init_method_normal, seeded_init
 from megatron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
@@ -149,9 +150,11 @@ class ParallelAttention(nn.Module):
         if self.config.use_flash_attn:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        cpu_dropout = dropout_p > 0 and q.device.type == "cpu" and not self.config.use_flash_attn
         with rng, kernel:
-            if dropout_p > 0 and q.device.type == "cpu" and q.dtype == torch.bfloat16 \
-                    and not self.config.use_flash_attn:
+            if cpu_dropout and is_causal:  # SDPA has no fused CPU kernel with dropout
+                context = causal_attention_with_dropout(q, k, v, dropout_p)
+            elif cpu_dropout and q.dtype == torch.bfloat16:
                 context = core_attention(q, k, v, mask, is_causal, dropout_p)
             else:
                 context = F.scaled_dot_product_attention(
@@ -159,25 +162,6 @@ class ParallelAttention(nn.Module):
                     is_causal=is_causal)  # [b, np, r, hn]
         context = context.transpose(1, 2).reshape(b, r, np_ * hn)  # [b, r, np * hn]
         return self.dense(context)  # [b, r, h] ([b, r / tp, h] sequence-parallel)
-
-
-def core_attention(q, k, v, mask, is_causal, dropout_p):
-    """Megatron's CoreAttention: QK^T and PV in the activations' dtype, the softmax in fp32,
-    dropout on the probabilities. q, k, v [b, np, r, hn]; ``mask`` bool [b|1, 1, r, r] (True =
-    attend) or None. Used for bf16 training on CPU with attention dropout, where torch's SDPA
-    falls back to its math kernel and upcasts the whole attention to fp32 (about 1.8x slower);
-    the result has the precision of Megatron's own (unfused and fused) softmax path."""
-    scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * scale  # [b, np, r, r] fp32
-    r_q, r_k = scores.shape[-2], scores.shape[-1]
-    if is_causal:
-        future = torch.ones(r_q, r_k, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, torch.finfo(scores.dtype).min)
-    elif mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [b, np, r, r]
-    probs = F.dropout(probs, p=dropout_p, training=True)
-    return torch.matmul(probs, v)  # [b, np, r, hn]
 
 
 class ParallelMLP(nn.Module):

@@ -1,0 +1,142 @@
+"""The CPU attention kernels of megatron/model/attention.py against SDPA and dense references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron.model.attention import (causal_attention_with_dropout, core_attention,
+                                      dropout_keep_mask)
+
+
+def qkv(shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def grads(out, inputs, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.autograd.grad(out, inputs, torch.randn(out.shape, generator=g).to(out.dtype))
+
+
+@pytest.mark.parametrize("r,block", [(37, 16), (64, 64), (5, 128), (128, 32)])
+def test_causal_attention_without_dropout_matches_sdpa(r, block):
+    q, k, v = qkv((2, 3, r, 8))
+    ours = causal_attention_with_dropout(q, k, v, 0.0, block)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads(ours, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+def test_causal_attention_bf16_matches_sdpa_and_keeps_dtype():
+    q, k, v = qkv((1, 2, 40, 16), torch.bfloat16)
+    ours = causal_attention_with_dropout(q, k, v, 0.0, 16)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, atol=1e-2, rtol=1e-2)
+    for a, b in zip(grads(ours, (q, k, v)), grads(ref, (q, k, v))):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_causal_attention_dropout_matches_a_dense_reference_with_the_same_masks():
+    """Block i of queries (rows i0:i1) meets keys :i1 and draws its mask in that order; a
+    dense computation with those masks, kept positions scaled by 1 / (1 - p), is the same."""
+    p, r, block = 0.3, 37, 16
+    q, k, v = qkv((2, 3, r, 8), torch.float64)
+    torch.manual_seed(5)
+    ours = causal_attention_with_dropout(q, k, v, p, block)
+
+    torch.manual_seed(5)
+    keep = torch.zeros(6, r, r, dtype=torch.bool)
+    for i0 in range(0, r, block):
+        i1 = min(i0 + block, r)
+        keep[:, i0:i1, :i1] = dropout_keep_mask((6, i1 - i0, i1), p)
+    scores = (q @ k.transpose(-2, -1)) / 8 ** 0.5
+    scores = scores.masked_fill(torch.ones(r, r, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(scores, -1) * keep.view(2, 3, r, r) / (1 - p)
+    ref = probs @ v
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads(ours, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
+def test_causal_attention_dropout_backward_passes_gradcheck():
+    q, k, v = qkv((2, 2, 19, 4), torch.float64)
+
+    def f(q, k, v):
+        torch.manual_seed(0)  # the same masks on every evaluation
+        return causal_attention_with_dropout(q, k, v, 0.4, 8)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_causal_attention_rejects_bad_dropout():
+    q, k, v = qkv((1, 1, 4, 4))
+    with pytest.raises(ValueError, match="dropout_p"):
+        causal_attention_with_dropout(q, k, v, 1.0)
+
+
+def test_dropout_keep_mask_probability_independence_and_determinism():
+    n, p = 1_000_000, 0.1
+    torch.manual_seed(0)
+    keep = dropout_keep_mask((n,), p)
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert keep.dtype == torch.bool and keep.shape == (n,)
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * sigma
+    # the two int32 halves of each random int64 (even / odd positions) are both unbiased ...
+    for half in (keep[0::2], keep[1::2]):
+        assert abs(half.float().mean().item() - (1 - p)) < 5 * sigma * 2 ** 0.5
+    # ... and independent: P(both dropped) = p^2
+    both = (~keep[0::2] & ~keep[1::2]).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p / (n / 2)) ** 0.5
+    torch.manual_seed(0)
+    assert torch.equal(keep, dropout_keep_mask((n,), p))
+    assert dropout_keep_mask((3, 5), 0.0).all()
+    odd = dropout_keep_mask((7,), 0.5)  # odd sizes use half of the last int64
+    assert odd.shape == (7,)
+
+
+def test_core_attention_matches_sdpa_without_dropout():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    causal = core_attention(q, k, v, None, True, 0.0)
+    torch.testing.assert_close(causal, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    mask = torch.rand(2, 1, 7, 7, generator=g) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    torch.testing.assert_close(core_attention(q, k, v, mask, False, 0.0),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    # bf16 with dropout: finite, and the same draw under the same seed
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    torch.manual_seed(3)
+    a = core_attention(qb, kb, vb, None, True, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(a, core_attention(qb, kb, vb, None, True, 0.5))
+    assert torch.isfinite(a.float()).all()
+
+
+def test_gpt_attention_uses_the_block_causal_kernel_for_cpu_training_with_dropout(monkeypatch):
+    import megatron.model.transformer as transformer
+    from megatron.model.config import TransformerConfig
+    from megatron.model.gpt import GPTModel
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[3])
+        return causal_attention_with_dropout(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "causal_attention_with_dropout", counting)
+    cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                            padded_vocab_size=64, hidden_dropout=0.0, attention_dropout=0.2)
+    torch.manual_seed(0)
+    model = GPTModel(cfg)
+    tokens = torch.randint(0, 64, (2, 16))
+    torch.manual_seed(1)
+    first = model(tokens)
+    assert calls == [0.2, 0.2]
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(tokens), first)  # the masks follow the seed
+    model.eval()
+    model(tokens)  # no dropout: SDPA's fused kernel
+    assert len(calls) == 4
