@@ -2,9 +2,10 @@
 
 Activations are batch-first, ``[b, s, h]``, everywhere (Megatron uses [s, b, h]; we use
 ``torch.nn.functional.scaled_dot_product_attention``, whose layout is [b, heads, s, head_dim], so
-batch-first avoids transposes around it). Every projection is a Column/RowParallelLinear: under
-tensor parallelism each rank holds ``num_attention_heads / tp`` heads and ``ffn / tp`` MLP
-channels, and nothing here changes.
+batch-first avoids transposes around it; on CPU with attention dropout, where SDPA has no
+fused kernel, ``megatron.model.attention``'s block-causal kernel takes its place). Every
+projection is a Column/RowParallelLinear: under tensor parallelism each rank holds
+``num_attention_heads / tp`` heads and ``ffn / tp`` MLP channels, and nothing here changes.
 
 Attention masks follow Megatron's convention: a boolean tensor broadcastable to [b, 1, s, s]
 where True means "masked out" (may not attend).
@@ -92,7 +93,8 @@ def _layer_norm(config: TransformerConfig) -> LayerNorm:
 
 
 class ParallelAttention(nn.Module):
-    """Self-attention: fused QKV projection, (rope), SDPA, output projection.
+    """Self-attention: fused QKV projection, (rope), SDPA (or the CPU kernels of
+    ``megatron.model.attention`` for dropout on CPU), output projection.
 
     ``query_key_value.weight`` rows are laid out per head as [q_j; k_j; v_j] (Megatron checkpoint
     version 3, [np, 3, hn] ordering), so a TP rank's row slice holds whole heads.
