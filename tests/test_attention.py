@@ -137,6 +137,68 @@ def test_gpt_attention_uses_the_block_causal_kernel_for_cpu_training_with_dropou
     assert calls == [0.2, 0.2]
     torch.manual_seed(1)
     torch.testing.assert_close(model(tokens), first)  # the masks follow the seed
+    model(tokens, attention_mask=document_mask(2, 16, (4,)))  # per-document masks: causal
+    assert len(calls) == 6
+    model(tokens, attention_mask=torch.zeros(2, 1, 1, 16, dtype=torch.bool))  # not causal: SDPA
+    assert len(calls) == 6
     model.eval()
     model(tokens)  # no dropout: SDPA's fused kernel
-    assert len(calls) == 4
+    assert len(calls) == 6
+
+
+def document_mask(b, r, starts, seed=0):
+    """--reset-attention-mask's mask (True = masked out): causal within documents that begin at
+    ``starts`` (random per sample)."""
+    from megatron.utils import get_ltor_masks_and_position_ids
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 50, (b, r), generator=g)
+    for i in range(b):
+        for s in starts:
+            tokens[i, (s + i) % r] = 0  # EOD
+    return get_ltor_masks_and_position_ids(tokens, 0, reset_attention_mask=True)[0]
+
+
+def test_causal_attention_with_a_document_mask_matches_sdpa():
+    q, k, v = qkv((2, 3, 37, 8))
+    mask = document_mask(2, 37, (5, 20))
+    ours = causal_attention_with_dropout(q, k, v, 0.0, 16, mask=mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=~mask)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads(ours, (q, k, v)), grads(ref, (q, k, v))):
+        torch.testing.assert_close(a, b)
+    # a query whose keys are all masked attends to nothing, with zero gradients
+    blind = mask.clone()
+    blind[..., 3, :] = True
+    out = causal_attention_with_dropout(q, k, v, 0.0, 16, mask=blind)
+    assert torch.isfinite(out).all() and (out[:, :, 3] == 0).all()
+    assert all(torch.isfinite(g).all() for g in grads(out, (q, k, v)))
+
+
+def test_causal_attention_with_a_mask_and_dropout_passes_gradcheck():
+    q, k, v = qkv((2, 2, 19, 4), torch.float64)
+    mask = document_mask(2, 19, (6,))
+
+    def f(q, k, v):
+        torch.manual_seed(0)
+        return causal_attention_with_dropout(q, k, v, 0.4, 8, mask=mask)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_causal_attention_rejects_a_malformed_mask():
+    q, k, v = qkv((2, 1, 4, 4))
+    for bad in (torch.zeros(2, 1, 4, 4), torch.zeros(3, 1, 4, 4, dtype=torch.bool),
+                torch.zeros(2, 4, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="mask must be bool"):
+            causal_attention_with_dropout(q, k, v, 0.1, mask=bad)
+
+
+def test_which_masks_take_the_block_causal_kernel():
+    from megatron.model.transformer import _masks_the_future
+    assert _masks_the_future(None, True) and not _masks_the_future(None, False)
+    assert _masks_the_future(document_mask(2, 9, (3,)), False)
+    padding = torch.zeros(2, 1, 1, 9, dtype=torch.bool)
+    assert not _masks_the_future(padding, False)
+    sees_ahead = document_mask(2, 9, (3,)).clone()
+    sees_ahead[0, 0, 1, 2] = False
+    assert not _masks_the_future(sees_ahead, False)

@@ -26,6 +26,7 @@ different masks, as any two kernels do.
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, dropout_p: float, block: int):
+    def forward(ctx, q, k, v, dropout_p: float, block: int, mask):
         b, heads, r, d = q.shape
         dtype = torch.promote_types(q.dtype, torch.float32)
         scale = d ** -0.5
@@ -71,7 +72,12 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
             scores = torch.bmm(qs[:, i0:i1], kf[:, :i1].transpose(1, 2))  # [N, i1 - i0, i1]
             future = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=q.device).triu_(1)
             scores[:, :, i0:].masked_fill_(future, float("-inf"))  # the diagonal block
+            if mask is not None:  # [b|1, 1, r|1, r], True = masked out
+                rows = mask[:, :, i0:i1] if mask.size(2) > 1 else mask
+                scores.view(b, heads, i1 - i0, i1).masked_fill_(rows[..., :i1], float("-inf"))
             probs = torch.softmax(scores, dim=-1)
+            if mask is not None:
+                probs.nan_to_num_(0.0)  # a query that may see no key attends to nothing
             kept = probs * dropout_keep_mask(probs.shape, dropout_p, q.device)
             torch.bmm(kept, vf[:, :i1], out=out[:, i0:i1])
             saved += [probs, kept]
@@ -103,17 +109,30 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
         dq.mul_(ctx.scale)
         dtype = ctx.in_dtype
         return (dq.view(shape).to(dtype), dk.view(shape).to(dtype), dv.view(shape).to(dtype),
-                None, None)
+                None, None, None)
 
 
 def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  dropout_p: float, block: int = _BLOCK) -> torch.Tensor:
+                                  dropout_p: float, block: int = _BLOCK,
+                                  mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal self-attention with dropout on the probabilities; q, k, v [b, np, r, hn] ->
     [b, np, r, hn] in q's dtype. Equal to ``F.scaled_dot_product_attention(q, k, v,
-    dropout_p=dropout_p, is_causal=True)`` up to the dropout mask's stream."""
+    dropout_p=dropout_p, is_causal=True)`` up to the dropout mask's stream.
+
+    ``mask``: optional boolean [b|1, 1, r|1, r] in Megatron's convention (True = masked out),
+    applied on top of causality -- e.g. ``--reset-attention-mask``'s per-document masks, or
+    random-LTD's gathered rows and columns of them. A query left with no key gets zeros (as
+    SDPA's math kernel gives)."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return _CausalAttentionWithDropout.apply(q, k, v, dropout_p, block)
+    if mask is not None:
+        b, r = q.shape[0], q.shape[2]
+        if mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 \
+                or mask.size(0) not in (1, b) or mask.size(2) not in (1, r) \
+                or mask.size(3) != r:
+            raise ValueError(f"mask must be bool [b|1, 1, r|1, r] with b={b}, r={r}; got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
+    return _CausalAttentionWithDropout.apply(q, k, v, dropout_p, block, mask)
 
 
 def core_attention(q, k, v, mask, is_causal, dropout_p):

@@ -154,8 +154,10 @@ class ParallelAttention(nn.Module):
             kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
         cpu_dropout = dropout_p > 0 and q.device.type == "cpu" and not self.config.use_flash_attn
         with rng, kernel:
-            if cpu_dropout and is_causal:  # SDPA has no fused CPU kernel with dropout
-                context = causal_attention_with_dropout(q, k, v, dropout_p)
+            if cpu_dropout and _masks_the_future(attention_mask, is_causal):
+                # SDPA has no fused CPU kernel with dropout; this one skips the masked future
+                context = causal_attention_with_dropout(q, k, v, dropout_p,
+                                                        mask=attention_mask)
             elif cpu_dropout and q.dtype == torch.bfloat16:
                 context = core_attention(q, k, v, mask, is_causal, dropout_p)
             else:
@@ -164,6 +166,19 @@ class ParallelAttention(nn.Module):
                     is_causal=is_causal)  # [b, np, r, hn]
         context = context.transpose(1, 2).reshape(b, r, np_ * hn)  # [b, r, np * hn]
         return self.dense(context)  # [b, r, h] ([b, r / tp, h] sequence-parallel)
+
+
+def _masks_the_future(attention_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
+    """Whether attention is causal: the layer's default causal mask, or an explicit mask (True =
+    masked out) that hides every later key from every query, as GPT's --reset-attention-mask
+    masks and random-LTD's gathered rows and columns of them do."""
+    if attention_mask is None:
+        return is_causal
+    r_q, r_k = attention_mask.shape[-2:]
+    if r_q != r_k:
+        return False  # a padding mask [b, 1, 1, s]: not causal
+    future = torch.ones(r_q, r_k, dtype=torch.bool, device=attention_mask.device).triu_(1)
+    return bool((attention_mask >= future).all())
 
 
 class ParallelMLP(nn.Module):
