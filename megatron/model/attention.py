@@ -14,8 +14,10 @@ backward. Two kernels here replace it:
   (bf16/fp16 inputs are upcast, as SDPA's math kernel does on CPU). About 4x faster than SDPA
   on CPU for one GPT-2-small layer's attention, forward + backward, and it keeps less for
   backward (two fp32 lower-triangle matrices instead of three full-size tensors).
+  Explicit masks that hide the future (``--reset-attention-mask``'s per-document masks) are
+  applied on top.
 * :func:`core_attention` -- Megatron's CoreAttention (QK^T and PV in the activations' dtype, fp32
-  softmax, dropout): the bf16 path for explicit masks on CPU.
+  softmax, dropout): the bf16 path for non-causal masks (padding) on CPU.
 
 Dropout masks here come from :func:`dropout_keep_mask`: 31-bit random integers compared with
 ``round(p * 2^31)`` (keep probability exact to 5e-10, finer than a float32 uniform), drawn
@@ -138,7 +140,7 @@ def causal_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 def core_attention(q, k, v, mask, is_causal, dropout_p):
     """Megatron's CoreAttention: QK^T and PV in the activations' dtype, the softmax in fp32,
     dropout on the probabilities. q, k, v [b, np, r, hn]; ``mask`` bool [b|1, 1, r, r] (True =
-    attend) or None. Used for bf16 training on CPU with attention dropout and an explicit mask,
+    attend) or None. Used for bf16 training on CPU with attention dropout and a non-causal mask,
     where torch's SDPA falls back to its math kernel and upcasts the whole attention to fp32;
     the result has the precision of Megatron's own (unfused and fused) softmax path."""
     scale = q.shape[-1] ** -0.5
