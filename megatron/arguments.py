@@ -107,7 +107,7 @@ def validate_args(args, world_size=1):
              f"--global-batch-size {args.global_batch_size} is not divisible by "
              f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.rampup_batch_size:
+    if args.rampup_batch_size is not None:
         raise UserError("--rampup-batch-size is not supported yet (batch-size ramp-up is not "
                         "implemented); leave it out")
 
@@ -145,15 +145,32 @@ def validate_args(args, world_size=1):
     _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
     args.params_dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
 
-    # -- weight decay schedule
-    if args.start_weight_decay is None:
-        args.start_weight_decay = args.weight_decay
-    if args.end_weight_decay is None:
-        args.end_weight_decay = args.weight_decay
+    # -- weight decay schedule (Megatron's rule: the start/end values belong to a schedule, so
+    # they are required with linear/cosine and refused with constant, where --weight-decay is
+    # the value; anything else leaves it ambiguous which value the run used)
+    if args.weight_decay_incr_style == "constant":
+        _require(args.start_weight_decay is None and args.end_weight_decay is None,
+                 "--start-weight-decay/--end-weight-decay need --weight-decay-incr-style linear "
+                 "or cosine (with constant, give --weight-decay)")
+        args.start_weight_decay = args.end_weight_decay = args.weight_decay
+    else:
+        _require(args.start_weight_decay is not None and args.end_weight_decay is not None,
+                 f"--weight-decay-incr-style {args.weight_decay_incr_style} needs "
+                 "--start-weight-decay and --end-weight-decay")
 
-    # -- recompute (Megatron-DeepSpeed's --checkpoint-activations is full recompute)
+    # -- recompute (Megatron-DeepSpeed's --checkpoint-activations is full recompute). Full
+    # recompute here checkpoints every layer on its own: Megatron-LM's --recompute-method uniform
+    # --recompute-num-layers 1, which its launch scripts pass with --recompute-granularity full.
     if args.checkpoint_activations:
         args.recompute_granularity = "full"
+    if args.recompute_granularity == "full":
+        _require(args.recompute_method in (None, "uniform"),
+                 f"--recompute-method {args.recompute_method} is not supported: full recompute "
+                 "checkpoints each layer (--recompute-method uniform --recompute-num-layers 1)")
+        _require(args.recompute_num_layers in (None, 1),
+                 f"--recompute-num-layers {args.recompute_num_layers} is not supported: full "
+                 "recompute checkpoints each layer on its own (--recompute-num-layers 1)")
+        args.recompute_method, args.recompute_num_layers = "uniform", 1
 
     # -- data
     if not args.skip_train and not args.mock_data:
@@ -195,6 +212,9 @@ def validate_args(args, world_size=1):
 
     random_ltd_config_from_args(args)
 
+    # Our earlier checkpoints name the bias flag by its negation; keep both names in args.
+    args.disable_bias_linear = not args.add_bias_linear
+
     # Bookkeeping that Megatron keeps on args (and so in checkpoints).
     args.consumed_train_samples = 0
     args.consumed_valid_samples = 0
@@ -231,7 +251,7 @@ def transformer_config_from_args(args):
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        add_bias_linear=not args.disable_bias_linear,
+        add_bias_linear=args.add_bias_linear,
         params_dtype=params_torch_dtype(args),
         recompute_granularity=args.recompute_granularity,
         sequence_parallel=args.sequence_parallel,
@@ -264,11 +284,12 @@ def _add_network_size_args(parser):
                    help="Fraction of each head's channels rotated by rope.")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this (times TP size).")
-    g.add_argument("--layernorm-epsilon", type=float, default=1e-5, help="LayerNorm epsilon.")
+    g.add_argument("--layernorm-epsilon", "--norm-epsilon", dest="layernorm_epsilon", type=float,
+                   default=1e-5, help="LayerNorm epsilon (--norm-epsilon: Megatron-LM's name).")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Separate output layer instead of the tied word embeddings.")
-    g.add_argument("--disable-bias-linear", action="store_true",
-                   help="No biases in the linear layers.")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
+                   help="No biases in the linear layers (Megatron's args.add_bias_linear).")
 
 
 def _add_regularization_args(parser):
@@ -299,6 +320,10 @@ def _add_training_args(parser):
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="Recompute each layer's activations in backward.")
     g.add_argument("--recompute-granularity", default=None, choices=["full"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"],
+                   help="Only uniform (with --recompute-num-layers 1) is supported.")
+    g.add_argument("--recompute-num-layers", "--checkpoint-num-layers", type=int, default=None,
+                   dest="recompute_num_layers", help="Layers per recompute chunk: only 1.")
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None)
     g.add_argument("--train-tokens", type=int, default=None,
@@ -333,6 +358,8 @@ def _add_learning_rate_args(parser):
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-samples", type=int, default=0)
     g.add_argument("--lr-warmup-tokens", type=int, default=None)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0,
+                   help="LR at the start of the warmup (linear from here to --lr).")
     g.add_argument("--override-opt_param-scheduler", "--override-lr-scheduler",
                    dest="override_opt_param_scheduler", action="store_true")
     g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-lr-scheduler",

@@ -264,6 +264,8 @@ class StepRunner:
     wrapped: torch.nn.Module
     optimizer: object
     forward_step: object
+    num_zeros: object = None
+    """Zero entries in the last step's gradients (--log-num-zeros-in-grad), else None."""
 
     def _schedule(self, data_iterator, token_drop, forward_only):
         args = self.args
@@ -287,8 +289,26 @@ class StepRunner:
         allreduce_embedding_grads(self.model, self.parallel)
         if self.args.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.parallel)
-        update_successful, grad_norm, _ = self.optimizer.step()
+        update_successful, grad_norm, self.num_zeros = self.optimizer.step()
         return losses, update_successful, grad_norm
+
+    @torch.no_grad()
+    def params_norm(self):
+        """L2 norm of all parameters, each counted once (Megatron's calc_params_l2_norm):
+        tensor-parallel shards on every rank, replicated ones on TP rank 0, shared copies never;
+        summed over the model-parallel group."""
+        from megatron.optim.clip_grads import (param_is_not_shared,
+                                               param_is_not_tensor_parallel_duplicate)
+
+        params = [p.detach().float() for p in self.model.parameters()
+                  if param_is_not_shared(p)
+                  and param_is_not_tensor_parallel_duplicate(p, self.parallel.tp_rank)]
+        total = torch.zeros((), dtype=torch.float32, device=comm_device())
+        for p in params:
+            total += p.norm().to(total.device) ** 2
+        if self.parallel.mp_group is not None and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total, group=self.parallel.mp_group)
+        return float(total.sqrt())
 
     @torch.no_grad()
     def evaluate(self, data_iterator, eval_iters):
@@ -406,6 +426,15 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             extra["seqlen/actual_seq_length"] = ("actual seqlen", ltd.effective_seq_length())
         extra["layer-tokens/consumed-layer-tokens"] = ("consumed layer tokens",
                                                        ltd.consumed_layer_tokens)
+        if args.log_num_zeros_in_grad and step.num_zeros is not None:
+            extra["num-zeros/num-zeros"] = ("num zeros", float(step.num_zeros))
+        if args.log_params_norm:
+            extra["params-norm/params-norm"] = ("params norm", step.params_norm())
+        if args.log_world_size_to_tensorboard \
+                and state.iteration % args.tensorboard_log_interval == 0:
+            logger.scalar("world-size/world-size", args.world_size, state.iteration,
+                          state.consumed_train_samples, state.consumed_train_tokens,
+                          ltd.consumed_layer_tokens)
         logger.training_step(state, losses, optimizer.param_groups[0]["lr"], grad_norm,
                              float(optimizer.get_loss_scale()), skipped=not ok, extra=extra,
                              flops=flops_per_iteration(args, kept if ltd.enabled else None),

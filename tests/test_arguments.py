@@ -74,3 +74,111 @@ def test_parallel_layouts():
     with pytest.raises(UserError, match="--num-attention-heads 4 is not divisible"):
         parse("--tensor-model-parallel-size", "8", world_size=8)
     assert not parse("--sequence-parallel").sequence_parallel  # nothing to split at TP 1
+
+
+def test_weight_decay_schedule_flags_as_megatron():
+    args = parse("--weight-decay", "0.1")
+    assert (args.start_weight_decay, args.end_weight_decay) == (0.1, 0.1)
+    args = parse("--weight-decay-incr-style", "linear", "--start-weight-decay", "0.0",
+                 "--end-weight-decay", "0.1")
+    assert (args.start_weight_decay, args.end_weight_decay) == (0.0, 0.1)
+    # A schedule style without its end points would silently run constant.
+    with pytest.raises(UserError, match="--weight-decay-incr-style cosine needs "
+                                        "--start-weight-decay and --end-weight-decay"):
+        parse("--weight-decay-incr-style", "cosine")
+    # End points with the constant style: ambiguous which value is meant.
+    with pytest.raises(UserError, match="--start-weight-decay"):
+        parse("--start-weight-decay", "0.05", "--end-weight-decay", "0.05")
+
+
+def test_lr_warmup_init_starts_the_warmup():
+    import torch
+
+    from megatron.optim.lr_scheduler import scheduler_from_args
+
+    assert parse().lr_warmup_init == 0.0  # Megatron's default
+    args = parse("--lr-warmup-init", "1e-4", "--lr-warmup-iters", "2")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = scheduler_from_args(opt, args)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4)  # step 0: the init value
+    sched.step(increment=args.global_batch_size)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) / 2)
+
+
+@pytest.mark.parametrize("extra", [["--rampup-batch-size"],
+                                   ["--rampup-batch-size", "16", "8", "300000"]])
+def test_rampup_batch_size_is_refused_even_without_values(extra):
+    with pytest.raises(UserError, match="--rampup-batch-size"):
+        parse(*extra)
+
+
+def test_recompute_flags_of_megatron_lm_scripts():
+    from megatron.arguments import transformer_config_from_args
+
+    args = parse("--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1")
+    args.padded_vocab_size = 128
+    assert transformer_config_from_args(args).recompute_granularity == "full"
+    args = parse("--checkpoint-activations", "--checkpoint-num-layers", "1")  # DeepSpeed's names
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == \
+        ("full", "uniform", 1)
+    with pytest.raises(UserError, match="--recompute-method block"):
+        parse("--recompute-granularity", "full", "--recompute-method", "block")
+    with pytest.raises(UserError, match="--recompute-num-layers 2"):
+        parse("--recompute-granularity", "full", "--recompute-num-layers", "2")
+    assert parse().recompute_granularity is None
+
+
+def test_disable_bias_linear_is_stored_under_megatrons_name():
+    from megatron.arguments import transformer_config_from_args
+    from tools.generate_text import config_from_args
+
+    args = parse()
+    assert args.add_bias_linear and not args.disable_bias_linear
+    args = parse("--disable-bias-linear")
+    args.padded_vocab_size = 128
+    assert args.add_bias_linear is False and args.disable_bias_linear is True
+    assert transformer_config_from_args(args).add_bias_linear is False
+    # Tools read a checkpoint's args by Megatron's names.
+    assert config_from_args(args).add_bias_linear is False
+
+
+def test_norm_epsilon_is_megatron_lm_name_of_layernorm_epsilon():
+    assert parse().layernorm_epsilon == 1e-5
+    assert parse("--norm-epsilon", "1e-6").layernorm_epsilon == 1e-6
+
+
+@pytest.mark.parametrize("precision, loss_scale, expected", [
+    ("--bf16", "8", 8.0),       # static scale, as Megatron
+    ("--bf16", None, 1.0),      # bf16 without --loss-scale: no scaling
+    ("--fp16", None, 2.0 ** 32),  # fp16: dynamic, --initial-loss-scale
+    ("--fp16", "8", 8.0),
+])
+def test_loss_scale_applies_to_fp16_and_bf16(precision, loss_scale, expected):
+    import torch
+
+    from megatron.optim import build_optimizer
+
+    extra = [precision] + (["--loss-scale", loss_scale] if loss_scale else [])
+    args = parse(*extra)
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16 if precision == "--bf16" else torch.half)
+    opt = build_optimizer(model, args=args, log=lambda msg: None)
+    assert float(opt.get_loss_scale()) == expected
+    assert float(opt.scale_loss(torch.ones(())).float()) == expected
+
+
+def test_log_params_norm_and_num_zeros_reach_the_log(data_prefix):
+    import math
+
+    from training_helpers import gpt_argv, run
+
+    result, logs = run(gpt_argv(data_prefix, "--log-params-norm", "--log-num-zeros-in-grad",
+                                iters=4))
+    last = [line for line in logs if line.startswith(" iteration")][-1]
+    assert "num zeros:" in last
+    logged = float(last.split("params norm: ")[1].split(" ")[0])
+    expected = math.sqrt(sum(float(p.detach().float().norm()) ** 2
+                             for p in result.model.parameters()))
+    assert logged == pytest.approx(expected, abs=0.06)  # printed with one decimal
+    _, logs = run(gpt_argv(data_prefix, iters=2))
+    assert not any("params norm" in line or "num zeros" in line for line in logs)

@@ -174,7 +174,8 @@ class FP32Optimizer(MegatronOptimizer):
 class Float16OptimizerWithFloat16Params(MegatronOptimizer):
     """bf16/fp16 model parameters with fp32 master copies owned by the torch optimizer.
 
-    ``grad_scaler`` is None for bf16; for fp16 a ``DynamicGradScaler`` or ``ConstantGradScaler``.
+    ``grad_scaler``: a ``ConstantGradScaler`` with --loss-scale, else for fp16 a
+    ``DynamicGradScaler``, else (bf16) None.
     fp32 parameters of the model (if any) are updated in place, as in ``FP32Optimizer``.
     """
 
@@ -405,16 +406,16 @@ def build_optimizer(model, args=None, *, optimizer="adam", lr=None, weight_decay
         wrapper = FP32Optimizer(torch_opt, **common)
         return shard_optimizer_state(wrapper, data_parallel_group) \
             if use_distributed_optimizer else wrapper
+    # As Megatron: --loss-scale is a static scale for fp16 and bf16 alike; without it fp16
+    # scales dynamically and bf16 does not scale.
     grad_scaler = None
-    if fp16:
-        if loss_scale:
-            grad_scaler = ConstantGradScaler(loss_scale)
-        else:
-            grad_scaler = DynamicGradScaler(initial_scale=initial_loss_scale,
-                                            min_scale=min_loss_scale, growth_factor=2.0,
-                                            backoff_factor=0.5,
-                                            growth_interval=loss_scale_window,
-                                            hysteresis=hysteresis)
+    if loss_scale:
+        grad_scaler = ConstantGradScaler(loss_scale)
+    elif fp16:
+        grad_scaler = DynamicGradScaler(initial_scale=initial_loss_scale,
+                                        min_scale=min_loss_scale, growth_factor=2.0,
+                                        backoff_factor=0.5, growth_interval=loss_scale_window,
+                                        hysteresis=hysteresis)
     wrapper = Float16OptimizerWithFloat16Params(torch_opt, grad_scaler=grad_scaler, **common)
     # After the wrapper swapped in the fp32 masters: ZeRO partitions the masters.
     return shard_optimizer_state(wrapper, data_parallel_group) \
