@@ -212,6 +212,31 @@ def test_items_with_empty_documents(tmp_path):
         assert ds[i]["text"].tolist() == stream[j * 3:j * 3 + 4].tolist()
 
 
+def test_last_epoch_may_hold_one_sample_more_than_an_epoch(tmp_path):
+    # 9 tokens per epoch, seq 5: (9 - 1) // 5 = 1 sample per epoch, yet 5 samples need 3 epochs
+    # of which the last contributes 2 ((27 - 1) // 5 - (18 - 1) // 5). Megatron-LM accepts
+    # num_samples_per_epoch + 1 here; an assertion used to stop at num_samples_per_epoch.
+    prefix = str(tmp_path / "tiny")
+    indexed = write_dataset(prefix, [3, 3, 3])
+    ds = GPTDataset("train", prefix, indexed, np.arange(3), 5, 5, 1234, log=quiet)
+    assert ds.num_epochs == 3 and len(ds) == 5
+    expected = sample_idx_loop(indexed.sizes, ds.doc_idx, 5, 5)
+    np.testing.assert_array_equal(ds.sample_idx, expected)
+    for i in range(len(ds)):
+        assert len(ds[i]["text"]) == 6
+    # Random small cases: every one builds and matches the loop.
+    rng = np.random.RandomState(5)
+    for _ in range(300):
+        sizes = rng.randint(1, 6, size=rng.randint(1, 6)).astype(np.int32)
+        seq, n = rng.randint(1, 10), rng.randint(1, 30)
+        if sizes.sum() <= seq:
+            continue
+        doc_idx, sample_idx, _, _ = compute_index_mappings(
+            np.arange(len(sizes), dtype=np.int32), sizes, n, seq, 1, log=quiet)
+        np.testing.assert_array_equal(
+            sample_idx, sample_idx_loop(sizes, doc_idx, seq, len(sample_idx) - 1))
+
+
 # -- dataset_utils ------------------------------------------------------------------------------
 
 def test_split_vectors():

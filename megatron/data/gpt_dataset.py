@@ -140,7 +140,10 @@ def compute_index_mappings(documents, sizes, num_samples, seq_length, seed, log=
         from_epochs_minus_one = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
         last_epoch_num_samples = num_samples - from_epochs_minus_one
         num_samples_per_epoch = (tokens_per_epoch - 1) // seq_length
-        assert 0 <= last_epoch_num_samples <= num_samples_per_epoch
+        # The last epoch can hold one sample more than (tokens_per_epoch - 1) // seq_length:
+        # where a sample starts depends on the epochs before it (Megatron-LM allows
+        # num_samples_per_epoch + 1 here too).
+        assert 0 <= last_epoch_num_samples <= num_samples_per_epoch + 1
         # Less than 80% of the last epoch is used: shuffle it on its own so its samples are
         # not spread over (and diluting) the earlier epochs.
         separate_last_epoch = last_epoch_num_samples < int(0.80 * num_samples_per_epoch)
