@@ -126,13 +126,17 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
         f"(TP {parallel.tp_size} x PP {parallel.pp_size} x DP {parallel.dp_size})")
 
     try:
+        exited = False
         if not args.skip_train and state.iteration < args.train_iters:
-            train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time,
-                  log)
-        if args.eval_iters > 0 and valid_iter is not None:
+            exited = train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger,
+                           start_time, log)
+        # As Megatron: --exit-interval / --exit-duration-in-mins end the program after the
+        # checkpoint, without the end-of-training evaluations (a job about to hit its time limit
+        # must not start a full validation and test pass).
+        if not exited and args.eval_iters > 0 and valid_iter is not None:
             run_evaluation(args, state, step, valid_iter, logger,
                            f"iteration {state.iteration} on validation set", ltd)
-        if args.eval_iters > 0 and test_iter is not None:
+        if not exited and args.eval_iters > 0 and test_iter is not None:
             run_evaluation(args, state, step, test_iter, logger,
                            f"iteration {state.iteration} on test set", ltd, count_valid=False)
     finally:
@@ -371,13 +375,20 @@ def run_evaluation(args, state, step, data_iterator, logger, prefix, ltd=None,
     return losses
 
 
-def _should_exit(args, state, ltd, start_time):
-    """(exit, reason) for the stop conditions other than --train-iters."""
+def _budget_spent(args, state, ltd):
+    """The --train-tokens / --train-layer-tokens stop: a reason, or "" while training goes on.
+    Checked before every iteration (Megatron-DeepSpeed's loop condition), so a run resumed
+    from a checkpoint that already spent its budget trains no further."""
     if args.train_tokens is not None and state.consumed_train_tokens >= args.train_tokens:
-        return True, f"consumed {state.consumed_train_tokens} tokens (--train-tokens)"
+        return f"consumed {state.consumed_train_tokens} tokens (--train-tokens)"
     if ltd.budget_reached():
-        return True, (f"consumed {ltd.consumed_layer_tokens} layer tokens "
-                      "(--train-layer-tokens)")
+        return f"consumed {ltd.consumed_layer_tokens} layer tokens (--train-layer-tokens)"
+    return ""
+
+
+def _should_exit(args, state, start_time):
+    """(exit, reason) for --exit-interval and --exit-duration-in-mins (Megatron's exits: save,
+    then end the program without the end-of-training evaluations)."""
     if args.exit_interval and state.iteration % args.exit_interval == 0:
         return True, f"iteration {state.iteration} is a multiple of --exit-interval"
     if args.exit_duration_in_mins is not None:
@@ -388,7 +399,10 @@ def _should_exit(args, state, ltd, start_time):
 
 
 def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log):
-    """Run iterations until --train-iters or another stop condition; save as requested."""
+    """Run iterations until --train-iters or another stop condition; save as requested.
+
+    Returns True when --exit-interval or --exit-duration-in-mins ended training (the caller
+    then skips the end-of-training evaluations, as Megatron's ``sys.exit()`` does)."""
     layer_token_lr = ltd.cfg is not None and ltd.cfg.layer_token_lr
 
     optimizer = step.optimizer
@@ -400,7 +414,13 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
                             extra_state={"random_ltd_scheduler": ltd.state_dict()})
 
     saved_at = None
+    first_iteration = state.iteration
+    exited = False
     while state.iteration < args.train_iters:
+        spent = _budget_spent(args, state, ltd)
+        if spent:
+            log(f"training budget reached at iteration {state.iteration}: {spent}")
+            break
         token_drop = ltd.begin_iteration(state.iteration)
         kept = ltd.reserved_length
         losses, ok, grad_norm = step.train_step(train_iter, token_drop)
@@ -447,9 +467,11 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         if args.save_interval and state.iteration % args.save_interval == 0:
             save()
             saved_at = state.iteration
-        stop, reason = _should_exit(args, state, ltd, start_time)
+        stop, reason = _should_exit(args, state, start_time)
         if agree_to_stop(stop, step.parallel):
             log(f"exiting at iteration {state.iteration}: {reason}")
+            exited = True
             break
-    if saved_at != state.iteration:
+    if state.iteration != first_iteration and saved_at != state.iteration:
         save()
+    return exited

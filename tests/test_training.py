@@ -158,3 +158,37 @@ def test_exit_duration_and_train_tokens_stop_training(data_prefix, tmp_path):
     del argv[i:i + 2]
     result, _ = run(argv + ["--train-tokens", str(3 * 4 * 32), "--lr-warmup-tokens", "128"])
     assert result.state.iteration == 3 and result.state.consumed_train_tokens == 3 * 4 * 32
+
+
+def test_resume_after_the_token_budget_trains_no_further(data_prefix, tmp_path):
+    """--train-tokens / --train-layer-tokens are checked before each iteration (Megatron-
+    DeepSpeed's loop condition): resuming a finished run must not add an iteration."""
+    ltd = ["--num-layers", "4", "--random-ltd", "--random-ltd-start", "8", "--random-ltd-step",
+           "4", "--random-ltd-schedule-steps", "6", "--train-layer-tokens", str(4 * 32 * 4 * 5)]
+    for name, flags, stop in (("tokens", ["--train-tokens", str(3 * 4 * 32)], 3),
+                              ("layer", ltd, 7)):
+        ckpt = str(tmp_path / name)
+        argv = gpt_argv(data_prefix, *flags, "--eval-iters", "0", iters=100)
+        first, _ = run(argv + ["--save", ckpt])
+        assert first.state.iteration == stop
+        second, logs = run(argv + ["--load", ckpt, "--save", ckpt])
+        assert second.state.iteration == stop and second.train_losses == []
+        assert second.state.consumed_train_tokens == first.state.consumed_train_tokens
+        assert any("training budget reached" in line for line in logs)
+        with open(os.path.join(ckpt, TRACKER_FILENAME)) as f:
+            assert f.read() == str(stop)
+
+
+def test_exit_interval_skips_the_end_of_training_evaluation(data_prefix, tmp_path):
+    """As Megatron (save, then sys.exit()): --exit-interval / --exit-duration-in-mins stop
+    without the final validation and test passes; reaching --train-iters runs them."""
+    test_split = ["--split", "80,10,10"]
+    done, logs = run(gpt_argv(data_prefix, *test_split, iters=2))
+    assert [i for i, _ in done.valid_losses] == [2, 2]  # final validation, then test
+    assert any("on test set" in line for line in logs)
+    ckpt = str(tmp_path / "ckpt")
+    for stop in (["--exit-interval", "2"], ["--exit-duration-in-mins", "0"]):
+        stopped, logs = run(gpt_argv(data_prefix, *test_split, *stop, "--save", ckpt, iters=8))
+        assert stopped.valid_losses == []
+        assert not any("validation loss" in line for line in logs)
+        assert stopped.state.consumed_valid_samples == 0
