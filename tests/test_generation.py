@@ -151,3 +151,33 @@ def test_cli_errors_are_user_errors(tmp_path):
         generate_text.load_model(str(tmp_path))
     with pytest.raises(UserError, match="--top-p"):
         generate_text.parse_args(["--load", str(tmp_path), "--top-p", "1.5"])
+
+
+def test_sharded_or_mismatched_checkpoints_are_user_errors(tmp_path):
+    model = _model(seed=5)
+    _save_checkpoint(tmp_path / "tp2", model)
+    path = tmp_path / "tp2" / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["args"].tensor_model_parallel_size = 2  # mp_rank_00 would be one shard of two
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="checkpoint_util.py"):
+        generate_text.load_model(str(tmp_path / "tp2"))
+    ckpt["args"].tensor_model_parallel_size = 1
+    ckpt["args"].ffn_hidden_size = 64  # args that do not describe the saved tensors
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="dense_h_to_4h"):
+        generate_text.load_model(str(tmp_path / "tp2"))
+
+
+def test_loads_what_pretraining_saved(data_prefix, tmp_path):
+    """pretrain_gpt --save -> generate_text.load_model gives the trained model's logits."""
+    from training_helpers import gpt_argv, run
+
+    ckpt = str(tmp_path / "ckpt")
+    trained, _ = run(gpt_argv(data_prefix, "--save", ckpt, "--position-embedding-type", "rope",
+                              "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+                              "--eval-iters", "0", iters=2))
+    loaded, args = generate_text.load_model(ckpt)
+    ids = torch.randint(0, 500, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), trained.model.eval()(ids), rtol=0, atol=0)

@@ -95,6 +95,16 @@ def load_model(load_dir: str, iteration=None, device="cpu"):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a Megatron checkpoint (needs 'model' and 'args')")
     args = ckpt["args"]
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if tp != 1 or pp != 1:
+        # mp_rank_00 holds one tensor shard of one stage only: its shapes (or its missing
+        # layers) do not describe the model.
+        raise UserError(f"{load_dir} was saved with tensor-parallel size {tp} and pipeline-"
+                        f"parallel size {pp}; this tool reads TP=1 PP=1 checkpoints: convert "
+                        f"it first with python tools/checkpoint_util.py --load {load_dir} "
+                        f"--save DIR --target-tensor-parallel-size 1 "
+                        f"--target-pipeline-parallel-size 1")
     model = GPTModel(config_from_args(args))
     state = {k: v.float() if v.is_floating_point() else v
              for k, v in _flatten(ckpt["model"]).items()}
@@ -103,6 +113,11 @@ def load_model(load_dir: str, iteration=None, device="cpu"):
     if missing or unexpected:
         raise UserError(f"{path} does not match the model its args describe: missing "
                         f"{missing[:3]}, unexpected {unexpected[:3]}")
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if state[k].shape != v.shape]
+    if shapes:
+        raise UserError(f"{path} does not match the model its args describe: "
+                        f"{'; '.join(shapes[:3])}")
     model.load_state_dict(state)
     return model.to(device).eval(), args
 
