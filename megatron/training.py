@@ -438,8 +438,8 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         state.consumed_train_samples += args.global_batch_size
         if not ok:
             state.skipped_iters += 1
-        elif any(math.isnan(v) or math.isinf(v) for v in losses.values()):
-            state.nan_iters += 1
+        if any(math.isnan(v) or math.isinf(v) for v in losses.values()):
+            state.nan_iters += 1  # skipped or not (the logger's count)
         extra = {}
         if ltd.enabled:  # Megatron-DeepSpeed's names
             extra["seqlen/random_ltd_reserved_length"] = ("random ltd reserved length", kept)

@@ -60,14 +60,16 @@ class TrainingLogger:
         self.interval_iters += 1
         self.interval_flops += flops or 0.0
         self.train_history.append((state.iteration, {k: float(v) for k, v in loss_dict.items()}))
+        # A "nan iteration" is one whose reported loss is inf/nan, counted once per iteration.
+        # Megatron counts them among the skipped iterations (an fp16 overflow from a nan loss
+        # is skipped); a bf16/fp32 iteration is never skipped, so it is counted here too.
+        if any(math.isnan(float(v)) or math.isinf(float(v)) for v in loss_dict.values()):
+            self.nan += 1
         if skipped:
             self.skipped += 1
         else:
             for key, value in loss_dict.items():
-                value = float(value)
-                if math.isnan(value) or math.isinf(value):
-                    self.nan += 1
-                self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+                self.loss_sums[key] = self.loss_sums.get(key, 0.0) + float(value)
             self.loss_counts += 1
 
         it, samples, tokens = (state.iteration, state.consumed_train_samples,

@@ -192,3 +192,27 @@ def test_exit_interval_skips_the_end_of_training_evaluation(data_prefix, tmp_pat
         assert stopped.valid_losses == []
         assert not any("validation loss" in line for line in logs)
         assert stopped.state.consumed_valid_samples == 0
+
+
+def test_nan_iterations_are_counted_once_skipped_or_not():
+    """Megatron counts an inf/nan loss of a skipped (fp16 overflow) iteration as a nan
+    iteration; we also count non-skipped ones (bf16/fp32), once per iteration whatever the
+    number of loss keys."""
+    import argparse
+
+    from megatron.checkpointing import TrainState
+    from megatron.training_log import TrainingLogger
+
+    args = argparse.Namespace(tensorboard_dir=None, log_interval=3, train_iters=3,
+                              global_batch_size=4, seq_length=8, world_size=1)
+    lines = []
+    logger = TrainingLogger(args, log=lines.append)
+    nan = float("nan")
+    for it, (losses, skipped) in enumerate([({"lm loss": nan, "aux": nan}, True),
+                                            ({"lm loss": 2.0, "aux": 1.0}, False),
+                                            ({"lm loss": 4.0, "aux": float("inf")}, False)], 1):
+        logger.training_step(TrainState(iteration=it), losses, 1e-3, None, 1.0, skipped)
+    assert len(lines) == 1
+    assert "number of skipped iterations:   1" in lines[0]
+    assert "number of nan iterations:   2" in lines[0]
+    assert "lm loss: 3.000000E+00" in lines[0]  # the skipped iteration is not averaged
