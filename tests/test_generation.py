@@ -181,3 +181,17 @@ def test_loads_what_pretraining_saved(data_prefix, tmp_path):
     ids = torch.randint(0, 500, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), trained.model.eval()(ids), rtol=0, atol=0)
+
+
+def test_tokenizer_follows_the_checkpoint_vocab_extra_ids():
+    """The training run's tokenizer had --vocab-extra-ids ids more: so must the sampler's
+    vocabulary (they are real ids, not padding)."""
+    import os
+
+    spm = os.path.join(os.path.dirname(__file__), "assets", "tokenizers", "spm.model")
+    args = argparse.Namespace(tokenizer_type="SentencePieceTokenizer", tokenizer_model=spm,
+                              vocab_extra_ids=2)
+    from megatron.tokenizer import build_tokenizer
+
+    expected = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm, vocab_extra_ids=2)
+    assert generate_text.build_tokenizer_from_args(args).vocab_size == expected.vocab_size

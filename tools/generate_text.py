@@ -130,7 +130,8 @@ def build_tokenizer_from_args(args, vocab_file=None, merge_file=None, tokenizer_
         vocab_file=vocab_file or getattr(args, "vocab_file", None),
         merge_file=merge_file or getattr(args, "merge_file", None),
         tokenizer_model=tokenizer_model or getattr(args, "tokenizer_model", None),
-        vocab_size=getattr(args, "vocab_size", None))
+        vocab_size=getattr(args, "vocab_size", None),
+        vocab_extra_ids=getattr(args, "vocab_extra_ids", 0) or 0)
 
 
 def parse_args(argv=None):
