@@ -10,7 +10,10 @@ Layout (as Megatron-LM)::
 samples/tokens Megatron keeps there), ``checkpoint_version``, ``iteration``, ``tokens``,
 ``model``, ``optimizer``, ``opt_param_scheduler``, ``rng_state`` (a list, one entry per
 data-parallel rank). We add ``train_state`` (every counter of the loop, so a resume needs nothing
-from ``args``).
+from ``args``). ``model`` is nested as Megatron-LM's ``state_dict_for_save_checkpoint``
+(``['language_model']['embedding']['word_embeddings']['weight']``,
+``['language_model']['encoder']['layers.0...']``; see ``megatron_model_state``), so either side
+loads the other's checkpoints; loading also accepts flat parameter names.
 
 Nothing is lost: each file is written to a temporary name, flushed to disk and renamed; the
 tracker file is replaced last, so a crash at any moment leaves ``latest`` naming a complete
@@ -18,7 +21,9 @@ checkpoint.
 
 Parallel runs (``parallel=`` a ParallelState), as Megatron: every (tp, pp) rank has its own file;
 data-parallel rank 0 of each writes it, with ``rng_state`` the list of every DP rank's RNG states
-(all-gathered over DP); a barrier; then global rank 0 replaces the tracker. The ``optimizer``
+(all-gathered over DP); the ranks agree that every file was written (else all raise one
+UserError naming the file, and the tracker keeps naming the previous checkpoint); then global
+rank 0 replaces the tracker. The ``optimizer``
 entry is the full torch state even with --use-distributed-optimizer (consolidated over DP, see
 ``megatron.optim.distributed``), so a run resumes with any DP size. Loading reads this rank's
 file and its DP entry of ``rng_state`` (entry 0, with a warning, when the DP size changed).
@@ -27,6 +32,7 @@ Another TP/PP layout needs ``tools/checkpoint_util.py``.
 
 import dataclasses
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -45,6 +51,56 @@ SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_s
                "kv_channels", "padded_vocab_size", "max_position_embeddings",
                "position_embedding_type", "untie_embeddings_and_output_weights",
                "disable_bias_linear")
+
+
+HEAD_COPY_KEY = "word_embeddings_for_head"  # Megatron's key for the last stage's tied copy
+
+
+def megatron_model_state(flat):
+    """Our flat parameter names -> Megatron-LM's nested ``state_dict_for_save_checkpoint``.
+
+    ``language_model.embedding.word_embeddings.weight`` is stored as
+    ``['language_model']['embedding']['word_embeddings']['weight']``, encoder parameters as
+    ``['language_model']['encoder']['layers.0....']``, the untied head as
+    ``['language_model']['output_layer']['weight']`` and the last pipeline stage's copy of the
+    tied embedding (``word_embeddings.weight``) as ``['word_embeddings_for_head']['weight']``,
+    so Megatron-LM's ``load_state_dict`` reads our checkpoints. Other names stay flat.
+    """
+    nested = {}
+    for name, value in flat.items():
+        parts = name.split(".")
+        if parts[0] == "language_model" and len(parts) > 2:
+            module = nested.setdefault("language_model", {})
+            if parts[1] == "embedding" and len(parts) > 3:
+                module.setdefault("embedding", {}).setdefault(parts[2], {})[
+                    ".".join(parts[3:])] = value
+            else:
+                module.setdefault(parts[1], {})[".".join(parts[2:])] = value
+        elif parts[0] == "word_embeddings" and len(parts) > 1:
+            nested.setdefault(HEAD_COPY_KEY, {})[".".join(parts[1:])] = value
+        else:
+            nested[name] = value
+    return nested
+
+
+def flat_model_state(state):
+    """The inverse of ``megatron_model_state`` (parameter order kept); also reads flat dicts
+    (our checkpoints before the nested layout) and Megatron's older ``transformer`` key."""
+    flat = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if not prefix and key == HEAD_COPY_KEY:
+                key = "word_embeddings"
+            elif prefix == "language_model." and key == "transformer":
+                key = "encoder"
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(state, "")
+    return flat
 
 
 @dataclasses.dataclass
@@ -66,6 +122,22 @@ def iteration_dir(root, iteration, release=False):
 def checkpoint_file(root, iteration, tp_rank=0, pp_rank=0, pp_size=1, release=False):
     rank_dir = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
     return os.path.join(iteration_dir(root, iteration, release), rank_dir, CHECKPOINT_FILENAME)
+
+
+def saved_layout(directory):
+    """(tp, pp) sizes implied by the ``mp_rank_*`` directories in ``directory``; None if there
+    are none."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    ranks = [re.match(r"^mp_rank_(\d{2})(?:_(\d{3}))?$", n) for n in names]
+    ranks = [(int(m.group(1)), int(m.group(2)) if m.group(2) else None) for m in ranks if m]
+    if not ranks:
+        return None
+    tp = max(t for t, _ in ranks) + 1
+    pp = max(p if p is not None else 0 for _, p in ranks) + 1
+    return tp, pp
 
 
 def read_tracker(root):
@@ -99,29 +171,62 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+def _write_error(path, err):
+    reason = getattr(err, "strerror", None)
+    if not reason:
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+    return UserError(f"cannot write {path}: {reason}")
+
+
+def _remove_quietly(path):
+    try:
+        if os.path.exists(path):
+            os.remove(path)
+    except OSError:
+        pass
+
+
 def atomic_torch_save(obj, path):
-    """torch.save to ``path.tmp``, fsync, rename: ``path`` is either absent or complete."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """torch.save to ``path.tmp``, fsync, rename: ``path`` is either absent or complete.
+
+    A file system error (not writable, not a directory, disk full) is a one-line UserError
+    naming the file; the temporary file is removed and an existing ``path`` is left as it was.
+    """
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # A full disk surfaces from torch's zip writer as a RuntimeError ("enforce fail at
+        # inline_container.cc") raised while handling the OSError: report the OSError.
+        cause = err
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None and "inline_container" not in str(err) and "write" not in str(err):
+            raise
+        raise _write_error(path, cause or err) from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove_quietly(tmp)
     _fsync_dir(os.path.dirname(path))
 
 
 def atomic_write_text(path, text):
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _write_error(path, err) from None
+    finally:
+        _remove_quietly(tmp)
     _fsync_dir(os.path.dirname(path))
 
 
@@ -180,7 +285,7 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
         "iteration": state.iteration,
         "tokens": state.consumed_train_tokens,
         "train_state": dataclasses.asdict(state),
-        "model": _unwrap(model).state_dict(),
+        "model": megatron_model_state(_unwrap(model).state_dict()),
     }
     if not args.no_save_optim:
         ckpt["optimizer"] = optimizer.state_dict()  # collective with a distributed optimizer
@@ -192,17 +297,44 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
         ckpt["rng_state"] = _gather_rng_states(tracker, parallel)
     if extra_state:
         ckpt.update(extra_state)
+    tracker_path = os.path.join(root, TRACKER_FILENAME)
+    error = None
     if parallel.dp_rank == 0:
         path = checkpoint_file(root, state.iteration, parallel.tp_rank, parallel.pp_rank,
                                parallel.pp_size)
-        atomic_torch_save(ckpt, path)
-    if _distributed():
-        dist.barrier()
+        try:
+            atomic_torch_save(ckpt, path)
+        except UserError as err:
+            error = err
+    # Every rank learns whether every file was written (a failing writer must not leave the
+    # others waiting in a barrier); the tracker moves only when all were.
+    _agree_on_error(error, root, tracker_path)
     if not _distributed() or dist.get_rank() == 0:
-        atomic_write_text(os.path.join(root, TRACKER_FILENAME), str(state.iteration))
-    if _distributed():
-        dist.barrier()
+        try:
+            atomic_write_text(tracker_path, str(state.iteration))
+        except UserError as err:
+            error = err
+    _agree_on_error(error, root, tracker_path)
     log(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {root}")
+
+
+def _agree_on_error(error, root, tracker_path):
+    """Raise a one-line UserError on every rank if ``error`` is set on any (a collective)."""
+    failed = error is not None
+    if _distributed():
+        from megatron.parallel.initialize import comm_device
+
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32, device=comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = bool(flag.item())
+    if not failed:
+        return
+    if error is None:
+        raise UserError(f"--save {root}: another rank could not write its checkpoint file "
+                        "(see its error)")
+    previous = "still names the previous checkpoint" if os.path.isfile(tracker_path) \
+        else "was not written"
+    raise UserError(f"--save {root}: {error}; {TRACKER_FILENAME} {previous}")
 
 
 def check_shapes(ckpt_args, args, path):
@@ -271,7 +403,16 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
     path = checkpoint_file(root, iteration, parallel.tp_rank, parallel.pp_rank, parallel.pp_size,
                            release=release)
     if not os.path.isfile(path):
-        raise UserError(f"{os.path.join(root, TRACKER_FILENAME)} names iteration {iteration} "
+        layout = saved_layout(iteration_dir(root, iteration, release))
+        given = (parallel.tp_size, parallel.pp_size)
+        if layout is not None and layout != given:
+            raise UserError(
+                f"checkpoint {iteration_dir(root, iteration, release)} was saved with "
+                f"--tensor-model-parallel-size {layout[0]} --pipeline-model-parallel-size "
+                f"{layout[1]} but this run has {given[0]} and {given[1]}; convert it with "
+                "tools/checkpoint_util.py")
+        raise UserError(f"{os.path.join(root, TRACKER_FILENAME)} names "
+                        f"{'release' if release else f'iteration {iteration}'} "
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
     try:
@@ -282,7 +423,7 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     _check_layout(ckpt.get("args"), args, path)
     check_shapes(ckpt.get("args"), args, path)
-    _load_model_state(model, ckpt["model"], path)
+    _load_model_state(model, flat_model_state(ckpt["model"]), path)
 
     if args.finetune or release:
         log(f"  loaded model weights from {path} (finetune: starting from iteration 0)")

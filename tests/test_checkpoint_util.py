@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megatron.checkpointing import (TRACKER_FILENAME, TrainState, checkpoint_file,
-                                    load_checkpoint, save_checkpoint)
+                                    flat_model_state, load_checkpoint, megatron_model_state,
+                                    save_checkpoint)
 from megatron.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +55,14 @@ def _optimizer(model, dtype):
     return build_optimizer(model, lr=1e-2, bf16=dtype == torch.bfloat16, log=lambda *_: None)
 
 
+def _read(path):
+    """A checkpoint file with its (Megatron-nested) ``model`` entry by parameter name."""
+    ckpt = torch.load(path, weights_only=False)
+    assert "language_model" in ckpt["model"]  # nested as Megatron-LM
+    ckpt["model"] = flat_model_state(ckpt["model"])
+    return ckpt
+
+
 def _make_checkpoint(root, dtype=torch.float32, untie=False):
     """A single-process checkpoint after two optimizer steps (non-zero Adam moments)."""
     model = _model(dtype, untie)
@@ -67,7 +76,7 @@ def _make_checkpoint(root, dtype=torch.float32, untie=False):
     save_checkpoint(_args(root, untie), TrainState(iteration=3, consumed_train_samples=24,
                                                    consumed_train_tokens=192),
                     model, opt, _Sched(), log=lambda *_: None)
-    return torch.load(checkpoint_file(root, 3), weights_only=False)
+    return _read(checkpoint_file(root, 3))
 
 
 # An independent splitter by name (the converter's inverse), for the model tensors.
@@ -153,7 +162,7 @@ def test_round_trip_tp1_to_tp2pp2_and_back_is_exact(tmp_path, dtype, untie):
                   for name, i in zip(names, group["params"])}
     for p in range(2):
         for t in range(2):
-            shard = torch.load(checkpoint_file(mid, 3, t, p, 2), weights_only=False)
+            shard = _read(checkpoint_file(mid, 3, t, p, 2))
             expected = _expected_shard(original["model"], t, 2, p, 2, tied=not untie)
             assert list(shard["model"]) == list(expected)
             for name, tensor in expected.items():
@@ -170,7 +179,7 @@ def test_round_trip_tp1_to_tp2pp2_and_back_is_exact(tmp_path, dtype, untie):
                         assert torch.equal(opt["state"][index][key], want), (local, key)
                     assert shard["model"][local].shape == opt["state"][index]["exp_avg"].shape
     checkpoint_util.convert(mid, back, 1, 1, log=lambda *_: None)
-    _assert_same_checkpoint(original, torch.load(checkpoint_file(back, 3), weights_only=False))
+    _assert_same_checkpoint(original, _read(checkpoint_file(back, 3)))
     # the converted checkpoint loads into the single-process model and optimizer
     model = _model(dtype, untie)
     opt = _optimizer(model, dtype)
@@ -202,15 +211,16 @@ def test_hand_split_shards_merge_to_the_original(tmp_path):
             ckpt["args"] = argparse.Namespace(**{**vars(original["args"]),
                                                  "tensor_model_parallel_size": 2,
                                                  "pipeline_model_parallel_size": 2})
-            ckpt["model"] = {k: v.clone() for k, v in
-                             _expected_shard(original["model"], t, 2, p, 2, tied=True).items()}
+            # nested as Megatron-LM writes it ('word_embeddings_for_head' on the last stage)
+            ckpt["model"] = megatron_model_state({k: v.clone() for k, v in _expected_shard(
+                original["model"], t, 2, p, 2, tied=True).items()})
             path = checkpoint_file(shards, 3, t, p, 2)
             os.makedirs(os.path.dirname(path))
             torch.save(ckpt, path)
     with open(os.path.join(shards, TRACKER_FILENAME), "w") as f:
         f.write("3")
     checkpoint_util.convert(shards, merged, 1, 1, log=lambda *_: None)
-    out = torch.load(checkpoint_file(merged, 3), weights_only=False)
+    out = _read(checkpoint_file(merged, 3))
     assert list(out["model"]) == list(original["model"])
     for name, tensor in original["model"].items():
         assert torch.equal(out["model"][name], tensor), name
@@ -224,7 +234,7 @@ def test_optimizer_names_reconstructed_without_the_names_entry(tmp_path):
     torch.save(original, checkpoint_file(src, 3))
     checkpoint_util.convert(src, a, 2, 1, log=lambda *_: None)
     checkpoint_util.convert(a, b, 1, 1, log=lambda *_: None)
-    out = torch.load(checkpoint_file(b, 3), weights_only=False)
+    out = _read(checkpoint_file(b, 3))
     for index, entry in original["optimizer"]["state"].items():
         for key, value in entry.items():
             assert torch.equal(out["optimizer"]["state"][index][key], value)

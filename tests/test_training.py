@@ -56,7 +56,15 @@ def test_checkpoint_contents_follow_megatron(data_prefix, tmp_path):
         assert key in state
     assert state["iteration"] == 2 and state["tokens"] == 2 * 4 * 32
     assert state["args"].consumed_train_samples == 8
-    assert "language_model.embedding.word_embeddings.weight" in state["model"]
+    # 'model' nested as Megatron-LM's state_dict_for_save_checkpoint, so Megatron-LM loads it
+    assert set(state["model"]) == {"language_model"}
+    assert set(state["model"]["language_model"]) == {"embedding", "encoder"}
+    assert set(state["model"]["language_model"]["embedding"]) == {"word_embeddings",
+                                                                   "position_embeddings"}
+    assert "weight" in state["model"]["language_model"]["embedding"]["word_embeddings"]
+    assert "layers.0.self_attention.query_key_value.weight" in \
+        state["model"]["language_model"]["encoder"]
+    assert state["checkpoint_version"] == 3.0
     assert not [n for n in os.listdir(os.path.dirname(checkpoint_file(ckpt, 2))) if ".tmp" in n]
 
 

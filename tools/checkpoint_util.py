@@ -18,7 +18,9 @@ parameter is partitioned is read from its Megatron name:
 
 Layers are renumbered from each stage's local index to the global one and back; with tied
 embeddings and PP > 1 the last stage holds a copy of the word embeddings
-(``word_embeddings.weight``), which is dropped on merging and recreated on splitting.
+(``word_embeddings.weight``; Megatron's ``word_embeddings_for_head``), which is dropped on
+merging and recreated on splitting. Files hold ``model`` nested as Megatron-LM does
+(``megatron.checkpointing.megatron_model_state``); flat ``model`` dicts are read too.
 ``args`` gets the new sizes; iteration, counters, scheduler and loss-scaler state are kept.
 RNG states do not map between layouts: each target file takes those of source tensor rank
 ``tp % source_tp`` of stage 0 (a resumed run is not bit-identical in its dropout streams).
@@ -40,8 +42,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from megatron.checkpointing import (TRACKER_FILENAME, atomic_torch_save,  # noqa: E402
-                                    atomic_write_text, checkpoint_file, iteration_dir,
-                                    read_tracker)
+                                    atomic_write_text, checkpoint_file, flat_model_state,
+                                    iteration_dir, megatron_model_state, read_tracker)
 from megatron.errors import UserError  # noqa: E402
 
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
@@ -100,6 +102,7 @@ def _load(path):
                         f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    ckpt["model"] = flat_model_state(ckpt["model"])  # Megatron's nesting -> parameter names
     return ckpt
 
 
@@ -417,6 +420,7 @@ def convert(load, save, target_tp, target_pp, log=print):
     full = merge(shards, src_tp, src_pp)
     targets = split(full, shards, src_tp, target_tp, target_pp)
     for (t, p), ckpt in sorted(targets.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        ckpt = {**ckpt, "model": megatron_model_state(ckpt["model"])}
         atomic_torch_save(ckpt, checkpoint_file(save, iteration, t, p, target_pp, release))
     atomic_write_text(os.path.join(save, TRACKER_FILENAME),
                       "release" if release else str(iteration))
