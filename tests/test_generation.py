@@ -195,3 +195,21 @@ def test_tokenizer_follows_the_checkpoint_vocab_extra_ids():
 
     expected = build_tokenizer("SentencePieceTokenizer", tokenizer_model=spm, vocab_extra_ids=2)
     assert generate_text.build_tokenizer_from_args(args).vocab_size == expected.vocab_size
+
+
+def test_args_the_model_cannot_represent_are_refused_or_mapped():
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                padded_vocab_size=V)
+    # --apply-residual-connection-post-layernorm leaves every shape unchanged: the weights
+    # would load into a different network.
+    with pytest.raises(UserError, match="post-layernorm"):
+        generate_text.config_from_args(argparse.Namespace(
+            **base, apply_residual_connection_post_layernorm=True))
+    with pytest.raises(UserError, match="RMSNorm"):
+        generate_text.config_from_args(argparse.Namespace(**base, normalization="RMSNorm"))
+    ok = generate_text.config_from_args(argparse.Namespace(**base, normalization="LayerNorm",
+                                                           swiglu=False))
+    assert ok.add_bias_linear
+    # args of a run saved before add_bias_linear was recorded: disable_bias_linear only
+    old = generate_text.config_from_args(argparse.Namespace(**base, disable_bias_linear=True))
+    assert not old.add_bias_linear

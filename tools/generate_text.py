@@ -70,6 +70,20 @@ def config_from_args(args) -> TransformerConfig:
     get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
     if get("num_layers") is None or get("padded_vocab_size") is None:
         raise UserError("checkpoint args lack num_layers / padded_vocab_size: not a GPT checkpoint")
+    # Megatron-LM architecture flags this model does not implement; some leave every tensor
+    # shape unchanged, so the weights would load and sample from a different network.
+    unsupported = [flag for flag, value in (
+        ("--swiglu", get("swiglu", False)), ("--squared-relu", get("squared_relu", False)),
+        ("--openai-gelu", get("openai_gelu", False)),
+        ("--apply-residual-connection-post-layernorm",
+         get("apply_residual_connection_post_layernorm", False)),
+        ("--normalization " + str(get("normalization")),
+         get("normalization", "LayerNorm") not in (None, "LayerNorm")),
+        ("--group-query-attention", get("group_query_attention", False)),
+        ("--rotary-interleaved", get("rotary_interleaved", False))) if value]
+    if unsupported:
+        raise UserError(f"the checkpoint was trained with {', '.join(unsupported)}, which this "
+                        f"GPT model does not implement")
     return TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
@@ -82,7 +96,9 @@ def config_from_args(args) -> TransformerConfig:
         rotary_percent=get("rotary_percent", 1.0),
         rope_theta=get("rotary_base", get("rope_theta", 10000.0)),
         untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", False)),
-        add_bias_linear=get("add_bias_linear", True), params_dtype=torch.float32)
+        # Our checkpoints before add_bias_linear was stored hold only disable_bias_linear.
+        add_bias_linear=get("add_bias_linear", not get("disable_bias_linear", False)),
+        params_dtype=torch.float32)
 
 
 def load_model(load_dir: str, iteration=None, device="cpu"):
