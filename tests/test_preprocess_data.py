@@ -201,11 +201,35 @@ def test_merge_errors(tmp_path, records, capsys):
     assert not os.path.exists(tmp_path / "m.bin") and not os.path.exists(tmp_path / "m.idx")
 
 
+@pytest.mark.parametrize("extra", [[], ["--split-sentences"], ["--workers", "2"]])
+def test_array_of_sentences_is_a_pre_split_document(tmp_path, tok, extra):
+    """As Megatron-LM: a key holding an array of strings (its *_ss.json files) is a document
+    already split into sentences, one sequence per non-empty element, EOD on the last."""
+    docs = [["First sentence here.", "Second one! ", "Third: \u00fcnic\u00f6de \u2713"],
+            [], ["", "Only non-empty elements count."], "A plain string. Still one document."]
+    src = write_jsonl(tmp_path / "ss.jsonl", [{"text": d} for d in docs])
+    out = str(tmp_path / "o")
+    run(["--input", src, "--output-prefix", out, "--append-eod", *extra, *GPT2])
+    ds = IndexedDataset(out + ("_text_sentence" if extra[:1] == ["--split-sentences"]
+                               else "_text_document"))
+    assert ds.num_documents == len(docs)
+    for d, doc in enumerate(docs):
+        if isinstance(doc, str):
+            doc = simple_split_sentences(doc) if extra[:1] == ["--split-sentences"] else [doc]
+        expected = [ids for ids in (tok.tokenize(t) for t in doc) if ids]
+        if expected:
+            expected[-1] = expected[-1] + [tok.eod]
+        got = [ds[i].tolist() for i in range(ds.doc_idx[d], ds.doc_idx[d + 1])]
+        assert got == expected, d
+
+
 BAD_INPUTS = [
     ("malformed", ['{"text": "ok"}', '{"text": "broken'], "bad.jsonl:2", "malformed JSON"),
     ("not_object", ['{"text": "ok"}', '["a list"]'], "bad.jsonl:2", "expected an object"),
     ("missing_key", ['{"text": "ok"}', '{"txt": "x"}'], "bad.jsonl:2", "key 'text'"),
     ("non_string", ['{"text": 5}'], "bad.jsonl:1", "is a number, expected a string"),
+    ("mixed_array", ['{"text": ["a", 5]}'], "bad.jsonl:1",
+     "is an array, expected a string or an array of strings"),
 ]
 
 

@@ -8,7 +8,9 @@ Example (GPT-2 BPE, as Megatron-LM)::
 
 writes ``data/pile_text_document.bin/.idx``: one document per JSON line, one sequence per
 document (one per non-empty sentence with ``--split-sentences``, named ``_sentence``), EOD
-appended to the last sequence of every non-empty document and counted in its size.
+appended to the last sequence of every non-empty document and counted in its size. As in
+Megatron-LM, a key whose value is an array of strings is a document already split into
+sentences (one sequence per non-empty element, not split again), e.g. Megatron's ``*_ss.json``.
 
 Input is streamed (.jsonl/.json, .zst, .gz; never decompressed to disk), cut into chunks of many
 lines, and tokenized by ``--workers`` processes; results are written in input order, so the
@@ -339,9 +341,14 @@ class Encoder:
                 value = _lookup(record, key)
             except KeyError:
                 return f"key '{key}' (--json-keys) not found"
+            # A list of strings is a document already split into sentences (one sequence each),
+            # as in the *_ss.json files Megatron-LM's --split-sentences step writes.
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                texts.append(value)
+                continue
             if not isinstance(value, str):
                 return f"value of key '{key}' is {_JSON_TYPES.get(type(value), 'not a string')}, " \
-                       f"expected a string"
+                       f"expected a string or an array of strings"
             texts.append(value)
         return texts
 
@@ -377,10 +384,11 @@ class Encoder:
 
     def _encode_texts(self, texts):
         tok = self.tokenizer
-        if self.split is None:
+        if self.split is None and all(isinstance(text, str) for text in texts):
             doc_sentences = [[ids] for ids in tok.tokenize_batch(texts)]
         else:
-            split = [self.split(text) for text in texts]
+            split = [text if isinstance(text, list) else
+                     self.split(text) if self.split is not None else [text] for text in texts]
             flat = tok.tokenize_batch([s for sentences in split for s in sentences])
             it = iter(flat)
             doc_sentences = [list(itertools.islice(it, len(sentences))) for sentences in split]
