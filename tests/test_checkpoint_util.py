@@ -63,7 +63,7 @@ def _read(path):
     return ckpt
 
 
-def _make_checkpoint(root, dtype=torch.float32, untie=False):
+def _make_checkpoint(root, dtype=torch.float32, untie=False, tracker=None):
     """A single-process checkpoint after two optimizer steps (non-zero Adam moments)."""
     model = _model(dtype, untie)
     opt = _optimizer(model, dtype)
@@ -75,7 +75,7 @@ def _make_checkpoint(root, dtype=torch.float32, untie=False):
         opt.step()
     save_checkpoint(_args(root, untie), TrainState(iteration=3, consumed_train_samples=24,
                                                    consumed_train_tokens=192),
-                    model, opt, _Sched(), log=lambda *_: None)
+                    model, opt, _Sched(), tracker=tracker, log=lambda *_: None)
     return _read(checkpoint_file(root, 3))
 
 
@@ -268,3 +268,34 @@ def test_command_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert os.path.isfile(checkpoint_file(dst, 3, 1, 0, 1))
+
+
+def test_split_gives_each_new_tensor_rank_its_own_attention_dropout_stream(tmp_path):
+    """TP1 -> TP2: rank 1 would otherwise copy rank 0's tracker state and draw the same
+    attention-dropout masks; it gets a fresh stream (seed + 2718 + 1, mixed with the iteration)
+    while rank 0 and the shared default generator keep the saved states."""
+    from megatron.parallel.random import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "tp2")
+    tracker = RNGStatesTracker()
+    tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(1234, 0))
+    original = _make_checkpoint(src, tracker=tracker)
+    checkpoint_util.convert(src, dst, 2, 1, log=lambda *_: None)
+    rank0, rank1 = (_read(checkpoint_file(dst, 3, t, 0, 1))["rng_state"][0] for t in (0, 1))
+    saved = original["rng_state"][0]
+    assert torch.equal(rank0["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"],
+                       saved["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"])
+    fresh = rank1["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"]
+    assert not torch.equal(fresh, rank0["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"])
+    seed = (model_parallel_seed(1234, 1) * 1_000_003 + 3) % 2 ** 63
+    assert torch.equal(fresh, torch.Generator().manual_seed(seed).get_state())
+    assert torch.equal(rank0["torch_rng_state"], saved["torch_rng_state"])
+    assert torch.equal(rank1["torch_rng_state"], saved["torch_rng_state"])
+    assert rank0["random_rng_state"] == rank1["random_rng_state"] == saved["random_rng_state"]
+    # the new streams really differ: the ranks draw different masks
+    draws = []
+    for state in (rank0, rank1):
+        g = torch.Generator()
+        g.set_state(state["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"])
+        draws.append(torch.rand(8, generator=g))
+    assert not torch.equal(*draws)

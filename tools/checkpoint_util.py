@@ -23,7 +23,10 @@ merging and recreated on splitting. Files hold ``model`` nested as Megatron-LM d
 (``megatron.checkpointing.megatron_model_state``); flat ``model`` dicts are read too.
 ``args`` gets the new sizes; iteration, counters, scheduler and loss-scaler state are kept.
 RNG states do not map between layouts: each target file takes those of source tensor rank
-``tp % source_tp`` of stage 0 (a resumed run is not bit-identical in its dropout streams).
+``tp % source_tp`` of stage 0, and a target rank that got a copy (``tp >= source_tp``) gets a
+fresh tensor-parallel-region stream of its own (seeded from seed + 2718 + tp and the
+iteration), so no two TP ranks draw the same attention-dropout masks (a resumed run is not
+bit-identical in its dropout streams).
 Files are written atomically and the tracker last.
 
 (Megatron-LM's tools/checkpoint_util.py converts the model only; a converted checkpoint there
@@ -34,6 +37,7 @@ import argparse
 import copy
 import os
 import re
+import struct
 import sys
 
 if __package__ in (None, ""):
@@ -45,6 +49,7 @@ from megatron.checkpointing import (TRACKER_FILENAME, atomic_torch_save,  # noqa
                                     atomic_write_text, checkpoint_file, flat_model_state,
                                     iteration_dir, megatron_model_state, read_tracker)
 from megatron.errors import UserError  # noqa: E402
+from megatron.parallel.random import MODEL_PARALLEL_RNG, model_parallel_seed  # noqa: E402
 
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
@@ -402,8 +407,30 @@ def split(full, shards, src_tp, tp, pp):
                     _shard_optimizer(full, names, t, tp)
             if "rng_state" in base:
                 ckpt["rng_state"] = copy.deepcopy(shards[(t % src_tp, 0)]["rng_state"])
+                if t >= src_tp:  # a copy of another rank's states: give it its own TP stream
+                    _reseed_tensor_parallel_rng(ckpt["rng_state"], args, t,
+                                                base.get("iteration", 0))
             out[(t, p)] = ckpt
     return out
+
+
+def _reseed_tensor_parallel_rng(rng_states, args, tp_rank, iteration):
+    """Replace the tracker's tensor-parallel-region state (attention dropout) in every DP
+    entry by a fresh generator for ``tp_rank``: a target rank that took a copy of another rank's
+    states would otherwise draw the same attention-dropout masks as that rank. The seed mixes
+    Megatron's per-rank seed (seed + 2718 + tp_rank) with the iteration, so the stream is not
+    a replay of the one the run began with. CUDA states are Philox (seed, offset) pairs."""
+    seed = model_parallel_seed(getattr(args, "seed", 1234), tp_rank)
+    seed = (seed * 1_000_003 + iteration) % 2 ** 63
+    cpu = torch.Generator().manual_seed(seed).get_state()
+    cuda = torch.tensor(list(struct.pack("<QQ", seed, 0)), dtype=torch.uint8)
+    for entry in rng_states:
+        states = (entry or {}).get("rng_tracker_states") or {}
+        if MODEL_PARALLEL_RNG in states:
+            fresh = {"cpu": cpu.clone()}
+            if "cuda" in states[MODEL_PARALLEL_RNG]:
+                fresh["cuda"] = cuda.clone()
+            states[MODEL_PARALLEL_RNG] = fresh
 
 
 # -- driver ----------------------------------------------------------------------------------------
