@@ -215,6 +215,23 @@ def atomic_torch_save(obj, path):
     _fsync_dir(os.path.dirname(path))
 
 
+def check_save_dir(root):
+    """Fail at start-up, not at the first save hours later, when ``--save`` cannot be written:
+    create the directory and a probe file in it (removed again). One-line UserError."""
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"--save {root}: cannot write checkpoints there: Not a directory")
+    probe = os.path.join(root, f".write_probe.{os.getpid()}")
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"--save {root}: cannot write checkpoints there: {reason}") from None
+    finally:
+        _remove_quietly(probe)
+
+
 def atomic_write_text(path, text):
     tmp = f"{path}.tmp.{os.getpid()}"
     try:

@@ -21,7 +21,7 @@ import time
 import torch
 
 from megatron.arguments import params_torch_dtype, parse_args
-from megatron.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, save_checkpoint
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
@@ -99,6 +99,8 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
     # streams); tensor-parallel ranks share one, so replicated regions drop the same units.
     set_random_seed(args.seed + 100 * parallel.pp_rank)
     tokenizer = build_tokenizer_from_args(args, log)
+    if args.save is not None:
+        check_save_dir(args.save)
 
     model = model_provider(args, parallel).to(device)
     initialize_embedding_tie(model, parallel)

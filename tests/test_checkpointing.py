@@ -194,6 +194,19 @@ def test_save_into_a_file_ends_in_one_line_on_the_command_line(data_prefix, tmp_
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith(f"error: --save {target}: cannot write ") and \
         "Not a directory" in lines[0]
+    assert " iteration " not in proc.stdout  # found at start-up, before any training
+
+
+def test_save_dir_is_checked_and_created_at_start_up(tmp_path):
+    from megatron.checkpointing import check_save_dir
+
+    root = tmp_path / "a" / "b"
+    check_save_dir(str(root))
+    assert root.is_dir() and list(root.iterdir()) == []  # the probe file is gone
+    blocked = tmp_path / "file"
+    blocked.write_text("x")
+    with pytest.raises(UserError, match=r"--save .*/file/sub: cannot write checkpoints there"):
+        check_save_dir(str(blocked / "sub"))
 
 
 def _run_expecting_user_error(rank, world_size, argv):
