@@ -5,6 +5,8 @@ import time
 
 import torch
 
+_FLOAT_FORMATS = {"params norm": ".3f"}  # as Megatron's log line; other floats .1f
+
 
 class TrainingLogger:
     """Accumulates losses between log lines and writes console lines and TensorBoard scalars.
@@ -114,8 +116,8 @@ class TrainingLogger:
         if grad_norm is not None:
             parts.append(f"grad norm: {grad_norm:.3f}")
         for label, value in (extra or {}).values():
-            parts.append(f"{label}: {value:5d}" if isinstance(value, int) else
-                         f"{label}: {value:.1f}")
+            spec = "5d" if isinstance(value, int) else _FLOAT_FORMATS.get(label, ".1f")
+            parts.append(f"{label}: {value:{spec}}")
         parts.append(f"number of skipped iterations: {self.skipped:3d}")
         parts.append(f"number of nan iterations: {self.nan:3d}")
         parts.append(f"samples per second: {args.global_batch_size / per_iter:.3f}")
