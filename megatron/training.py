@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -43,8 +44,8 @@ class PretrainResult:
 
     state: TrainState
     model: torch.nn.Module
-    train_losses: list  # [(iteration, {name: float})], one entry per iteration
-    valid_losses: list  # [(iteration, {name: float})], one entry per evaluation
+    train_losses: Sequence  # [(iteration, {name: float})], one entry per iteration (LossHistory)
+    valid_losses: Sequence  # [(iteration, {name: float})], one entry per evaluation
 
 
 def pretrain(datasets_provider, model_provider, forward_step_provider, *, argv=None,

@@ -224,3 +224,27 @@ def test_nan_iterations_are_counted_once_skipped_or_not():
     assert "number of skipped iterations:   1" in lines[0]
     assert "number of nan iterations:   2" in lines[0]
     assert "lm loss: 3.000000E+00" in lines[0]  # the skipped iteration is not averaged
+
+
+def test_loss_history_reads_like_a_list_of_pairs_and_stays_small():
+    import sys
+
+    from megatron.training_log import LossHistory
+
+    history = LossHistory()
+    assert history == [] and len(history) == 0
+    history.append(1, {"lm loss": torch.tensor(2.5)})
+    history.append(2, {"lm loss": 2.0, "aux": 0.5})  # key sets may change
+    history.append(3, {"lm loss": 1.5})
+    pairs = [(1, {"lm loss": 2.5}), (2, {"lm loss": 2.0, "aux": 0.5}), (3, {"lm loss": 1.5})]
+    assert list(history) == pairs and history == pairs
+    assert history[-1] == (3, {"lm loss": 1.5}) and history[1:] == pairs[1:]
+    assert history + [(4, {})] == pairs + [(4, {})]
+    with pytest.raises(IndexError):
+        history[3]
+    big = LossHistory()
+    for i in range(100_000):
+        big.append(i, {"lm loss": 1.0})
+    size = sum(sys.getsizeof(a) for a in (big._iterations, big._offsets, big._keyset_of,
+                                          big._values))
+    assert size < 40 * 100_000  # bytes; a list of (int, dict) pairs takes ~300 per entry
