@@ -291,3 +291,29 @@ def test_pp2_times_dp2_with_ddp_matches_single_process():
     for replica in (results[0::2], results[1::2]):
         replica[-1] = dict(replica[-1], losses=ref_losses)  # losses checked above
         check_against_reference(replica, steps, True, (ref_losses, ref_params))
+
+
+def _average_fp16_body(rank, world_size):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megatron.parallel.schedules import average_gradients
+
+    # fp16 gradients carrying a loss scale: 40000 and 30000 fit in fp16, their sum does not.
+    grad = torch.full((4, 3), 40000.0 if rank == 0 else 30000.0, dtype=torch.float16)
+    module = torch.nn.Linear(3, 4, bias=False).half()
+    module.weight.grad = grad.clone()
+    average_gradients(module, dist.group.WORLD)
+    ours = module.weight.grad.clone()
+    # DDP's reducer on the same gradient (pre-multiplied by 1 / world, then summed)
+    ddp = DistributedDataParallel(torch.nn.Linear(3, 4, bias=False).half())
+    x = torch.eye(3, dtype=torch.float16)
+    ddp(x).backward(grad.t().contiguous().clone())  # d(x W^T)/dW with x = I: grad^T^T = grad
+    return ours.float().tolist(), ddp.module.weight.grad.float().tolist()
+
+
+def test_average_gradients_does_not_overflow_fp16_and_matches_ddp():
+    for ours, ddp in run_distributed(_average_fp16_body, 2):
+        mean = float(torch.tensor(35000.0, dtype=torch.float16))  # 35008, the nearest fp16
+        assert ours == [[mean] * 3] * 4  # inf when the sum is formed in fp16
+        assert ours == ddp

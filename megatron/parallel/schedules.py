@@ -183,7 +183,12 @@ class _Runner:
 
 def average_gradients(module: torch.nn.Module, group) -> None:
     """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes):
-    one flat all-reduce per dtype. A parameter without a gradient counts as zero."""
+    one flat all-reduce per dtype. A parameter without a gradient counts as zero.
+
+    As DDP's reducer, each gradient is multiplied by ``1 / world`` before the all-reduce, not
+    divided after it: fp16 gradients carry the loss scale, and summing them first overflows
+    (two ranks at 40000 give inf in fp16; their average is 40000), which the fp16 optimizer
+    would take for an overflow of the step."""
     world = torch.distributed.get_world_size(group)
     by_dtype = {}
     for param in module.parameters():
@@ -194,8 +199,8 @@ def average_gradients(module: torch.nn.Module, group) -> None:
         by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
+        flat.mul_(1.0 / world)
         torch.distributed.all_reduce(flat, group=group)
-        flat /= world
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
