@@ -22,10 +22,16 @@ def select_device(device=None):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     if device == "cuda":
+        from megatron.parallel.initialize import local_cuda_index
+
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-        device = f"cuda:{local_rank}"
+        device = f"cuda:{local_cuda_index(local_rank, torch.cuda.device_count())}"
+    device = torch.device(device)
+    if device.type == "cuda":
+        # Also for an explicit cuda:N: collectives on bookkeeping tensors (comm_device), the
+        # RNG tracker and NCCL use the current device, which must be the model's.
         torch.cuda.set_device(device)
-    return torch.device(device)
+    return device
 
 
 def set_random_seed(seed):

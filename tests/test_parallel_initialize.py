@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -68,3 +70,56 @@ def _failing_body(rank, world_size):
 def test_a_failing_rank_ends_the_job_instead_of_hanging():
     with pytest.raises(DistributedTestError, match="rank 1 breaks"):
         run_distributed(_failing_body, 2, timeout=60)
+
+
+def _fake_cuda(monkeypatch, device_count):
+    """A CPU machine that claims ``device_count`` GPUs; records set_device and process start."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: device_count)
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: calls.append(("set_device", torch.device("cuda", d)
+                                                if isinstance(d, int) else torch.device(d))))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend)))
+    return calls
+
+
+def test_nccl_start_sets_the_local_gpu_before_the_process_group(monkeypatch):
+    from megatron.parallel.initialize import DistributedEnv, init_process_group
+
+    env = DistributedEnv(rank=6, world_size=8, local_rank=2, master_addr="n0", master_port=1,
+                         launcher="torchrun")
+    calls = _fake_cuda(monkeypatch, 4)
+    init_process_group(env)  # nccl: CUDA is "available"
+    assert calls == [("set_device", torch.device("cuda", 2)), ("init", "nccl")]
+    calls = _fake_cuda(monkeypatch, 4)
+    init_process_group(env, "gloo")
+    assert calls == [("init", "gloo")]
+    # srun --gpus-per-task=1: one visible GPU, SLURM_LOCALID 3 -> that GPU
+    calls = _fake_cuda(monkeypatch, 1)
+    init_process_group(dataclasses.replace(env, local_rank=3))
+    assert calls == [("set_device", torch.device("cuda", 0)), ("init", "nccl")]
+    _fake_cuda(monkeypatch, 4)
+    with pytest.raises(UserError, match="local rank 5 .* 4 are visible"):
+        init_process_group(dataclasses.replace(env, local_rank=5))
+
+
+def test_select_device_makes_the_chosen_gpu_current(monkeypatch):
+    from megatron.initialize import select_device
+
+    calls = _fake_cuda(monkeypatch, 8)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert select_device("cuda") == torch.device("cuda", 3)
+    # an explicit index is made current too (comm_device() and the RNG tracker use the
+    # current device, which must be the model's)
+    assert select_device("cuda:5") == torch.device("cuda", 5)
+    assert calls == [("set_device", torch.device("cuda", 3)),
+                     ("set_device", torch.device("cuda", 5))]
+    calls = _fake_cuda(monkeypatch, 1)
+    assert select_device("cuda") == torch.device("cuda", 0)  # one GPU bound to this task
+    assert select_device("cpu") == torch.device("cpu")
+    assert calls == [("set_device", torch.device("cuda", 0))]

@@ -108,9 +108,31 @@ def coordinates(rank: int, world_size: int, tp: int, pp: int):
     return rank % tp, (rank // tp) % dp, rank // (tp * dp)
 
 
+def local_cuda_index(local_rank: int, device_count: int) -> int:
+    """The GPU of the process with ``local_rank`` on its node, ``device_count`` GPUs visible.
+
+    One visible GPU is this process's own whatever its local rank (``srun --gpus-per-task=1``
+    or a per-rank CUDA_VISIBLE_DEVICES); otherwise local rank i takes GPU i.
+    """
+    if device_count < 1:
+        raise UserError("CUDA is not available on this machine")
+    if device_count == 1:
+        return 0
+    if not 0 <= local_rank < device_count:
+        raise UserError(f"local rank {local_rank} (LOCAL_RANK / SLURM_LOCALID) has no GPU: "
+                        f"{device_count} are visible on this node; start at most "
+                        f"{device_count} processes per node")
+    return local_rank
+
+
 def init_process_group(env: DistributedEnv, backend: Optional[str] = None,
                        timeout_minutes: float = 10.0):
-    """Start torch.distributed for ``env`` (nccl on GPU, gloo on CPU by default)."""
+    """Start torch.distributed for ``env`` (nccl on GPU, gloo on CPU by default).
+
+    With nccl the process's GPU (``local_cuda_index``) is made current first, as Megatron-LM
+    does: NCCL communicators, ``barrier()`` and the object collectives use the current
+    device, and without it every rank would start on GPU 0.
+    """
     import torch
     import torch.distributed as dist
 
@@ -118,6 +140,8 @@ def init_process_group(env: DistributedEnv, backend: Optional[str] = None,
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_cuda_index(env.local_rank, torch.cuda.device_count()))
     dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:"
                             f"{env.master_port}", rank=env.rank, world_size=env.world_size,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
