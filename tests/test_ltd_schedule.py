@@ -1,5 +1,6 @@
 """Kept-length schedules (MSLG), RandomLTDScheduler, layer-token accounting, LayerToken LR."""
 
+import argparse
 import copy
 import math
 
@@ -10,6 +11,7 @@ import torch
 from megatron.errors import UserError
 from megatron.ltd.layer_tokens import (cumulative_layer_tokens, iterations_for_layer_tokens,
                                        layer_averaged_seq_length, layer_token_lr_horizons,
+                                       layer_token_lr_horizons_from_args,
                                        layer_tokens_per_step, run_layer_token_saving,
                                        theoretical_saving, total_layer_tokens)
 from megatron.ltd.schedule import KeptLengthSchedule, RandomLTDScheduler, linear_layer_starts
@@ -395,3 +397,52 @@ def test_layer_token_lr_horizon_sources_and_errors():
         layer_token_lr_horizons(**kw, train_iters=10, lr_warmup_iters=10)
     with pytest.raises(UserError, match="decay horizon"):
         layer_token_lr_horizons(**kw)
+
+
+def test_layer_token_lr_explicit_decay_flags_win_over_the_run_length():
+    """As Megatron's scheduler: --lr-decay-tokens/-iters/-samples set the decay horizon even
+    when --train-iters/--train-samples/--train-layer-tokens are given (Megatron-DeepSpeed's GPT
+    recipes pass --train-iters as a loose bound with --lr-decay-tokens); they were ignored."""
+    kw = dict(global_batch_size=2, seq_length=8, num_layers=4)
+    assert layer_token_lr_horizons(**kw, train_iters=1000, lr_decay_tokens=300,
+                                   lr_warmup_tokens=30) == (30 * 4, 300 * 4)
+    assert layer_token_lr_horizons(**kw, train_iters=10, lr_decay_iters=5,
+                                   train_layer_tokens=500) == (0, 5 * 2 * 8 * 4)
+    assert layer_token_lr_horizons(**kw, train_samples=20, lr_decay_samples=12) == (
+        0, 12 * 8 * 4)
+    # a sample horizon that is not a whole number of steps: exactly samples * s * L when dense
+    assert layer_token_lr_horizons(**kw, train_samples=21, train_iters=10) == (0, 21 * 8 * 4)
+    # with dropping: full steps from the schedule, the partial step at its kept length
+    sched = RandomLTDScheduler(4, 8, KeptLengthSchedule("fixed_linear", 4, 8, 2,
+                                                        require_steps=4))
+    # per-sample layer tokens 24, 24, 28, 28, 32, ...: 2 steps of 2 samples + 1 sample of step 2
+    assert layer_token_lr_horizons(**kw, scheduler=sched, lr_decay_samples=5,
+                                   train_samples=40) == (0, 2 * 24 + 2 * 24 + 28)
+    # from the flags: --lr-decay-samples is read
+    args = argparse.Namespace(global_batch_size=2, seq_length=8, num_layers=4, train_iters=20,
+                              train_samples=40, train_tokens=None, lr_decay_iters=None,
+                              lr_decay_samples=12, lr_decay_tokens=None, lr_warmup_iters=0,
+                              lr_warmup_samples=4, lr_warmup_tokens=None,
+                              lr_warmup_fraction=None, lr_warmup_layer_tokens=None,
+                              lr_decay_layer_tokens=None, train_layer_tokens=None)
+    assert layer_token_lr_horizons_from_args(args) == (4 * 8 * 4, 12 * 8 * 4)
+
+
+def test_layer_token_lr_follows_lr_decay_tokens_like_the_plain_schedule():
+    """Without dropping, LayerToken LR with --train-iters and --lr-decay-tokens/--lr-warmup-
+    tokens decays over the same horizon as the plain token schedule (layer tokens = tokens x L)."""
+    gbs, s, L, iters = 2, 8, 4, 30
+    sched = RandomLTDScheduler(L, s, KeptLengthSchedule("constant", s, s))
+    warmup, decay = layer_token_lr_horizons(global_batch_size=gbs, seq_length=s, num_layers=L,
+                                            scheduler=sched, train_iters=iters,
+                                            lr_warmup_tokens=3 * gbs * s,
+                                            lr_decay_tokens=12 * gbs * s)
+    lt = _lt_lr_scheduler(warmup, decay, "linear")
+    got = []
+    for t in range(iters):
+        sched.kept_lengths(t)
+        sched.step(gbs)
+        got.append(lt.step(gbs, token_num=sched.consumed_layer_tokens))
+    # peak after 3 steps, min LR from step 12 on (not stretched over the 30 --train-iters)
+    assert got[2] == pytest.approx(1.0) and got[1] < 1.0
+    assert got[11] == pytest.approx(0.0, abs=1e-12) and got[10] > 0.0

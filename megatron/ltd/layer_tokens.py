@@ -115,17 +115,20 @@ def _dense_layer_tokens_per_iteration(global_batch_size, seq_length, num_layers)
 
 def layer_token_lr_horizons(*, global_batch_size, seq_length, num_layers, scheduler=None,
                             train_iters=None, train_samples=None, train_tokens=None,
-                            lr_decay_iters=None, lr_decay_tokens=None,
+                            lr_decay_iters=None, lr_decay_samples=None, lr_decay_tokens=None,
                             lr_warmup_iters=None, lr_warmup_samples=None, lr_warmup_tokens=None,
                             lr_warmup_fraction=None, lr_warmup_layer_tokens=None,
                             lr_decay_layer_tokens=None, train_layer_tokens=None
                             ) -> Tuple[int, int]:
     """(warmup_layer_tokens, decay_layer_tokens) for the LayerToken LR.
 
-    Decay horizon, first that applies: ``--lr-decay-layer-tokens``; ``--train-layer-tokens``;
-    the layer tokens of ``lr_decay_iters`` / ``train_iters`` / ``train_samples // gbs`` steps
-    computed from ``scheduler`` (None: nothing drops); ``--lr-decay-tokens`` / ``--train-tokens``
-    (raw tokens) x ``num_layers``.
+    Decay horizon, first that applies (as Megatron, an explicit decay flag wins over the run's
+    length): ``--lr-decay-layer-tokens``; ``--lr-decay-tokens`` x ``num_layers``; the layer
+    tokens of ``--lr-decay-iters`` steps or of ``--lr-decay-samples`` samples computed from
+    ``scheduler`` (None: nothing drops); ``--train-layer-tokens``; the layer tokens of
+    ``--train-samples`` samples or ``--train-iters`` steps; ``--train-tokens`` x ``num_layers``.
+    (Megatron's plain scheduler likewise decays over ``--lr-decay-tokens`` whenever it is given,
+    even with ``--train-iters``, as Megatron-DeepSpeed's GPT recipes do.)
 
     Warmup (at most one source): ``--lr-warmup-layer-tokens``; the baseline's layer tokens of
     ``--lr-warmup-iters`` (``gbs * s * L * T_warmup``), ``--lr-warmup-samples`` (``samples * s *
@@ -141,18 +144,31 @@ def layer_token_lr_horizons(*, global_batch_size, seq_length, num_layers, schedu
             return iters * _dense_layer_tokens_per_iteration(gbs, s, L)
         return total_layer_tokens(scheduler, iters, gbs)
 
+    def samples_layer_tokens(samples):
+        """Layer tokens of the first ``samples`` samples (a partial last step counted at that
+        step's kept lengths), so that a dense run gives exactly ``samples * s * L``."""
+        full, rest = divmod(int(samples), gbs)
+        if scheduler is None:
+            return int(samples) * s * L
+        per_sample = layer_tokens_per_sample_table(scheduler, full + 1, gbs)
+        return total_layer_tokens(scheduler, full, gbs) + rest * int(per_sample[full])
+
     if lr_decay_layer_tokens is not None:
         decay, decay_flag = int(lr_decay_layer_tokens), "--lr-decay-layer-tokens"
+    elif lr_decay_tokens:
+        decay, decay_flag = int(lr_decay_tokens) * L, "--lr-decay-tokens"
+    elif lr_decay_iters:
+        decay, decay_flag = run_layer_tokens(int(lr_decay_iters)), "--lr-decay-iters"
+    elif lr_decay_samples:
+        decay, decay_flag = samples_layer_tokens(lr_decay_samples), "--lr-decay-samples"
     elif train_layer_tokens is not None:
         decay, decay_flag = int(train_layer_tokens), "--train-layer-tokens"
-    elif lr_decay_iters or train_iters or train_samples:
-        iters = lr_decay_iters or train_iters or int(train_samples) // gbs
-        decay_flag = ("--lr-decay-iters" if lr_decay_iters else
-                      "--train-iters" if train_iters else "--train-samples")
-        decay = run_layer_tokens(int(iters))
-    elif lr_decay_tokens or train_tokens:
-        decay = int(lr_decay_tokens or train_tokens) * L
-        decay_flag = "--lr-decay-tokens" if lr_decay_tokens else "--train-tokens"
+    elif train_samples:  # (a sample-based run also carries its derived train_iters)
+        decay, decay_flag = samples_layer_tokens(train_samples), "--train-samples"
+    elif train_iters:
+        decay, decay_flag = run_layer_tokens(int(train_iters)), "--train-iters"
+    elif train_tokens:
+        decay, decay_flag = int(train_tokens) * L, "--train-tokens"
     else:
         raise UserError("--layer-token-lr needs a decay horizon: --lr-decay-layer-tokens, "
                         "--train-layer-tokens, --train-iters, --train-samples or --train-tokens")
@@ -198,7 +214,8 @@ def layer_token_lr_horizons_from_args(args, cfg=None, scheduler=None) -> Tuple[i
         global_batch_size=g("global_batch_size"), seq_length=g("seq_length"),
         num_layers=g("num_layers"), scheduler=scheduler, train_iters=g("train_iters"),
         train_samples=g("train_samples"), train_tokens=g("train_tokens"),
-        lr_decay_iters=g("lr_decay_iters"), lr_decay_tokens=g("lr_decay_tokens"),
+        lr_decay_iters=g("lr_decay_iters"), lr_decay_samples=g("lr_decay_samples"),
+        lr_decay_tokens=g("lr_decay_tokens"),
         lr_warmup_iters=g("lr_warmup_iters"), lr_warmup_samples=g("lr_warmup_samples"),
         lr_warmup_tokens=g("lr_warmup_tokens"), lr_warmup_fraction=g("lr_warmup_fraction"),
         lr_warmup_layer_tokens=c("lr_warmup_layer_tokens"),
