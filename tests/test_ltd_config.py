@@ -304,6 +304,10 @@ def test_bad_json_values(tmp_path, keys, value, argv_extra, must_name):
      "--lr-decay-layer-tokens"),
     (["--train-layer-tokens", "0"], "--train-layer-tokens"),
     (["--random-ltd", "--random-ltd-method", "sctd"], "--random-ltd-method"),
+    # dropping options without --random-ltd used to give a dense run silently
+    (["--random-ltd-method", "tokenbypass"], "--random-ltd"),
+    (["--random-ltd-method", "tokenbypass", "--train-layer-tokens", "100"], "--random-ltd"),
+    (["--random-ltd-keep-special-tokens"], "--random-ltd-keep-special-tokens"),
 ])
 def test_bad_flags(argv, must_name):
     with pytest.raises(UserError) as err:

@@ -289,6 +289,12 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
                          jpath("layer_token_lr_schedule.total_layer_tokens"),
                          jget("layer_token_lr_schedule.total_layer_tokens", "int"))
     train_lt = g("train_layer_tokens")
+    if not enabled:
+        # Dropping options without dropping: say so rather than train dense silently.
+        if (g("random_ltd_method") or "random") != "random":
+            raise UserError(f"--random-ltd-method {g('random_ltd_method')} needs --random-ltd")
+        if g("random_ltd_keep_special_tokens"):
+            raise UserError("--random-ltd-keep-special-tokens needs --random-ltd")
     if not enabled and not (layer_token_lr or train_lt is not None or lr_warmup_lt is not None
                             or lr_decay_lt is not None):
         for flag in ("random_ltd_start", "random_ltd_step", "random_ltd_schedule_steps",
