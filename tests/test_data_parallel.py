@@ -254,3 +254,78 @@ def test_checkpoint_per_rank_with_dp_gathered_rng(tmp_path):
         assert loaded[rank][2] and "data-parallel" in loaded[rank][2][0]
         for key, value in saved[stage_rank][1].items():
             assert value == loaded[rank][1][key]
+
+
+def _zero_resume_body(rank, world_size, device_name):
+    import io
+
+    import torch.distributed as dist
+
+    from megatron.optim import build_optimizer
+    from megatron.optim.distributed import is_zero
+
+    device = torch.device(device_name)
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Linear(8, 8).to(device)
+
+    def build(model):
+        return build_optimizer(model, lr=1e-2, use_distributed_optimizer=True,
+                               data_parallel_group=dist.group.WORLD, log=lambda *_: None)
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(torch.ones(2, 8, device=device)).square().sum().backward()
+        opt.step()
+
+    model = make()
+    opt = build(model)
+    assert is_zero(opt.optimizer)
+    step(model, opt)
+    buf = io.BytesIO()  # as a checkpoint file, read back onto the CPU
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf, map_location="cpu", weights_only=False)
+    resumed_model = make()
+    with torch.no_grad():
+        for p, q in zip(resumed_model.parameters(), model.parameters()):
+            p.copy_(q)
+    resumed = build(resumed_model)
+    resumed.load_state_dict(saved)
+    local = resumed.optimizer.optim
+    fused = bool(local.param_groups[0].get("fused"))
+    for param, state in local.state.items():
+        if fused:  # the fused kernels read the counters on the parameters' device
+            assert state["step"].device == param.device
+    # on GPU the fused step raised "Expected all tensors to be on the same device" here
+    step(resumed_model, resumed)
+    step(model, opt)
+    return fused, all(torch.equal(a, b) for a, b in
+                      zip(resumed_model.parameters(), model.parameters()))
+
+
+def test_distributed_optimizer_resumes_with_fused_adamw():
+    # one rank is enough: ZeroRedundancyOptimizer.load_state_dict moves Adam's step counters to
+    # the CPU whatever the DP size (harmless on CPU: this checks the resume itself)
+    [(_, same)] = run_distributed(_zero_resume_body, 1, args=("cpu",), timeout=90)
+    assert same  # the resumed run continues exactly as the uninterrupted one
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_distributed_optimizer_resumes_with_fused_adamw_on_gpu():
+    # In this process (a forked rank cannot use CUDA once the parent has): one NCCL rank.
+    import torch.distributed as dist
+
+    from distributed_harness import free_port
+
+    assert not dist.is_initialized()
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        fused, same = _zero_resume_body(0, 1, "cuda:0")
+    finally:
+        dist.destroy_process_group()
+    assert fused  # build_optimizer picks the fused AdamW on GPU
+    assert same  # raised "Expected all tensors to be on the same device" (state_steps) before

@@ -49,11 +49,15 @@ def clip_grad_norm_fp32(params, grads_for_norm, max_norm, norm_type=2, model_par
         params = [params]
     if isinstance(grads_for_norm, torch.Tensor):
         grads_for_norm = [grads_for_norm]
+    params = list(params)
     grads = [p.grad.detach() for p in params if p.grad is not None]
     for g in grads:
         assert g.dtype == torch.float32, f"clip_grad_norm_fp32 expects fp32 grads, got {g.dtype}"
+    # The partial norm is all-reduced: on the parameters' device even when this rank holds no
+    # gradient (a CPU tensor cannot go through NCCL).
     device = grads[0].device if grads else (
-        grads_for_norm[0].device if grads_for_norm else torch.device("cpu"))
+        grads_for_norm[0].device if grads_for_norm else
+        params[0].device if params else torch.device("cpu"))
 
     norm_type = float(norm_type)
     if math.isinf(norm_type):

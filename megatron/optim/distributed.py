@@ -83,6 +83,26 @@ def load_optimizer_state_dict(optimizer, state_dict):
         return
     # ZeroRedundancyOptimizer.load_state_dict overwrites entries of the dict it is given.
     optimizer.load_state_dict({**state_dict, "state": dict(state_dict["state"])})
+    _place_step_counters(optimizer.optim)
+
+
+def _place_step_counters(optimizer) -> None:
+    """Put the ``step`` counters of fused / capturable groups back on their parameter's device.
+
+    ZeroRedundancyOptimizer.load_state_dict writes the local optimizer's state itself and moves
+    every 0-dim state tensor (Adam's ``step``) to the CPU (pytorch/pytorch#124133). The fused
+    AdamW we build on GPU needs them on the parameters' device ("Expected all tensors to be on
+    the same device ... state_steps" at the first step after a resume); torch's own
+    Optimizer.load_state_dict does this conversion for fused and capturable groups.
+    """
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            step = state.get("step") if state else None
+            if torch.is_tensor(step):
+                state["step"] = step.to(device=param.device, dtype=torch.float32)
 
 
 def local_state_numel(optimizer) -> int:
@@ -102,6 +122,7 @@ def dp_all_equal(tensors, group) -> bool:
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     reference = flat.clone()
     dist.broadcast(reference, src=dist.get_global_rank(group, 0), group=group)
-    same = torch.tensor([1.0 if torch.equal(flat, reference) else 0.0])
+    # on the tensors' device: NCCL moves only GPU tensors
+    same = torch.tensor([1.0 if torch.equal(flat, reference) else 0.0], device=flat.device)
     dist.all_reduce(same, op=dist.ReduceOp.MIN, group=group)
     return bool(same.item() == 1.0)
