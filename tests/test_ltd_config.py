@@ -308,6 +308,13 @@ def test_bad_json_values(tmp_path, keys, value, argv_extra, must_name):
     (["--random-ltd-method", "tokenbypass"], "--random-ltd"),
     (["--random-ltd-method", "tokenbypass", "--train-layer-tokens", "100"], "--random-ltd"),
     (["--random-ltd-keep-special-tokens"], "--random-ltd-keep-special-tokens"),
+    # sequence parallelism splits the kept tokens over TP ranks: caught at start-up, not at the
+    # first kept length that is not a multiple of TP (step 1 here: 64 -> 66)
+    (["--random-ltd", "--random-ltd-start", "64", "--random-ltd-step", "6",
+      "--random-ltd-schedule-steps", "10", "--sequence-parallel",
+      "--tensor-model-parallel-size", "4"], "--random-ltd-step"),
+    (["--random-ltd", "--random-ltd-start", "66", "--random-ltd-schedule", "constant",
+      "--sequence-parallel", "--tensor-model-parallel-size", "4"], "--random-ltd-start"),
 ])
 def test_bad_flags(argv, must_name):
     with pytest.raises(UserError) as err:
@@ -362,3 +369,16 @@ def test_full_flow_from_megatron_flags():
     # kept 16, 16, 24, 24, 32... over 10 steps: 2 full layers + 2 dropping layers
     per_sample = [2 * 32 + 2 * k for k in (16, 16, 24, 24, 32, 32, 32, 32, 32, 32)]
     assert decay == 4 * sum(per_sample)
+
+
+def test_sequence_parallel_kept_lengths_multiple_of_tp():
+    """Every kept length of these schedules is a multiple of TP, so they are accepted; TP 1 (or
+    no sequence parallelism) has no such constraint."""
+    ok = ["--random-ltd", "--random-ltd-start", "72", "--random-ltd-step", "8",
+          "--random-ltd-schedule-steps", "10"]
+    cfg = cfg_of(gpt(*ok, "--sequence-parallel", "--tensor-model-parallel-size", "4",
+                     layers=6, seq=256))
+    sched = RandomLTDScheduler.from_config(cfg, 6, 256)
+    assert all(v % 4 == 0 for t in range(12) for v in sched.kept_lengths(t).values())
+    cfg_of(gpt("--random-ltd", "--random-ltd-start", "64", "--random-ltd-step", "6",
+               "--random-ltd-schedule-steps", "10", layers=6, seq=256))

@@ -460,6 +460,20 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
             raise UserError(f"{start_flag} {value} is smaller than --random-ltd-step {step}: the "
                             f"first kept length would round down to 0")
 
+    tp = g("tensor_model_parallel_size") or 1
+    if g("sequence_parallel") and tp > 1:
+        # The sequence-parallel block splits the r kept tokens over the TP ranks. fixed_linear/
+        # fixed_root kept lengths are multiples of the step (below full length), constant ones
+        # are the starts: check here rather than fail at the first bad step mid-run.
+        bad = ([v for v in (starts or [start]) if v < seq_length and v % tp]
+               if schedule == "constant" else ([step] if step % tp else []))
+        if bad:
+            what = (f"kept length(s) {bad} ({start_flag})" if schedule == "constant"
+                    else f"--random-ltd-step (seq_per_step) {step}")
+            raise UserError(f"random-LTD with --sequence-parallel: {what} must be a multiple "
+                            f"of --tensor-model-parallel-size {tp} (each rank takes r/tp of "
+                            f"the kept tokens)")
+
     model_type = jget("model_type", "str")
     if model_type is not None and model_type not in MODEL_TYPES:
         raise UserError(f"--deepspeed-config {js.where}: {jpath('model_type')} = {model_type!r} "
