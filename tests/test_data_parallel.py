@@ -115,6 +115,34 @@ def test_no_wrapper_with_one_dp_rank():
     assert no_sync_factory(model) is None and unwrap(model) is model
 
 
+def _bf16_reduction_body(rank, world_size):
+    from megatron.parallel.data_parallel import wrap_data_parallel
+    from megatron.parallel.schedules import average_gradients
+
+    parallel = _parallel()
+    # rank r's gradient: 1 at positions r, r + 4, 2^-9 elsewhere. The mean in fp32 is
+    # (1 + 3 * 2^-9) / 4, which rounds to 1.0078125 / 4 in bf16; a sum formed in bf16 drops
+    # 2^-9 next to 1 (at least where the 1 is added first) and gives 1 / 4.
+    grad = torch.full((8,), 2.0 ** -9)
+    grad[rank::world_size] = 1.0
+    model = torch.nn.Linear(1, 8, bias=False).to(torch.bfloat16)
+    wrapped = wrap_data_parallel(model, parallel)
+    wrapped(torch.ones(1, 1, dtype=torch.bfloat16)).backward(
+        grad.to(torch.bfloat16).view(1, 8))  # d(x W^T)/dW with x = 1: the gradient itself
+    module = torch.nn.Linear(1, 8, bias=False).to(torch.bfloat16)  # the PP > 1 path
+    module.weight.grad = grad.to(torch.bfloat16).view(8, 1)
+    average_gradients(module, parallel.dp_group)
+    return model.weight.grad.float().view(-1).tolist(), module.weight.grad.float().view(-1).tolist()
+
+
+def test_bf16_gradients_are_averaged_in_fp32():
+    mean = float(torch.tensor((1 + 3 * 2.0 ** -9) / 4).to(torch.bfloat16))
+    assert mean == 1.0078125 / 4
+    for ddp, averaged in run_distributed(_bf16_reduction_body, 4):
+        assert ddp == [mean] * 8
+        assert averaged == [mean] * 8
+
+
 def _zero_body(rank, world_size, dtype_name):
     from megatron.optim import build_optimizer
     from megatron.optim.distributed import dp_all_equal, is_zero, local_state_numel

@@ -12,9 +12,13 @@ gradients and the parameters of one process with the whole batch). Settings:
 - gradients are averaged (DDP divides by the DP size), matching Megatron's
   ``--DDP-impl local`` with ``average_in_collective``.
 
-Difference from Megatron: DDP reduces gradients in the parameters' dtype (bf16 models reduce
-bf16 grads); Megatron's local DDP can keep an fp32 ``main_grad`` buffer
-(``--accumulate-allreduce-grads-in-fp32``). With one DP rank no wrapper is added.
+bf16: Megatron-LM turns on ``--accumulate-allreduce-grads-in-fp32`` for bf16 (a bf16 sum over
+many replicas loses the low bits: gloo and NCCL add bf16 in bf16). A bf16 model's DDP gets a
+comm hook (``allreduce_hook``) that all-reduces an fp32 copy of each bf16 bucket and rounds the
+average to bf16 once; fp32 and fp16 buckets are reduced in their dtype as DDP does (Megatron's
+default for fp16). Difference left: the accumulation over micro-batches still happens in the
+bf16 ``.grad`` (Megatron accumulates into an fp32 ``main_grad``). With one DP rank no wrapper
+is added.
 
 Gradient accumulation: the pipeline schedule calls ``no_sync_factory(model)()`` around every
 micro-batch except the last one, so the reduction runs once per step.
@@ -23,6 +27,7 @@ micro-batch except the last one, so the reduction runs once per step.
 from typing import Callable, ContextManager, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megatron.parallel.state import ParallelState
@@ -42,10 +47,33 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelState,
     first = next(model.parameters(), None)
     if first is not None and first.device.type == "cuda":
         device_ids = [first.device.index]
-    return DistributedDataParallel(model, device_ids=device_ids,
-                                   process_group=parallel.dp_group,
-                                   bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False,
-                                   find_unused_parameters=False)
+    ddp = DistributedDataParallel(model, device_ids=device_ids,
+                                  process_group=parallel.dp_group,
+                                  bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False,
+                                  find_unused_parameters=False)
+    if any(p.dtype == torch.bfloat16 for p in model.parameters()):
+        ddp.register_comm_hook(parallel.dp_group, allreduce_hook)
+    return ddp
+
+
+def allreduce_hook(group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook: the average over ``group``, bf16 buckets reduced in fp32.
+
+    Each gradient is multiplied by ``1 / world`` and the results summed, as DDP's own reducer;
+    a bf16 bucket is upcast for this and the average rounded to bf16 once.
+    """
+    buffer = bucket.buffer()
+    work = buffer.float() if buffer.dtype == torch.bfloat16 else buffer
+    work.mul_(1.0 / dist.get_world_size(group))
+    future = dist.all_reduce(work, group=group, async_op=True).get_future()
+
+    def unpack(fut):
+        reduced = fut.value()[0]
+        if reduced is not buffer:
+            buffer.copy_(reduced)
+        return buffer
+
+    return future.then(unpack)
 
 
 def is_data_parallel(model) -> bool:

@@ -188,7 +188,8 @@ def average_gradients(module: torch.nn.Module, group) -> None:
     As DDP's reducer, each gradient is multiplied by ``1 / world`` before the all-reduce, not
     divided after it: fp16 gradients carry the loss scale, and summing them first overflows
     (two ranks at 40000 give inf in fp16; their average is 40000), which the fp16 optimizer
-    would take for an overflow of the step."""
+    would take for an overflow of the step. bf16 gradients are reduced in fp32 and rounded
+    once, as ``data_parallel.allreduce_hook`` does for DDP's buckets."""
     world = torch.distributed.get_world_size(group)
     by_dtype = {}
     for param in module.parameters():
@@ -197,8 +198,10 @@ def average_gradients(module: torch.nn.Module, group) -> None:
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for grads in by_dtype.values():
+    for dtype, grads in by_dtype.items():
         flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
+        if dtype == torch.bfloat16:
+            flat = flat.float()
         flat.mul_(1.0 / world)
         torch.distributed.all_reduce(flat, group=group)
         offset = 0
