@@ -244,14 +244,14 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
             loader(test_ds, 0))
 
 
-def flops_per_iteration(args, kept_length=None):
-    """Model FLOPs of one iteration (Narayanan et al. 2021, eq. 3; 72 without recompute), the
-    middle layers counted at ``kept_length`` under random-LTD."""
+def flops_per_iteration(args, kept_lengths=None):
+    """Model FLOPs of one iteration (Narayanan et al. 2021, eq. 3; 72 without recompute); under
+    random-LTD the dropping layers counted at their kept lengths ``{layer id: r}``."""
     from megatron.model.utils import gpt_flops_per_iteration
 
     return gpt_flops_per_iteration(args.global_batch_size, args.seq_length, args.num_layers,
                                    args.hidden_size, args.padded_vocab_size,
-                                   ffn_hidden_size=args.ffn_hidden_size, kept_length=kept_length,
+                                   ffn_hidden_size=args.ffn_hidden_size, kept_lengths=kept_lengths,
                                    recompute=args.recompute_granularity == "full")
 
 
@@ -458,9 +458,10 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             logger.scalar("world-size/world-size", args.world_size, state.iteration,
                           state.consumed_train_samples, state.consumed_train_tokens,
                           ltd.consumed_layer_tokens)
+        flops = flops_per_iteration(args, ltd.kept_lengths if ltd.enabled else None)
         logger.training_step(state, losses, optimizer.param_groups[0]["lr"], grad_norm,
                              float(optimizer.get_loss_scale()), skipped=not ok, extra=extra,
-                             flops=flops_per_iteration(args, kept if ltd.enabled else None),
+                             flops=flops,
                              layer_tokens=ltd.consumed_layer_tokens)
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \

@@ -299,3 +299,10 @@ def test_flops_formula():
     layer = lambda n: 72 * B * n * h * h * (1 + n / (6 * h))  # noqa: E731
     assert dropped == pytest.approx(2 * layer(s) + (l - 2) * layer(r) + 6 * B * s * h * v)
     assert gpt_flops_per_token(s, l, h, v) == pytest.approx(megatron / (B * s))
+    # per-layer kept lengths: --random-ltd-layer-ids or TokenBypass's layers L/2 .. L-2
+    bypass = {layer: r for layer in range(l // 2, l - 1)}
+    assert gpt_flops_per_iteration(B, s, l, h, v, kept_lengths=bypass) == pytest.approx(
+        (l - len(bypass)) * layer(s) + len(bypass) * layer(r) + 6 * B * s * h * v)
+    middle = {layer: r for layer in range(1, l - 1)}
+    assert gpt_flops_per_iteration(B, s, l, h, v, kept_lengths=middle) == pytest.approx(dropped)
+    assert gpt_flops_per_iteration(B, s, l, h, v, kept_lengths={}) == pytest.approx(megatron)

@@ -2,7 +2,7 @@
 
 import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -33,23 +33,24 @@ def _layer_flops(batch_size, tokens, hidden_size, ffn_hidden_size, passes):
 def gpt_flops_per_iteration(batch_size: int, seq_length: int, num_layers: int, hidden_size: int,
                             vocab_size: int, *, recompute: bool = False,
                             kept_length: Optional[int] = None,
+                            kept_lengths: Optional[Mapping[int, int]] = None,
                             ffn_hidden_size: Optional[int] = None) -> float:
     """Model FLOPs of one iteration of ``batch_size`` sequences (forward + backward).
 
     With ffn = 4h this is Megatron's formula (Narayanan et al. 2021, eq. 3):
     72*B*s*l*h^2*(1 + s/(6h) + V/(12*l*h)) without recompute and
     96*B*s*l*h^2*(1 + s/(6h) + V/(16*l*h)) with full recompute (the layers' forward runs twice,
-    the LM head's once). With random-LTD pass ``kept_length``: the middle layers (all but the
-    first and the last) are counted at the kept length r, quadratic term included.
+    the LM head's once). Under random-LTD a dropping layer is counted at its kept length r,
+    quadratic term included: ``kept_lengths`` maps layer ids to r (the others run at full
+    length); ``kept_length`` is the common case, every layer but the first and the last at r.
     """
     ffn = 4 * hidden_size if ffn_hidden_size is None else ffn_hidden_size
     passes = 4 if recompute else 3  # forward + backward (2x forward) [+ recomputed forward]
-    if kept_length is None or kept_length >= seq_length or num_layers <= 2:
-        layers = num_layers * _layer_flops(batch_size, seq_length, hidden_size, ffn, passes)
-    else:
-        full = _layer_flops(batch_size, seq_length, hidden_size, ffn, passes)
-        kept = _layer_flops(batch_size, kept_length, hidden_size, ffn, passes)
-        layers = 2 * full + (num_layers - 2) * kept
+    if kept_lengths is None:
+        middle = range(1, num_layers - 1) if kept_length is not None else ()
+        kept_lengths = {layer: kept_length for layer in middle}
+    layers = sum(_layer_flops(batch_size, min(kept_lengths.get(layer, seq_length), seq_length),
+                              hidden_size, ffn, passes) for layer in range(num_layers))
     lm_head = 3 * 2 * batch_size * seq_length * hidden_size * vocab_size
     return float(layers + lm_head)
 
