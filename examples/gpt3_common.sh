@@ -16,6 +16,7 @@
 #
 # Variables (environment), shared by the model scripts:
 #   DATA_PATH    preprocessed PILE prefix(es); a blend "0.5 /p/a 0.5 /p/b" is word-split
+#                (so a blend's paths cannot contain spaces; a single existing prefix can)
 #                (default /data/pile-gpt2/pile_all, see tools/merge_datasets.py in README)
 #   VOCAB_FILE, MERGE_FILE   GPT-2 BPE files (default gpt2-vocab.json / gpt2-merges.txt next to
 #                the data)
@@ -34,6 +35,12 @@
 #   LAUNCHER     slurm (default inside a SLURM job: examples/run_slurm.sbatch, plain srun) or
 #                torchrun (examples/run_torchrun.sh, one node; GPUS_PER_NODE, MASTER_PORT)
 #   MASTER_PORT  rendezvous port (both launchers; see run_slurm.sbatch for the SLURM default)
+#   DRY_RUN      1: print the launch command instead of running it, after checking the flags
+#                with megatron/arguments.py for the launcher's process count (LAUNCHER=slurm
+#                outside a job: the 64 tasks of 8 x 8 GPUs); missing data is then a warning
+#
+# The data prefixes, VOCAB_FILE and MERGE_FILE must exist where the script runs (under sbatch:
+# the first node): a missing one stops it with one line, before any process starts.
 
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     echo "gpt3_common.sh is sourced by examples/pretrain_gpt3_*.sh; run one of those" >&2
@@ -48,10 +55,33 @@ WARMUP_TOKENS=3000000000
 
 # ---- data --------------------------------------------------------------------------------
 DATA_PATH=${DATA_PATH:-/data/pile-gpt2/pile_all}
-DATA_DIR=$(dirname "${DATA_PATH##* }")
+if [[ -f "$DATA_PATH.idx" ]]; then  # one prefix (its path may contain spaces)
+    DATA_ARGS=("$DATA_PATH")
+else                                # a blend "w1 prefix1 w2 prefix2 ...": split on spaces
+    read -r -a DATA_ARGS <<< "$DATA_PATH"
+fi
+DATA_DIR=$(dirname "${DATA_ARGS[${#DATA_ARGS[@]} - 1]:-.}")
 VOCAB_FILE=${VOCAB_FILE:-$DATA_DIR/gpt2-vocab.json}
 MERGE_FILE=${MERGE_FILE:-$DATA_DIR/gpt2-merges.txt}
-read -r -a DATA_ARGS <<< "$DATA_PATH"
+
+SCRIPT_NAME="pretrain_gpt3_${MODEL}.sh"
+MISSING=()
+for ITEM in "${DATA_ARGS[@]}"; do
+    if [[ "$ITEM" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then continue; fi  # a blend weight
+    for f in "$ITEM.bin" "$ITEM.idx"; do [[ -f "$f" ]] || MISSING+=("$f"); done
+done
+for f in "$VOCAB_FILE" "$MERGE_FILE"; do [[ -f "$f" ]] || MISSING+=("$f"); done
+if [[ ${#MISSING[@]} -gt 0 ]]; then
+    MESSAGE="$SCRIPT_NAME: not found: ${MISSING[*]} (set DATA_PATH to the prefix of the"
+    MESSAGE="$MESSAGE preprocessed PILE, without .bin/.idx, and VOCAB_FILE / MERGE_FILE to the"
+    MESSAGE="$MESSAGE GPT-2 BPE files; see README, Usage 1)"
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        echo "warning: $MESSAGE" >&2
+    else
+        echo "$MESSAGE" >&2
+        exit 2
+    fi
+fi
 
 # ---- random-LTD --------------------------------------------------------------------------
 RANDOM_LTD=${RANDOM_LTD:-1}

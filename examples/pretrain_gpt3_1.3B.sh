@@ -12,8 +12,8 @@
 # (examples_deepspeed/data_efficiency/gpt/pretrain/ds_pretrain_gpt_1.3B_dense_base_script.sh and
 # its random-LTD variant), with random-LTD (default) or as the dense baseline.
 # Sized for 64 GPUs (8 nodes x 8) as the recipe: TP 1, PP 1, DP 64, micro-batch 8, global batch
-# 512 (one micro-batch per step per GPU), full activation recompute, and
-# --use-distributed-optimizer sharding the fp32 weights and Adam state 64 ways (the recipe's
+# 512 (one micro-batch per step per GPU). With full activation recompute (--checkpoint-activations)
+# and --use-distributed-optimizer sharding the fp32 weights and Adam state 64 ways (the recipe's
 # ZeRO stage 1): about 2.6 GB of fp16 weights + 2.6 GB of gradients + 0.3 GB of sharded
 # state per GPU, so the model needs no tensor parallelism on 40/80 GB GPUs. On smaller GPUs use
 # TP=2 MICRO_BATCH=4 (DP 32, 4 micro-batches per step; TP ranks stay inside a node). Any GPU
@@ -26,11 +26,12 @@
 #   TRAIN_LAYER_TOKENS=7200000000000 sbatch examples/pretrain_gpt3_1.3B.sh   # compute budget
 #   LAUNCHER=torchrun GPUS_PER_NODE=8 bash examples/pretrain_gpt3_1.3B.sh  # one node
 #   sbatch examples/pretrain_gpt3_1.3B.sh --eval-interval 1000    # extra flags pass through
+#   DRY_RUN=1 LAUNCHER=slurm bash examples/pretrain_gpt3_1.3B.sh   # print; check for 64 GPUs
 #
 # Variables (environment); the ones shared with the other GPT-3 script (DATA_PATH, VOCAB_FILE,
 # MERGE_FILE, DATA_CACHE_PATH, TRAIN_LAYER_TOKENS, LAYER_TOKEN_LR, TP, PP, PRECISION,
-# CHECKPOINT_DIR, TENSORBOARD_DIR, SAVE_INTERVAL, LAUNCHER, MASTER_PORT) are described in
-# examples/gpt3_common.sh, which builds the flags and starts the launcher:
+# CHECKPOINT_DIR, TENSORBOARD_DIR, SAVE_INTERVAL, LAUNCHER, MASTER_PORT, DRY_RUN) are
+# described in examples/gpt3_common.sh, which builds the flags and starts the launcher:
 #   TRAIN_TOKENS_IN_BILLION  300 (default), 200 or 150: the recipe's runs, with lr 2e-4 /
 #                3e-4 / 4e-4 and random-LTD steps 200000 / 133333 / 100000
 #   RANDOM_LTD   1 (default): random-LTD in layers 1..22, kept length 128 -> 2048, +16 at a
@@ -70,10 +71,12 @@ case "$TRAIN_TOKENS_IN_BILLION" in
     300) DEFAULT_LR=2.0e-4; DEFAULT_LTD_STEPS=200000 ;;
     200) DEFAULT_LR=3.0e-4; DEFAULT_LTD_STEPS=133333 ;;
     150) DEFAULT_LR=4.0e-4; DEFAULT_LTD_STEPS=100000 ;;
-    *) echo "TRAIN_TOKENS_IN_BILLION: the recipe has 300, 200 and 150 (set LR and LTD_STEPS" \
-            "for other budgets)" >&2
-       DEFAULT_LR=${LR:-}; DEFAULT_LTD_STEPS=${LTD_STEPS:-}
-       [[ -n "$DEFAULT_LR" && -n "$DEFAULT_LTD_STEPS" ]] || exit 2 ;;
+    *) DEFAULT_LR=${LR:-}; DEFAULT_LTD_STEPS=${LTD_STEPS:-}
+       if [[ -z "$DEFAULT_LR" || -z "$DEFAULT_LTD_STEPS" ]]; then
+           echo "pretrain_gpt3_1.3B.sh: TRAIN_TOKENS_IN_BILLION=$TRAIN_TOKENS_IN_BILLION: the" \
+                "recipe has 300, 200 and 150; set LR and LTD_STEPS for other budgets" >&2
+           exit 2
+       fi ;;
 esac
 TRAIN_TOKENS=$(( TRAIN_TOKENS_IN_BILLION * 1000000000 ))
 TRAIN_SAMPLES=$(( 300000000000 * 2 / SEQ ))   # an upper bound; the token budget stops the run

@@ -22,11 +22,12 @@
 #   TRAIN_LAYER_TOKENS=7200000000000 sbatch examples/pretrain_gpt3_350M.sh   # compute budget
 #   LAUNCHER=torchrun GPUS_PER_NODE=8 bash examples/pretrain_gpt3_350M.sh  # one node
 #   sbatch examples/pretrain_gpt3_350M.sh --eval-interval 1000    # extra flags pass through
+#   DRY_RUN=1 LAUNCHER=slurm bash examples/pretrain_gpt3_350M.sh   # print; check for 64 GPUs
 #
 # Variables (environment); the ones shared with the other GPT-3 script (DATA_PATH, VOCAB_FILE,
 # MERGE_FILE, DATA_CACHE_PATH, TRAIN_LAYER_TOKENS, LAYER_TOKEN_LR, TP, PP, PRECISION,
-# CHECKPOINT_DIR, TENSORBOARD_DIR, SAVE_INTERVAL, LAUNCHER, MASTER_PORT) are described in
-# examples/gpt3_common.sh, which builds the flags and starts the launcher:
+# CHECKPOINT_DIR, TENSORBOARD_DIR, SAVE_INTERVAL, LAUNCHER, MASTER_PORT, DRY_RUN) are
+# described in examples/gpt3_common.sh, which builds the flags and starts the launcher:
 #   RANDOM_LTD   1 (default): random-LTD in layers 1..22, kept length 128 -> 2048, +16 at a
 #                time, over LTD_STEPS iterations (default 400000: the paper's +16 every 1.75B
 #                tokens, full length after 210B tokens, at 256 x 2048 tokens per step); 0: dense

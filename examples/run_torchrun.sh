@@ -14,6 +14,9 @@
 #   MASTER_PORT    rendezvous TCP port (default 6000); set another free port when two jobs share
 #                  a machine
 #   PYTHON         interpreter for torchrun (default: python3 on PATH, via `torchrun`)
+#   DRY_RUN        1: print the torchrun command line instead of running it, after checking
+#                  pretrain_gpt.py's flags with megatron/arguments.py for GPUS_PER_NODE
+#                  processes (no GPU and no data needed); exit status 1 if they are rejected
 #
 # torchrun exports RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT to each process;
 # megatron/parallel/initialize.py reads them (nccl on GPU, gloo on CPU, or
@@ -37,7 +40,12 @@ if [[ ! -f "$ENTRY" ]]; then
 fi
 
 if [[ -z "${GPUS_PER_NODE:-}" ]]; then
-    GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # only these GPUs are usable
+        IFS=, read -r -a VISIBLE <<< "$CUDA_VISIBLE_DEVICES"
+        GPUS_PER_NODE=${#VISIBLE[@]}
+    else
+        GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+    fi
     [[ "$GPUS_PER_NODE" -ge 1 ]] 2>/dev/null || GPUS_PER_NODE=1
 fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -53,7 +61,14 @@ fi
 # RANK/WORLD_SIZE win), but an inherited RANK from an outer launcher would confuse torchrun.
 unset RANK WORLD_SIZE LOCAL_RANK
 
+CMD=("${LAUNCH[@]}" --nnodes 1 --nproc_per_node "$GPUS_PER_NODE"
+     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$ENTRY" "$@")
+if [[ "${DRY_RUN:-0}" == 1 ]]; then
+    # shellcheck source=examples/dry_run.sh
+    source "$ROOT/examples/dry_run.sh"
+    dry_run "$GPUS_PER_NODE" "$ENTRY" "$@"
+    exit $?
+fi
+
 set -x
-exec "${LAUNCH[@]}" --nnodes 1 --nproc_per_node "$GPUS_PER_NODE" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    "$ENTRY" "$@"
+exec "${CMD[@]}"

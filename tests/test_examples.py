@@ -6,6 +6,9 @@
   random-LTD switch, the DeepSpeed-JSON variant, the layer-token budget and the recipe's
   per-budget learning rates; they share ``examples/gpt3_common.sh``, found from the repository
   root, so a copy of a script that sbatch runs from its spool directory builds the same command;
+- the GPT-3 scripts stop with one line (exit 2) when the data or vocabulary is missing, and
+  ``DRY_RUN=1`` prints the launch command and checks its flags for the launcher's world size
+  (64 under SLURM) without starting anything;
 - ``examples/pretrain_gpt_tiny_cpu.sh`` really trains 3 iterations with 2 gloo processes
   (torchrun, TP 2) on the test corpus and writes per-rank checkpoints;
 - ``examples/run_slurm.sbatch`` really trains 2 iterations with 2 processes started by a stub
@@ -64,21 +67,42 @@ def _stub(directory, name, body):
 RECORD = 'printf "%s\\0" "$@" > "$RECORD_FILE"\n'
 
 
-def _recorded_command(tmp_path, script, launcher, **env):
-    """Run ``script`` with ``torchrun`` / ``srun`` stubbed: -> (launcher argv, entry, flags)."""
+def _fake_pile(directory, *names, vocab=True):
+    """Empty ``<name>.bin/.idx`` files (and GPT-2 vocab files) that the scripts' checks find."""
+    os.makedirs(directory, exist_ok=True)
+    files = [f"{n}.{ext}" for n in names for ext in ("bin", "idx")]
+    files += ["gpt2-vocab.json", "gpt2-merges.txt"] if vocab else []
+    for name in files:
+        open(os.path.join(directory, name), "w").close()
+    return [os.path.join(directory, n) for n in names]
+
+
+def _run_script(tmp_path, script, launcher, **env):
+    """Run ``script`` with ``torchrun`` / ``srun`` stubbed (they record their argv); the data
+    defaults to an existing fake PILE prefix. -> (completed process, record file)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     _stub(str(bin_dir), "torchrun", RECORD)
     _stub(str(bin_dir), "srun", RECORD)
     record = tmp_path / "argv"
+    if record.exists():
+        record.unlink()
     extra = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "RECORD_FILE": record,
              "LAUNCHER": launcher}
+    if "DATA_PATH" not in env:
+        extra["DATA_PATH"] = _fake_pile(str(tmp_path / "pile-gpt2"), "pile_all")[0]
     if launcher == "slurm":
         extra.update(SLURM_JOB_ID=77, SLURM_NTASKS=64, SLURM_JOB_NUM_NODES=8,
                      SLURM_JOB_NODELIST="gpu[001-008]")
     done = subprocess.run(["bash", os.path.join(ROOT, "examples", script)],
                           env=_clean_env(**extra, **env), capture_output=True, text=True,
                           timeout=60)
+    return done, record
+
+
+def _recorded_command(tmp_path, script, launcher, **env):
+    """-> (launcher argv, entry, flags) of ``script`` run with the launcher stubbed."""
+    done, record = _run_script(tmp_path, script, launcher, **env)
     assert done.returncode == 0, done.stderr
     argv = record.read_text().split("\0")[:-1]
     entry = next(i for i, a in enumerate(argv) if a.endswith("pretrain_gpt.py"))
@@ -138,13 +162,15 @@ def test_gpt3_scripts_build_valid_commands(tmp_path, script, layers, hidden, gbs
     assert "--train-tokens" not in budget
     assert _parse(budget).train_layer_tokens == 7200000000000
 
-    # data path variables, blends included; extra flags pass through and win
-    _, _, data = _recorded_command(tmp_path, script, "torchrun",
-                                   DATA_PATH="0.3 /pile/a_text_document 0.7 /pile/b_text_document",
-                                   VOCAB_FILE="/v/vocab.json", MERGE_FILE="/v/merges.txt")
+    # data path variables, blends included
+    a, b = _fake_pile(str(tmp_path / "pile"), "a_text_document", "b_text_document", vocab=False)
+    _fake_pile(str(tmp_path / "v"))  # only the vocabulary files
+    _, _, data = _recorded_command(tmp_path, script, "torchrun", DATA_PATH=f"0.3 {a} 0.7 {b}",
+                                   VOCAB_FILE=str(tmp_path / "v" / "gpt2-vocab.json"),
+                                   MERGE_FILE=str(tmp_path / "v" / "gpt2-merges.txt"))
     i = data.index("--data-path")
-    assert data[i + 1:i + 5] == ["0.3", "/pile/a_text_document", "0.7", "/pile/b_text_document"]
-    assert _flag(data, "--vocab-file") == "/v/vocab.json"
+    assert data[i + 1:i + 5] == ["0.3", a, "0.7", b]
+    assert _flag(data, "--vocab-file") == str(tmp_path / "v" / "gpt2-vocab.json")
 
 
 def test_gpt3_1_3B_token_budgets_follow_the_recipe(tmp_path):
@@ -179,6 +205,79 @@ def test_gpt3_script_spooled_by_sbatch_finds_the_shared_file(tmp_path):
     done = subprocess.run(["bash", os.path.join(ROOT, "examples", "gpt3_common.sh")],
                           env=_clean_env(), capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "pretrain_gpt3_" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt3_350M.sh", "pretrain_gpt3_1.3B.sh"])
+def test_gpt3_script_without_data_stops_in_one_line(tmp_path, script):
+    """The default DATA_PATH does not exist here: one line naming what is missing and the
+    variables to set, exit 2, and no launcher started (not 64 ranks failing one by one)."""
+    done, record = _run_script(tmp_path, script, "slurm",
+                               DATA_PATH=str(tmp_path / "nowhere" / "pile_all"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "pile_all.idx" in lines[0] and "DATA_PATH" in lines[0] and "VOCAB_FILE" in lines[0]
+    assert not record.exists()
+
+
+def test_gpt3_script_single_data_prefix_may_contain_spaces(tmp_path):
+    prefix = _fake_pile(str(tmp_path / "my data"), "pile_all")[0]
+    _, _, flags = _recorded_command(tmp_path, "pretrain_gpt3_350M.sh", "torchrun",
+                                    DATA_PATH=prefix)
+    i = flags.index("--data-path")
+    assert flags[i + 1] == prefix and flags[i + 2] == "--split"
+    assert _flag(flags, "--vocab-file") == str(tmp_path / "my data" / "gpt2-vocab.json")
+
+
+@pytest.mark.parametrize("script,hidden", [("pretrain_gpt3_350M.sh", 1024),
+                                           ("pretrain_gpt3_1.3B.sh", 2048)])
+def test_gpt3_script_dry_run_checks_the_64_gpu_layout(tmp_path, script, hidden):
+    """DRY_RUN=1 outside a job (a login node): the srun command line on stdout, our parser's
+    verdict for the 64 tasks of the #SBATCH lines on stderr; nothing is started, and missing
+    data is only a warning."""
+    env = _clean_env(DRY_RUN=1, LAUNCHER="slurm", PYTHON=sys.executable,
+                     DATA_PATH=str(tmp_path / "nowhere" / "pile_all"),
+                     PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    _stub(str(tmp_path), "srun", "exit 99\n")  # must not run
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", script)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("srun --kill-on-bad-exit=1 ")
+    assert f"--hidden-size {hidden} " in done.stdout
+    assert "warning:" in done.stderr and "pile_all.idx" in done.stderr
+    assert "flags valid for 64 processes: TP 1 x PP 1 x DP 64" in done.stderr
+
+    env.update(TP="3")  # 16 heads and 64 GPUs are not divisible by 3
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", script)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "DRY_RUN: rejected for 64 processes" in done.stderr
+
+
+def test_torchrun_dry_run_counts_visible_gpus(tmp_path):
+    env = _clean_env(DRY_RUN=1, CUDA_VISIBLE_DEVICES="2,3", PYTHON=sys.executable)
+    flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+             "--seq-length", "16", "--max-position-embeddings", "16", "--micro-batch-size", "1",
+             "--global-batch-size", "4", "--train-iters", "1", "--lr", "1e-3", "--mock-data"]
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "run_torchrun.sh"),
+                           "pretrain_gpt.py", *flags], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--nproc_per_node 2 " in done.stdout
+    assert "flags valid for 2 processes: TP 1 x PP 1 x DP 2" in done.stderr
+
+
+def test_slurm_script_master_address_and_cpus(tmp_path):
+    """Inside a job: MASTER_ADDR is the first host as ``scontrol show hostnames`` lists it (forms
+    such as "node[1-2]-ib" included), and sbatch's --cpus-per-task reaches srun's tasks."""
+    _stub(str(tmp_path), "scontrol", 'printf "%s\\n" node1-ib node2-ib\n')
+    _stub(str(tmp_path), "srun", 'echo "MASTER_ADDR=$MASTER_ADDR SRUN_CPUS=$SRUN_CPUS_PER_TASK"\n')
+    env = _clean_env(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=5,
+                     SLURM_NTASKS=16, SLURM_JOB_NODELIST="node[1-2]-ib", SLURM_CPUS_PER_TASK=10)
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "run_slurm.sbatch"),
+                           "pretrain_gpt.py"], env=env, capture_output=True, text=True,
+                          timeout=30, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "MASTER_ADDR=node1-ib SRUN_CPUS=10" in done.stdout
 
 
 def test_slurm_script_refuses_to_run_outside_a_job():
