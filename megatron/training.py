@@ -94,11 +94,13 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
     args.device = str(device)
     parallel = build_parallel_state(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size)
+    # As Megatron (_set_random_seed): every pipeline stage gets its own seed, seed + 100 * pp,
+    # for the default generator and the tracker (different dropout streams per stage);
+    # tensor-parallel ranks share the default one, so replicated regions drop the same units.
+    stage_seed = args.seed + 100 * parallel.pp_rank
     parallel = dataclasses.replace(parallel,
-                                   rng_tracker=build_rng_tracker(args.seed, parallel.tp_rank))
-    # As Megatron: pipeline stages use different default-generator seeds (different dropout
-    # streams); tensor-parallel ranks share one, so replicated regions drop the same units.
-    set_random_seed(args.seed + 100 * parallel.pp_rank)
+                                   rng_tracker=build_rng_tracker(stage_seed, parallel.tp_rank))
+    set_random_seed(stage_seed)
     tokenizer = build_tokenizer_from_args(args, log)
     if args.save is not None:
         check_save_dir(args.save)

@@ -270,32 +270,43 @@ def test_command_line(tmp_path):
     assert os.path.isfile(checkpoint_file(dst, 3, 1, 0, 1))
 
 
-def test_split_gives_each_new_tensor_rank_its_own_attention_dropout_stream(tmp_path):
-    """TP1 -> TP2: rank 1 would otherwise copy rank 0's tracker state and draw the same
-    attention-dropout masks; it gets a fresh stream (seed + 2718 + 1, mixed with the iteration)
-    while rank 0 and the shared default generator keep the saved states."""
+def test_split_gives_each_copied_rank_its_own_dropout_streams(tmp_path):
+    """TP1 -> TP2 x PP2: without fresh streams, tensor rank 1 would copy rank 0's tracker state
+    (the same attention-dropout masks) and stage 1 stage 0's default generator. Copies get
+    Megatron's seeds (seed + 100 pp, + 2718 + tp) mixed with the iteration; rank (0, 0) keeps
+    the saved states; the TP ranks of a stage share the default generator."""
     from megatron.parallel.random import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_seed
 
-    src, dst = str(tmp_path / "src"), str(tmp_path / "tp2")
+    src, dst = str(tmp_path / "src"), str(tmp_path / "tp2pp2")
     tracker = RNGStatesTracker()
     tracker.add(MODEL_PARALLEL_RNG, model_parallel_seed(1234, 0))
     original = _make_checkpoint(src, tracker=tracker)
-    checkpoint_util.convert(src, dst, 2, 1, log=lambda *_: None)
-    rank0, rank1 = (_read(checkpoint_file(dst, 3, t, 0, 1))["rng_state"][0] for t in (0, 1))
+    checkpoint_util.convert(src, dst, 2, 2, log=lambda *_: None)
+    got = {(t, p): _read(checkpoint_file(dst, 3, t, p, 2))["rng_state"][0]
+           for t in range(2) for p in range(2)}
     saved = original["rng_state"][0]
-    assert torch.equal(rank0["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"],
-                       saved["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"])
-    fresh = rank1["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"]
-    assert not torch.equal(fresh, rank0["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"])
-    seed = (model_parallel_seed(1234, 1) * 1_000_003 + 3) % 2 ** 63
-    assert torch.equal(fresh, torch.Generator().manual_seed(seed).get_state())
-    assert torch.equal(rank0["torch_rng_state"], saved["torch_rng_state"])
-    assert torch.equal(rank1["torch_rng_state"], saved["torch_rng_state"])
-    assert rank0["random_rng_state"] == rank1["random_rng_state"] == saved["random_rng_state"]
-    # the new streams really differ: the ranks draw different masks
+
+    def tracker_state(entry):
+        return entry["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"]
+
+    def generator(seed):
+        return torch.Generator().manual_seed((seed * 1_000_003 + 3) % 2 ** 63).get_state()
+
+    assert torch.equal(tracker_state(got[0, 0]), tracker_state(saved))
+    assert torch.equal(got[0, 0]["torch_rng_state"], saved["torch_rng_state"])
+    assert torch.equal(got[1, 0]["torch_rng_state"], saved["torch_rng_state"])
+    for (t, p), entry in got.items():
+        if (t, p) != (0, 0):
+            assert torch.equal(tracker_state(entry),
+                               generator(model_parallel_seed(1234 + 100 * p, t))), (t, p)
+    for t in range(2):
+        assert torch.equal(got[t, 1]["torch_rng_state"], generator(1234 + 100))
+    # four different attention-dropout streams, two different default streams
     draws = []
-    for state in (rank0, rank1):
+    for entry in got.values():
         g = torch.Generator()
-        g.set_state(state["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"])
-        draws.append(torch.rand(8, generator=g))
-    assert not torch.equal(*draws)
+        g.set_state(tracker_state(entry))
+        draws.append(tuple(torch.rand(4, generator=g).tolist()))
+    assert len(set(draws)) == 4
+    assert not torch.equal(got[0, 0]["torch_rng_state"], got[0, 1]["torch_rng_state"])
+    assert got[0, 1]["random_rng_state"] == saved["random_rng_state"]

@@ -22,11 +22,11 @@ embeddings and PP > 1 the last stage holds a copy of the word embeddings
 merging and recreated on splitting. Files hold ``model`` nested as Megatron-LM does
 (``megatron.checkpointing.megatron_model_state``); flat ``model`` dicts are read too.
 ``args`` gets the new sizes; iteration, counters, scheduler and loss-scaler state are kept.
-RNG states do not map between layouts: each target file takes those of source tensor rank
-``tp % source_tp`` of stage 0, and a target rank that got a copy (``tp >= source_tp``) gets a
-fresh tensor-parallel-region stream of its own (seeded from seed + 2718 + tp and the
-iteration), so no two TP ranks draw the same attention-dropout masks (a resumed run is not
-bit-identical in its dropout streams).
+RNG states do not map between layouts: each target file takes those of source rank
+(``tp % source_tp``, ``pp % source_pp``), and a target rank that got a copy gets fresh streams
+of its own (Megatron's seeds mixed with the iteration: the tracker's for a copied TP rank, the
+default generators' too for a copied stage), so no two TP ranks or stages draw the same
+dropout masks (a resumed run is not bit-identical in its dropout streams).
 Files are written atomically and the tracker last.
 
 (Megatron-LM's tools/checkpoint_util.py converts the model only; a converted checkpoint there
@@ -387,6 +387,7 @@ def split(full, shards, src_tp, tp, pp):
     base = shards[(0, 0)]
     args = base.get("args")
     _check_divisible(full, args, tp, pp)
+    src_pp = 1 + max(stage for _, stage in shards)
     out = {}
     for p in range(pp):
         names = _stage_names(full, p, pp)
@@ -406,31 +407,46 @@ def split(full, shards, src_tp, tp, pp):
                 ckpt["optimizer"], ckpt["optimizer_param_names"] = \
                     _shard_optimizer(full, names, t, tp)
             if "rng_state" in base:
-                ckpt["rng_state"] = copy.deepcopy(shards[(t % src_tp, 0)]["rng_state"])
-                if t >= src_tp:  # a copy of another rank's states: give it its own TP stream
-                    _reseed_tensor_parallel_rng(ckpt["rng_state"], args, t,
-                                                base.get("iteration", 0))
+                source = shards.get((t % src_tp, p % src_pp), base)
+                ckpt["rng_state"] = copy.deepcopy(source["rng_state"])
+                if t >= src_tp or p >= src_pp:  # a copy of another rank's states
+                    _reseed_copied_rng(ckpt["rng_state"], args, t, p, base.get("iteration", 0),
+                                       stage_copy=p >= src_pp)
             out[(t, p)] = ckpt
     return out
 
 
-def _reseed_tensor_parallel_rng(rng_states, args, tp_rank, iteration):
-    """Replace the tracker's tensor-parallel-region state (attention dropout) in every DP
-    entry by a fresh generator for ``tp_rank``: a target rank that took a copy of another rank's
-    states would otherwise draw the same attention-dropout masks as that rank. The seed mixes
-    Megatron's per-rank seed (seed + 2718 + tp_rank) with the iteration, so the stream is not
-    a replay of the one the run began with. CUDA states are Philox (seed, offset) pairs."""
-    seed = model_parallel_seed(getattr(args, "seed", 1234), tp_rank)
-    seed = (seed * 1_000_003 + iteration) % 2 ** 63
-    cpu = torch.Generator().manual_seed(seed).get_state()
-    cuda = torch.tensor(list(struct.pack("<QQ", seed, 0)), dtype=torch.uint8)
+def _reseed_copied_rng(rng_states, args, tp_rank, pp_rank, iteration, stage_copy):
+    """Fresh RNG streams for a target rank that took a copy of another rank's states (every DP
+    entry): its tracker's tensor-parallel-region state (attention dropout) and, when the whole
+    stage is a copy, the default generators too -- else two TP ranks or two pipeline stages
+    would draw the same dropout masks. Seeds follow Megatron's (seed + 100 * pp for a stage's
+    default generators, + 2718 + tp for the tracker), mixed with the iteration so the streams
+    are not replays of those the run began with; every TP rank of a stage gets the same
+    default state, as Megatron's replicated regions need. CUDA states are Philox (seed,
+    offset) pairs."""
+    stage_seed = getattr(args, "seed", 1234) + 100 * pp_rank
+
+    def states(seed):
+        seed = (seed * 1_000_003 + iteration) % 2 ** 63
+        return (torch.Generator().manual_seed(seed).get_state(),
+                torch.tensor(list(struct.pack("<QQ", seed, 0)), dtype=torch.uint8))
+
+    tracker_cpu, tracker_cuda = states(model_parallel_seed(stage_seed, tp_rank))
+    default_cpu, default_cuda = states(stage_seed)
     for entry in rng_states:
-        states = (entry or {}).get("rng_tracker_states") or {}
-        if MODEL_PARALLEL_RNG in states:
-            fresh = {"cpu": cpu.clone()}
-            if "cuda" in states[MODEL_PARALLEL_RNG]:
-                fresh["cuda"] = cuda.clone()
-            states[MODEL_PARALLEL_RNG] = fresh
+        if not entry:
+            continue
+        if stage_copy:
+            entry["torch_rng_state"] = default_cpu.clone()
+            if entry.get("cuda_rng_state") is not None:
+                entry["cuda_rng_state"] = default_cuda.clone()
+        tracker = entry.get("rng_tracker_states") or {}
+        if MODEL_PARALLEL_RNG in tracker:
+            fresh = {"cpu": tracker_cpu.clone()}
+            if "cuda" in tracker[MODEL_PARALLEL_RNG]:
+                fresh["cuda"] = tracker_cuda.clone()
+            tracker[MODEL_PARALLEL_RNG] = fresh
 
 
 # -- driver ----------------------------------------------------------------------------------------
