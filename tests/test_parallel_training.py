@@ -86,6 +86,21 @@ def test_layout_matches_single_process(layout, data_prefix, reference, tmp_path)
             torch.testing.assert_close(model[key], value, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, key=key: f"{key}: {m}")
     assert reference["dense"][0] != reference["ltd"][0]  # dropping really happened
+    if layout == "TP2xPP2":  # Megatron's tracker seeds, seed + 100 pp + 2718 + tp (dropout 0:
+        _assert_tracker_seeds(str(tmp_path / "dense"), tp=2, pp=2)  # still as seeded)
+
+
+def _assert_tracker_seeds(root, tp, pp, seed=7):  # gpt_argv's --seed
+    from megatron.checkpointing import checkpoint_file
+    from megatron.parallel.random import MODEL_PARALLEL_RNG, model_parallel_seed
+
+    for t in range(tp):
+        for p in range(pp):
+            entry = torch.load(checkpoint_file(root, 3, t, p, pp),
+                               weights_only=False)["rng_state"][0]
+            want = torch.Generator().manual_seed(model_parallel_seed(seed + 100 * p, t))
+            assert torch.equal(entry["rng_tracker_states"][MODEL_PARALLEL_RNG]["cpu"],
+                               want.get_state()), (t, p)
 
 
 def _resume_one_step(rank, world_size, argv):
