@@ -37,13 +37,15 @@ def build_parser(extra_args_provider=None):
 
 
 def parse_args(argv=None, extra_args_provider=None, world_size=None, defaults=None):
-    """Parse ``argv`` (default: sys.argv) and validate. ``world_size`` defaults to $WORLD_SIZE."""
+    """Parse ``argv`` (default: sys.argv) and validate. ``world_size`` defaults to the
+    launcher's (torchrun's $WORLD_SIZE, an srun step's task count, else 1)."""
     parser = build_parser(extra_args_provider)
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        from megatron.parallel.initialize import read_distributed_env
+        world_size = read_distributed_env().world_size  # torchrun's, an srun step's, or 1
     return validate_args(args, world_size)
 
 

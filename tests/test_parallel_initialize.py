@@ -30,16 +30,47 @@ def test_environment_from_torchrun_and_slurm():
                                 "MASTER_ADDR": "node1", "MASTER_PORT": "1234"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port,
             env.launcher) == (3, 8, 3, "node1", 1234, "torchrun")
-    env = read_distributed_env({"SLURM_PROCID": "9", "SLURM_NTASKS": "64",
-                                "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
-                                "SLURM_JOB_NODELIST": "gpu[07-14],login1"})
-    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == \
-        (9, 64, 1, "gpu07", "slurm")
+    job = {"SLURM_PROCID": "0", "SLURM_NTASKS": "64", "SLURM_LOCALID": "0",
+           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-14],login1"}
+    srun_task = {**job, "SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+                 "SLURM_STEP_NUM_TASKS": "64"}
+    env = read_distributed_env(srun_task)
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port,
+            env.launcher) == (9, 64, 1, "gpu07", 29500 + 4242, "slurm")
+    # a step of fewer tasks than the job: the step's count
+    assert read_distributed_env({**srun_task, "SLURM_STEP_NUM_TASKS": "8"}).world_size == 8
+    # `python pretrain_gpt.py` run by the batch script itself (no srun): one process, not a
+    # rank 0 waiting for 63 others that never start
+    assert read_distributed_env(job).launcher == "single"
+    assert read_distributed_env(job).world_size == 1
     assert read_distributed_env({}).launcher == "single"
     with pytest.raises(UserError, match="RANK"):
         read_distributed_env({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_slurm_nodelists_expand_as_scontrol_show_hostnames():
     assert expand_slurm_nodelist("a[1-3,7],b,c[08-09]") == ["a1", "a2", "a3", "a7", "b", "c08",
                                                             "c09"]
+    assert expand_slurm_nodelist("node[1-2]-ib") == ["node1-ib", "node2-ib"]
+    assert expand_slurm_nodelist("r[1-2]-n[01-02],login") == \
+        ["r1-n01", "r1-n02", "r2-n01", "r2-n02", "login"]
+    assert expand_slurm_nodelist("gpu-node[01-04,07]")[0] == "gpu-node01"
+    assert expand_slurm_nodelist("single") == ["single"]
+
+
+def test_parse_args_takes_the_world_size_of_an_srun_step_only(monkeypatch):
+    from megatron.arguments import parse_args
+
+    argv = ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2",
+            "--seq-length", "8", "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "16", "--train-iters", "1", "--mock-data", "--lr", "1e-3"]
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "64")
+    assert parse_args(argv).world_size == 1  # the batch script
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert parse_args(argv).world_size == 2
 
 
 def _groups_body(rank, world_size):

@@ -33,27 +33,43 @@ class DistributedEnv:
 
 
 def expand_slurm_nodelist(nodelist: str) -> List[str]:
-    """Expand SLURM's compressed host list: ``"gpu[01-03,07],login1"`` ->
-    ``["gpu01", "gpu02", "gpu03", "gpu07", "login1"]`` (zero padding kept)."""
+    """Expand SLURM's compressed host list (``scontrol show hostnames``): ``"gpu[01-03,07],
+    login1"`` -> ``["gpu01", "gpu02", "gpu03", "gpu07", "login1"]``; zero padding is kept,
+    text may follow a bracket and an item may hold several (``"r[1-2]-n[01-02]-ib"`` -> r1-n01-ib,
+    r1-n02-ib, r2-n01-ib, r2-n02-ib)."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(nodelist):  # split at the commas outside brackets
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            items.append(nodelist[start:i])
+            start = i + 1
+    items.append(nodelist[start:])
     hosts = []
-    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
-        if plain:
-            hosts.append(plain)
-            continue
-        for part in ranges.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                width = len(lo)
-                hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
-            else:
-                hosts.append(prefix + part)
+    for item in filter(None, (item.strip() for item in items)):
+        names = [""]
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [text + value for value in _expand_ranges(ranges)] if ranges else [text]
+            names = [name + choice for name in names for choice in choices]
+        hosts.extend(names)
     return hosts
+
+
+def _expand_ranges(ranges: str) -> List[str]:
+    values = []
+    for part in ranges.split(","):
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            values.extend(f"{i:0{len(lo)}d}" for i in range(int(lo), int(hi) + 1))
+        else:
+            values.append(part)
+    return values
 
 
 def read_distributed_env(environ: Optional[Mapping[str, str]] = None) -> DistributedEnv:
     """torchrun's RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT, else SLURM's
-    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the first host of SLURM_JOB_NODELIST (so
-    ``srun python pretrain_gpt.py ...`` works without torchrun), else a single process."""
+    SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and the first host of SLURM_JOB_NODELIST
+    inside an srun step (so ``srun python pretrain_gpt.py ...`` works without torchrun), else a
+    single process."""
     env = os.environ if environ is None else environ
 
     def integer(name):
@@ -68,13 +84,18 @@ def read_distributed_env(environ: Optional[Mapping[str, str]] = None) -> Distrib
                               env.get("MASTER_ADDR", "127.0.0.1"),
                               integer("MASTER_PORT") if "MASTER_PORT" in env else 29500,
                               "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # An srun task has the step's variables; the batch script itself (`python pretrain_gpt.py`
+    # run directly inside sbatch/salloc) has SLURM_PROCID=0 and the job's SLURM_NTASKS too,
+    # but is one process: waiting there for SLURM_NTASKS ranks would hang.
+    in_srun_step = "SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and in_srun_step:
         nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))
         hosts = expand_slurm_nodelist(nodelist) if nodelist else []
         addr = env.get("MASTER_ADDR") or (hosts[0] if hosts else "127.0.0.1")
         port = integer("MASTER_PORT") if "MASTER_PORT" in env else \
             29500 + int(env.get("SLURM_JOB_ID", "0")) % 10000
-        return DistributedEnv(integer("SLURM_PROCID"), integer("SLURM_NTASKS"),
+        tasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+        return DistributedEnv(integer("SLURM_PROCID"), integer(tasks),
                               integer("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
                               addr, port, "slurm")
     return DistributedEnv(0, 1, 0, "127.0.0.1", 29500, "single")
