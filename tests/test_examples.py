@@ -317,7 +317,8 @@ SRUN_STUB = """\
 while [[ "${1:-}" == -* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NTASKS; i++)); do
-    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 "$@" > "$TASK_LOG.$i" 2>&1 &
+    SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NODEID=0 SLURM_STEP_ID=0 \
+        SLURM_STEP_NUM_TASKS=$SLURM_NTASKS "$@" > "$TASK_LOG.$i" 2>&1 &
     pids+=($!)
 done
 rc=0
