@@ -158,6 +158,18 @@ def read_tracker(root):
     return iteration, False
 
 
+def read_checkpoint_file(path):
+    """``torch.load`` of one ``model_optim_rng.pt``; a truncated or foreign file (torch raises
+    anything from RuntimeError to UnpicklingError, some with several lines) becomes a one-line
+    UserError naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        text = str(err).strip()
+        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
+                        f"{text.splitlines()[0] if text else 'unreadable'}") from None
+
+
 def _fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -409,6 +421,8 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
     root = args.load
     if root is None:
         return TrainState(), None
+    if os.path.exists(root) and not os.path.isdir(root):  # else "training from scratch" below
+        raise UserError(f"--load {root}: not a directory (expected a checkpoint directory)")
     found = read_tracker(root)
     if found is None:
         if args.exit_on_missing_checkpoint:
@@ -432,10 +446,7 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
                         f"{'release' if release else f'iteration {iteration}'} "
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     _check_layout(ckpt.get("args"), args, path)

@@ -12,7 +12,7 @@ import torch
 from megatron.checkpointing import (TRACKER_FILENAME, TrainState, checkpoint_file,
                                     flat_model_state, load_checkpoint, megatron_model_state,
                                     save_checkpoint)
-from megatron.errors import UserError
+from megatron.errors import UserError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -251,9 +251,11 @@ def test_errors_are_one_line(tmp_path, capsys):
         checkpoint_util.convert(src, str(tmp_path / "x"), 1, 3)
     with open(checkpoint_file(src, 3), "r+b") as f:
         f.truncate(100)
-    assert checkpoint_util.main(["--load", src, "--save", str(tmp_path / "x"),
-                                 "--target-tensor-parallel-size", "1",
-                                 "--target-pipeline-parallel-size", "1"]) == 1
+    with pytest.raises(SystemExit) as exit_:
+        run_main(checkpoint_util.main, ["--load", src, "--save", str(tmp_path / "x"),
+                                        "--target-tensor-parallel-size", "1",
+                                        "--target-pipeline-parallel-size", "1"])
+    assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot read checkpoint") and err.count("\n") == 1
     assert not os.path.exists(os.path.join(str(tmp_path / "x"), TRACKER_FILENAME))

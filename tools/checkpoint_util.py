@@ -47,8 +47,9 @@ import torch  # noqa: E402
 
 from megatron.checkpointing import (TRACKER_FILENAME, atomic_torch_save,  # noqa: E402
                                     atomic_write_text, checkpoint_file, flat_model_state,
-                                    iteration_dir, megatron_model_state, read_tracker)
-from megatron.errors import UserError  # noqa: E402
+                                    iteration_dir, megatron_model_state, read_checkpoint_file,
+                                    read_tracker)
+from megatron.errors import UserError, run_main  # noqa: E402
 from megatron.parallel.random import MODEL_PARALLEL_RNG, model_parallel_seed  # noqa: E402
 
 _LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
@@ -100,11 +101,7 @@ def _read_layout(root, iteration, release):
 def _load(path):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     ckpt["model"] = flat_model_state(ckpt["model"])  # Megatron's nesting -> parameter names
@@ -479,14 +476,9 @@ def main(argv=None):
     parser.add_argument("--target-tensor-parallel-size", type=int, required=True)
     parser.add_argument("--target-pipeline-parallel-size", type=int, required=True)
     args = parser.parse_args(argv)
-    try:
-        convert(args.load, args.save, args.target_tensor_parallel_size,
-                args.target_pipeline_parallel_size)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    convert(args.load, args.save, args.target_tensor_parallel_size,
+            args.target_pipeline_parallel_size)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

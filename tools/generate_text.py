@@ -19,6 +19,7 @@ if __name__ == "__main__":
 
 import torch
 
+from megatron.checkpointing import read_checkpoint_file
 from megatron.errors import UserError, run_main
 from megatron.model import GPTModel, TransformerConfig
 from megatron.text_generation import generate
@@ -104,10 +105,7 @@ def config_from_args(args) -> TransformerConfig:
 def load_model(load_dir: str, iteration=None, device="cpu"):
     """Build a GPTModel (eval mode, fp32) from a Megatron checkpoint directory -> (model, args)."""
     path = checkpoint_path(load_dir, iteration)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {err}") from None
+    ckpt = read_checkpoint_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a Megatron checkpoint (needs 'model' and 'args')")
     args = ckpt["args"]
@@ -139,15 +137,32 @@ def load_model(load_dir: str, iteration=None, device="cpu"):
 
 
 def build_tokenizer_from_args(args, vocab_file=None, merge_file=None, tokenizer_model=None):
-    """The checkpoint's tokenizer; file flags given here override the paths stored in ``args``."""
+    """The checkpoint's tokenizer; file flags given here override the paths stored in ``args``.
+
+    A tokenizer with more ids than the checkpoint's (padded) vocabulary is refused: those ids
+    have no embedding, so the files do not belong to this model."""
     from megatron import tokenizer
-    return tokenizer.build_tokenizer(
-        getattr(args, "tokenizer_type", None) or "GPT2BPETokenizer",
-        vocab_file=vocab_file or getattr(args, "vocab_file", None),
-        merge_file=merge_file or getattr(args, "merge_file", None),
-        tokenizer_model=tokenizer_model or getattr(args, "tokenizer_model", None),
-        vocab_size=getattr(args, "vocab_size", None),
-        vocab_extra_ids=getattr(args, "vocab_extra_ids", 0) or 0)
+    try:
+        tok = tokenizer.build_tokenizer(
+            getattr(args, "tokenizer_type", None) or "GPT2BPETokenizer",
+            vocab_file=vocab_file or getattr(args, "vocab_file", None),
+            merge_file=merge_file or getattr(args, "merge_file", None),
+            tokenizer_model=tokenizer_model or getattr(args, "tokenizer_model", None),
+            vocab_size=getattr(args, "vocab_size", None),
+            vocab_extra_ids=getattr(args, "vocab_extra_ids", 0) or 0)
+    except UserError as err:
+        if vocab_file or merge_file or tokenizer_model:
+            raise
+        # The paths came from the checkpoint (the run may have been on another machine).
+        raise UserError(f"{err} (path stored in the checkpoint's args; pass --vocab-file, "
+                        f"--merge-file or --tokenizer-model)") from None
+    padded = getattr(args, "padded_vocab_size", None)
+    if padded is not None and tok.vocab_size > padded:
+        raise UserError(f"the tokenizer ({getattr(args, 'tokenizer_type', None)}, "
+                        f"--vocab-file/--tokenizer-model) has {tok.vocab_size} tokens but the "
+                        f"checkpoint's model has a vocabulary of {padded}: the tokenizer files "
+                        f"do not belong to this checkpoint")
+    return tok
 
 
 def parse_args(argv=None):

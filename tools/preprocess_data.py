@@ -500,7 +500,7 @@ def _main(argv):
     prefixes = output_prefixes(args.output_prefix, args.json_keys, args.split_sentences)
     total_in = sum(os.path.getsize(p) for p in paths)
     for p in paths:
-        print(f"Opening {p}", file=sys.stderr)
+        print(f"Opening {p}")  # stdout, as Megatron-LM: stderr stays for errors and stats
 
     builders, pool = {}, None
     docs = nbytes = tokens = 0
@@ -516,7 +516,7 @@ def _main(argv):
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
             pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(cfg,))
             results = _in_order(pool, chunks, 4 * args.workers)
-        print(f"Time to startup: {time.time() - startup}", file=sys.stderr)
+        print(f"Time to startup: {time.time() - startup}")
         start = time.time()
         next_log = args.log_interval
         for chunk, (n_docs, bad, error, per_key) in results:
@@ -543,6 +543,10 @@ def _main(argv):
             pool.close()
             pool.join()
             pool = None
+        if docs == 0:  # an empty dataset only fails later, in training: say so now
+            raise UserError(f"--input {args.input}: no documents (the input is empty or has "
+                            f"only blank{' or skipped' if bad_count else ''} lines); nothing "
+                            f"written")
         for key, prefix in prefixes.items():
             builders.pop(key).finalize(prefix + ".idx")
     except BaseException:

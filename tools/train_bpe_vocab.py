@@ -20,19 +20,30 @@ EOD = "<|endoftext|>"
 
 
 def iter_texts(path, key):
+    """The ``key`` strings of a .jsonl file. Errors are raised while the trainer iterates, so
+    a bad line (or an empty file, which would give a vocabulary of bare bytes) stops the run
+    before anything is written."""
+    if os.path.isdir(path):
+        raise UserError(f"--input {path}: is a directory, expected a .jsonl file")
     if not os.path.isfile(path):
         raise UserError(f"--input {path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    count = 0
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-                text = record[key]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                text = json.loads(line)[key]
+                if not isinstance(text, str):
+                    raise TypeError(f"value is {type(text).__name__}")
+            except (ValueError, KeyError, TypeError) as err:  # ValueError: JSON or UTF-8
                 raise UserError(f"{path}:{lineno}: expected a JSON object with a string "
                                 f"{key!r} ({err})") from None
+            count += 1
             yield text
+    if not count:
+        raise UserError(f"--input {path}: no documents (the file is empty or has only blank "
+                        f"lines)")
 
 
 def train_bpe(texts, vocab_size, output_dir, min_frequency=2):
@@ -73,6 +84,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.vocab_size < 257:
         raise UserError("--vocab-size must be at least 257 (256 bytes + <|endoftext|>)")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise UserError(f"--output-dir {args.output_dir}: exists and is not a directory")
     vocab, merges = train_bpe(iter_texts(args.input, args.json_key), args.vocab_size,
                               args.output_dir, args.min_frequency)
     print(f"wrote {vocab} and {merges}")
