@@ -145,7 +145,7 @@ def read_tracker(root):
     path = os.path.join(root, TRACKER_FILENAME)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # garbage: int() below names the file
         text = f.read().strip()
     if text == "release":
         return 0, True

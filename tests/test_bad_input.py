@@ -313,3 +313,18 @@ def test_checkpoint_util_missing_or_mismatched_checkpoint(checkpoint, tmp_path, 
     proc = cli("tools/checkpoint_util.py", "--load", checkpoint, "--save", bad / "ok.jsonl",
                *CONVERT)
     assert_user_error(proc, "cannot write", "ok.jsonl")
+
+
+def test_corrupt_tracker_file(data_prefix, checkpoint, tmp_path):
+    """latest_checkpointed_iteration.txt holding binary garbage (not UTF-8) names the file."""
+    load = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, load)
+    tracker = os.path.join(load, "latest_checkpointed_iteration.txt")
+    with open(tracker, "wb") as f:
+        f.write(b"\xff\xfe\x00garbage")
+    for tool, argv in (("tools/generate_text.py", GENERATE),
+                       ("tools/checkpoint_util.py", ["--save", tmp_path / "out", *CONVERT]),
+                       ("pretrain_gpt.py", gpt_argv(data_prefix, iters=2))):
+        assert_user_error(cli(tool, "--load", load, *argv), tracker,
+                          "expected an iteration number")
+    assert not os.path.exists(tmp_path / "out")

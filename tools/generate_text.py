@@ -34,7 +34,7 @@ def checkpoint_path(load_dir: str, iteration=None) -> str:
         if not os.path.isfile(tracker):
             raise UserError(f"--load {load_dir}: no {TRACKER} "
                             f"(not a Megatron checkpoint directory)")
-        with open(tracker) as f:
+        with open(tracker, errors="replace") as f:  # garbage: int() below names it
             text = f.read().strip()
         if text == "release":
             iteration = "release"
