@@ -80,7 +80,7 @@ class _CausalAttentionWithDropout(torch.autograd.Function):
             probs = torch.softmax(scores, dim=-1)
             if mask is not None:
                 probs.nan_to_num_(0.0)  # a query that may see no key attends to nothing
-            kept = probs * dropout_keep_mask(probs.shape, dropout_p, q.device)
+            kept = torch.where(dropout_keep_mask(probs.shape, dropout_p, q.device), probs, 0.0)
             torch.bmm(kept, vf[:, :i1], out=out[:, i0:i1])
             saved += [probs, kept]
         out.mul_(1.0 / (1.0 - dropout_p))
