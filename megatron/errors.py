@@ -5,7 +5,12 @@ entry points print it as one line and exit non-zero, without a traceback. Intern
 ordinary exceptions and keep their traceback.
 """
 
+import errno
 import sys
+
+# Failures of the machine rather than of the program: a full disk or quota, a read-only file
+# system, a permission refused. One line names the file; a traceback would not help.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UserError(Exception):
@@ -13,11 +18,18 @@ class UserError(Exception):
 
 
 def run_main(main, *args, **kwargs):
-    """Call ``main`` and turn a ``UserError`` into one line on stderr and exit status 2."""
+    """Call ``main`` and turn a ``UserError`` -- or an OSError of the environment (disk full,
+    read-only, permission) -- into one line on stderr and exit status 2."""
     try:
         return main(*args, **kwargs)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror}", file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)

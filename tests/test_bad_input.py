@@ -195,6 +195,34 @@ def test_train_bpe_vocab_output_dir_is_a_file(bad, tmp_path):
     assert files_under(tmp_path) == ["vocab"]
 
 
+def test_train_bpe_vocab_failed_write_keeps_the_previous_pair(tmp_path, monkeypatch):
+    """A write that fails (disk full) on merges.txt leaves the old vocab.json and merges.txt
+    as they were -- never a new vocabulary beside old merges -- and no temporary files."""
+    import builtins
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import train_bpe_vocab
+
+    out = tmp_path / "vocab"
+    out.mkdir()
+    (out / "vocab.json").write_text("old vocab")
+    (out / "merges.txt").write_text("old merges")
+    real_open = builtins.open
+
+    def full_disk(path, *args, **kwargs):
+        if str(path).endswith("merges.txt.tmp"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    texts = ["the quick brown fox jumps over the lazy dog"] * 20
+    with pytest.raises(OSError, match="No space"):
+        train_bpe_vocab.train_bpe(texts, 300, str(out))
+    assert sorted(os.listdir(out)) == ["merges.txt", "vocab.json"]
+    assert (out / "vocab.json").read_text() == "old vocab"
+    assert (out / "merges.txt").read_text() == "old merges"
+
+
 # -- pretrain_gpt.py ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["truncated-bin", "junk-idx"])

@@ -58,3 +58,32 @@ def test_reset_attention_mask_isolates_documents_in_the_model():
     out, out_changed = model(tokens, pos, mask), model(changed, pos, mask)
     torch.testing.assert_close(out[:, 6:], out_changed[:, 6:])
     assert not torch.allclose(out[:, :5], out_changed[:, :5])
+
+
+def test_run_main_turns_environment_os_errors_into_one_line(capsys):
+    import errno
+
+    import pytest
+
+    from megatron.errors import UserError, run_main
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/out.bin.tmp")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(disk_full)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: /data/out.bin.tmp: No space left on device\n"
+
+    def user_error():
+        raise UserError("--input x: no such file")
+
+    with pytest.raises(SystemExit):
+        run_main(user_error)
+    assert capsys.readouterr().err == "error: --input x: no such file\n"
+
+    def bug():
+        raise OSError(errno.EBADF, "Bad file descriptor")  # not the environment's: traceback
+
+    with pytest.raises(OSError):
+        run_main(bug)

@@ -64,12 +64,20 @@ def train_bpe(texts, vocab_size, output_dir, min_frequency=2):
     os.makedirs(output_dir, exist_ok=True)
     vocab_path = os.path.join(output_dir, "vocab.json")
     merges_path = os.path.join(output_dir, "merges.txt")
-    for path, content in ((vocab_path, json.dumps(vocab, ensure_ascii=False)),
-                          (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(content)
-        os.replace(tmp, path)
+    files = ((vocab_path, json.dumps(vocab, ensure_ascii=False)),
+             (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n"))
+    # Both files are written in full under temporary names before either replaces an existing
+    # one, so a failed write (disk full) never leaves a new vocab beside old merges.
+    try:
+        for path, content in files:
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                f.write(content)
+        for path, _ in files:
+            os.replace(path + ".tmp", path)
+    finally:
+        for path, _ in files:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
     return vocab_path, merges_path
 
 
