@@ -215,12 +215,34 @@ def test_bert_matches_transformers(kind, lower):
     ref = transformers.BertTokenizerFast(BERT_VOCAB, do_lower_case=lower)
     tok = build_tokenizer(kind, vocab_file=BERT_VOCAB)
     assert tok.tokenizer_type == kind
-    texts = TEXTS + ["x" * 150, "HeLLo WoRLD", "\x00control\x07chars"]
+    texts = TEXTS + ["x" * 90, "HeLLo WoRLD", "\x00control\x07chars"]
     for text in texts:
         assert tok.tokenize(text) == ref(text, add_special_tokens=False)["input_ids"], text
     assert tok.tokenize_batch(texts) == [tok.tokenize(t) for t in texts]
     assert tok.cls == ref.cls_token_id and tok.sep == ref.sep_token_id
     assert tok.pad == ref.pad_token_id and tok.mask == ref.mask_token_id
+
+
+@pytest.mark.parametrize("kind, lower", [("BertWordPieceLowerCase", True),
+                                         ("BertWordPieceCase", False)])
+def test_bert_long_words_and_cjk_as_megatron(kind, lower):
+    """Megatron's bert_tokenization (Google's BERT): words up to 200 characters are split into
+    pieces (HF's default limit is 100), and U+2B820..U+2B91F are CJK characters split off as
+    words (HF's range starts at U+2B920)."""
+    transformers = pytest.importorskip("transformers")
+    ref = transformers.BertTokenizerFast(BERT_VOCAB, do_lower_case=lower)
+    ref.backend_tokenizer.model.max_input_chars_per_word = 200  # Megatron's limit
+    tok = build_tokenizer(kind, vocab_file=BERT_VOCAB)
+    for text in ["the" * 34, "the" * 50, "the" * 66 + "th", "the" * 67, "x" * 150]:
+        ids = tok.tokenize(text)
+        assert ids == ref(text, add_special_tokens=False)["input_ids"], len(text)
+        assert (ids == [tok.unk]) == (len(text) > 200), len(text)
+    assert len(tok.tokenize("the" * 50)) > 1
+    a, b, unk = tok.vocab["a"], tok.vocab["b"], tok.unk
+    for cp in (0x2B81F, 0x2B820, 0x2B900, 0x2B91F, 0x2B920):
+        assert tok.tokenize(f"a{chr(cp)}b") == [a, unk, b], hex(cp)
+    assert tok.tokenize_batch(["a\U0002B820b", "the" * 50]) == \
+        [tok.tokenize("a\U0002B820b"), tok.tokenize("the" * 50)]
 
 
 def test_bert_lower_vs_case():

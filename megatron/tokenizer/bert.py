@@ -3,21 +3,29 @@
 Same tokens as Google's BERT ``FullTokenizer`` used by Megatron: text cleaned (control chars
 removed, whitespace normalised), CJK characters split, punctuation split; LowerCase also lowercases
 and strips accents; then greedy longest-match WordPiece with ``##`` continuations and ``[UNK]``
-for words that cannot be covered (or are longer than 100 characters). Runs on the HF
-``tokenizers`` BERT normaliser, pre-tokenizer and WordPiece model. Special tokens written inside
+for words that cannot be covered (or are longer than 200 characters, BERT's and Megatron's
+``max_input_chars_per_word``; HF's default is 100). Runs on the HF ``tokenizers`` BERT
+normaliser, pre-tokenizer and WordPiece model, plus one fix: HF's CJK test misses the
+ideographs U+2B820..U+2B91F (it starts that range at U+2B920), which BERT splits off as words. Special tokens written inside
 the text (``[MASK]``) are ordinary text, as in Megatron.
 
 As Megatron does, ``[BOS]`` and ``[EOS]`` (and ``<extra_id_i>`` for ``--vocab-extra-ids``) are
 appended to the vocab when absent; ``eod`` is the ``[EOS]`` id.
 """
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 from megatron.errors import UserError
 from megatron.tokenizer._files import read_text, require_file
 from megatron.tokenizer.abstract import TokenizersBackedTokenizer
 
 REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+#: BERT's (and Megatron's bert_tokenization) WordpieceTokenizer limit: a longer word is [UNK].
+MAX_INPUT_CHARS_PER_WORD = 200
+
+#: CJK ideographs BERT's ``_is_chinese_char`` splits off but HF ``tokenizers`` does not.
+_CJK_MISSED_BY_HF = "[\U0002B820-\U0002B91F]"
 
 
 def load_bert_vocab(vocab_file):
@@ -58,11 +66,13 @@ class BertWordPieceTokenizer(TokenizersBackedTokenizer):
         self.lower_case = lower_case
         vocab = load_bert_vocab(vocab_file)
         tok = Tokenizer(models.WordPiece(vocab=dict(vocab), unk_token="[UNK]",
-                                         max_input_chars_per_word=100))
+                                         max_input_chars_per_word=MAX_INPUT_CHARS_PER_WORD))
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=lower_case,
             lowercase=lower_case)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_CJK_MISSED_BY_HF), behavior="isolated"),
+            pre_tokenizers.BertPreTokenizer()])
         self._set_backend(tok)
 
         self._set_vocab(vocab)
