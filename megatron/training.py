@@ -224,7 +224,11 @@ def train_valid_test_num_samples(args):
 
 
 def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, log):
-    from megatron.data.samplers import build_pretraining_data_loader
+    """Train/valid/test iterators, as Megatron: 'single' iterates the loader once; 'cyclic'
+    wraps it in ``cyclic_iter``, so each pass of the random sampler ends an epoch and the next
+    one starts (a new order) instead of raising StopIteration. The validation iterator is
+    built once and continues from ``consumed_valid_samples`` across evaluations."""
+    from megatron.data.samplers import build_pretraining_data_loader, cyclic_iter
 
     num_samples = train_valid_test_num_samples(args)
     log(" > datasets target sizes (minimum size):")
@@ -236,10 +240,13 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
     def loader(dataset, consumed):
         if dataset is None:
             return None
-        return iter(build_pretraining_data_loader(
+        data_loader = build_pretraining_data_loader(
             dataset, consumed, args.micro_batch_size, dp_rank=parallel.dp_rank,
             dp_size=parallel.dp_size, num_workers=args.num_workers,
-            dataloader_type=args.dataloader_type, seed=args.seed))
+            dataloader_type=args.dataloader_type, seed=args.seed)
+        if args.dataloader_type == "cyclic":
+            return iter(cyclic_iter(data_loader))
+        return iter(data_loader)
 
     return (loader(train_ds, state.consumed_train_samples),
             loader(valid_ds, state.consumed_valid_samples),

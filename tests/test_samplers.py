@@ -100,3 +100,42 @@ def test_data_loader_collates_int64_and_resumes():
     from megatron.errors import UserError
     with pytest.raises(UserError, match="--dataloader-type"):
         build_pretraining_data_loader(ds, 0, 1, 0, 1, dataloader_type="bogus")
+
+
+def _iterators(dataloader_type, dataset, consumed_train=0, consumed_valid=0, dp_rank=0):
+    import argparse
+
+    from megatron.training import build_data_iterators
+
+    args = argparse.Namespace(train_iters=100, train_samples=None, global_batch_size=4,
+                              eval_interval=10, eval_iters=1, micro_batch_size=2,
+                              num_workers=0, dataloader_type=dataloader_type, seed=0)
+    state = argparse.Namespace(consumed_train_samples=consumed_train,
+                               consumed_valid_samples=consumed_valid)
+    parallel = argparse.Namespace(dp_rank=dp_rank, dp_size=2)
+    return build_data_iterators(args, state, None, lambda a, t, n: (dataset, dataset, None),
+                                parallel, log=lambda *a: None)
+
+
+def test_cyclic_iterators_start_a_new_epoch_instead_of_stopping():
+    """Megatron wraps 'cyclic' loaders in cyclic_iter: the random sampler ends each epoch and
+    the next pass starts the next one; 'single' stops at the end of the data."""
+    ds = Counting(10)  # 2 steps of micro 2 x DP 2 per epoch, 2 samples left over
+    train, valid, test = _iterators("cyclic", ds)
+    assert test is None
+    batches = [next(train)["index"].tolist() for _ in range(7)]
+    epochs = [sorted(i for b in batches[e * 2:e * 2 + 2] for i in b) for e in range(3)]
+    assert epochs[0] == epochs[1] == epochs[2]  # rank 0's shard, each epoch in full
+    assert batches[:2] != batches[2:4] or batches[2:4] != batches[4:6]  # reshuffled
+    assert [next(valid)["index"].tolist() for _ in range(5)]  # validation cycles too
+    # resuming at consumed samples 12 (epoch 1, step 1) gives the same batches
+    resumed, _, _ = _iterators("cyclic", ds, consumed_train=12)
+    assert [next(resumed)["index"].tolist() for _ in range(4)] == batches[3:7]
+
+    single, _, _ = _iterators("single", ds)
+    assert [next(single)["index"].tolist() for _ in range(2)] == [[0, 1], [4, 5]]
+    with pytest.raises(StopIteration):
+        next(single)
+    # the validation iterator resumes after consumed_valid_samples
+    _, valid, _ = _iterators("single", ds, consumed_valid=4, dp_rank=1)
+    assert next(valid)["index"].tolist() == [6, 7]
