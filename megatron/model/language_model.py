@@ -46,6 +46,7 @@ class TransformerLanguageModel(nn.Module):
         super().__init__()
         self.pre_process = pre_process
         self.post_process = post_process
+        self.rope = config.position_embedding_type == "rope"
         self.input_tensor = None
         if pre_process:
             with seeded_init(config.init_seed, 0):
@@ -72,7 +73,16 @@ class TransformerLanguageModel(nn.Module):
                 tokentype_ids: Optional[torch.Tensor] = None,
                 token_drop: Optional[TokenDropState] = None) -> torch.Tensor:
         """-> hidden states [b, s, h] (final-normed on the last stage). ``token_drop``:
-        random-LTD for this micro-batch, passed to the encoder (see ParallelTransformer)."""
+        random-LTD for this micro-batch, passed to the encoder (see ParallelTransformer).
+
+        ``position_ids`` [b, s] index the learned position embeddings. Rope ignores them, as in
+        Megatron-LM (its RotaryEmbedding(seq_length) rotates token i of the sequence by
+        position i): the encoder's layers get each token's index in the sequence, so
+        --reset-position-ids changes learned position embeddings only, never rope."""
+        if self.rope:
+            s = position_ids.size(-1)
+            position_ids = torch.arange(s, device=position_ids.device).expand(
+                position_ids.shape)  # [b, s]
         if self.pre_process:
             hidden = self.embedding(input_ids, position_ids, tokentype_ids)
         else:

@@ -50,22 +50,26 @@ from megatron.parallel.random import tp_region_rng
 from megatron.parallel.state import ParallelState
 
 
-def rotary_cos_sin(position_ids: torch.Tensor, dim: int, theta: float):
-    """cos and sin tables ``[b, 1, r, dim]`` (fp32) for the given positions ``[b, r]``.
+def rotary_cos_sin(position_ids: torch.Tensor, dim: int, theta: float,
+                   dtype: torch.dtype = torch.float32):
+    """cos and sin tables ``[b, 1, r, dim]`` for the given positions ``[b, r]``, computed in
+    ``dtype``: fp32 (as Megatron's RotaryEmbedding, whose frequencies are fp32) for fp32, bf16
+    and fp16 models; float64 only for float64 reference computations.
 
     Megatron's non-interleaved rotary layout: frequencies theta^(-2i/dim), duplicated halves.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=dtype,
                                              device=position_ids.device) / dim))  # [dim/2]
-    freqs = position_ids.to(torch.float32).unsqueeze(-1) * inv_freq  # [b, r, dim/2]
+    freqs = position_ids.to(dtype).unsqueeze(-1) * inv_freq  # [b, r, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)  # [b, 1, r, dim]
     return emb.cos(), emb.sin()
 
 
 def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.size(-1)`` channels of ``t [b, np, r, hn]``; the rest pass."""
+    """Rotate the first ``cos.size(-1)`` channels of ``t [b, np, r, hn]``; the rest pass.
+    Computed in cos's dtype (fp32 for half-precision ``t``), cast back to ``t``'s dtype."""
     rot = cos.size(-1)
-    t_rot, t_pass = t[..., :rot].float(), t[..., rot:]
+    t_rot, t_pass = t[..., :rot].to(cos.dtype), t[..., rot:]
     x1, x2 = t_rot.chunk(2, dim=-1)  # each [b, np, r, rot/2]
     rotated = torch.cat((-x2, x1), dim=-1)  # [b, np, r, rot]
     out = (t_rot * cos + rotated * sin).to(t.dtype)
@@ -136,7 +140,9 @@ class ParallelAttention(nn.Module):
         if self.config.position_embedding_type == "rope":
             if position_ids is None:
                 position_ids = torch.arange(r, device=hidden.device).expand(b, r)  # [b, r]
-            cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim, self.config.rope_theta)
+            cos, sin = rotary_cos_sin(position_ids, self.config.rotary_dim,
+                                      self.config.rope_theta,
+                                      torch.promote_types(q.dtype, torch.float32))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         if attention_mask is not None:
@@ -182,10 +188,16 @@ def _masks_the_future(attention_mask: Optional[torch.Tensor], is_causal: bool) -
 
 
 class ParallelMLP(nn.Module):
-    """h -> ffn (column parallel) -> GELU (tanh approximation, Megatron's fused bias-gelu) -> h."""
+    """h -> ffn (column parallel) -> GeLU -> h (row parallel).
+
+    The GeLU is Megatron-LM's: with biases its fused bias-gelu (``bias_gelu_impl``, on by
+    default), which is the tanh approximation; with --disable-bias-linear Megatron turns that
+    fusion off (``args.bias_gelu_fusion = False``) and applies ``F.gelu``, the exact erf GeLU.
+    """
 
     def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState()):
         super().__init__()
+        self.gelu_approximate = "tanh" if config.add_bias_linear else "none"
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, bias=config.add_bias_linear,
             gather_output=False, init_method=init_method_normal(config.init_method_std),
@@ -199,7 +211,8 @@ class ParallelMLP(nn.Module):
             sequence_parallel=config.sequence_parallel)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        inner = F.gelu(self.dense_h_to_4h(hidden), approximate="tanh")  # [b, r, ffn / tp]
+        inner = F.gelu(self.dense_h_to_4h(hidden),
+                       approximate=self.gelu_approximate)  # [b, r, ffn / tp]
         return self.dense_4h_to_h(inner)  # [b, r, h]
 
 
