@@ -58,7 +58,8 @@ def _reference_logits(sd, cfg, input_ids, position_ids):
 
     for i in range(cfg.num_layers):
         layer = f"{pre}encoder.layers.{i}."
-        mixed, bias = linear(ln(x, layer + "input_layernorm"), layer + "self_attention.query_key_value")
+        mixed, bias = linear(ln(x, layer + "input_layernorm"),
+                             layer + "self_attention.query_key_value")
         if bias is not None:
             mixed = mixed + bias
         q, k, v = mixed.view(s, b, np_, 3 * hn).split(hn, dim=-1)  # each [s, b, np, hn]

@@ -43,7 +43,8 @@ class TransformerConfig:
     rotary_percent: float = 1.0
     """Fraction of each head's channels that rotary embeddings rotate (--rotary-percent)."""
     rope_theta: float = 10000.0
-    """Base of the rotary frequencies (--rotary-base)."""
+    """Base of the rotary frequencies (Megatron's --rotary-base; our command line has no such
+    flag, so runs from it use Megatron's default 10000)."""
     untie_embeddings_and_output_weights: bool = False
     """Own output_layer, not the word embeddings (--untie-embeddings-and-output-weights)."""
     add_bias_linear: bool = True
@@ -53,7 +54,8 @@ class TransformerConfig:
     recompute_granularity: Optional[str] = None
     """None, or 'full': recompute each layer's activations in backward (--recompute-granularity)."""
     use_flash_attn: bool = False
-    """SDPA is always used; True restricts it to its flash kernel (--use-flash-attn)."""
+    """SDPA is always used; True restricts it to its flash kernel (Megatron's --use-flash-attn;
+    not on our command line)."""
     num_tokentypes: int = 0
     """Token-type (segment) embeddings rows; 0 for GPT, 2 for BERT."""
     sequence_parallel: bool = False

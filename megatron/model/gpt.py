@@ -64,9 +64,10 @@ class GPTModel(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None,
                 token_drop: Optional[TokenDropState] = None) -> torch.Tensor:
-        """input_ids [b, s]; position_ids [b, s] (default 0..s-1); attention_mask bool
-        [b|1, 1, s, s], True = masked out (default: causal); labels [b, s]; token_drop:
-        random-LTD for this micro-batch (dropping only in training mode; None: dense).
+        """input_ids [b, s]; position_ids [b, s] (default 0..s-1; read by learned position
+        embeddings only: rope, as in Megatron, rotates by the index in the sequence);
+        attention_mask bool [b|1, 1, s, s], True = masked out (default: causal); labels [b, s];
+        token_drop: random-LTD for this micro-batch (dropping only in training mode; None: dense).
 
         Returns the per-token loss [b, s] in fp32 when ``labels`` are given, else the logits
         [b, s, V/tp]; on a non-last pipeline stage, the hidden states [b, s, h] (with sequence
