@@ -46,6 +46,7 @@ class PretrainResult:
     model: torch.nn.Module
     train_losses: Sequence  # [(iteration, {name: float})], one entry per iteration (LossHistory)
     valid_losses: Sequence  # [(iteration, {name: float})], one entry per evaluation
+    test_losses: Sequence = ()  # the end-of-training test-set evaluation, if any
 
 
 def pretrain(datasets_provider, model_provider, forward_step_provider, *, argv=None,
@@ -126,7 +127,9 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
                                                              datasets_provider, parallel, log)
     step = StepRunner(args, parallel, model, wrap_data_parallel(model, parallel), optimizer,
                       forward_step_provider(args, tokenizer))
-    logger = TrainingLogger(args, log=log, write=torch_rank() == 0)
+    # As Megatron: the last rank (the last pipeline stage, which computes the loss) writes
+    # TensorBoard.
+    logger = TrainingLogger(args, log=log, write=torch_rank() == torch_world_size() - 1)
     log(f"setup done in {time.time() - start_time:.1f} s; training on {device} "
         f"(TP {parallel.tp_size} x PP {parallel.pp_size} x DP {parallel.dp_size})")
 
@@ -143,10 +146,11 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
                            f"iteration {state.iteration} on validation set", ltd)
         if not exited and args.eval_iters > 0 and test_iter is not None:
             run_evaluation(args, state, step, test_iter, logger,
-                           f"iteration {state.iteration} on test set", ltd, count_valid=False)
+                           f"iteration {state.iteration} on test set", ltd, test=True)
     finally:
         logger.close()
-    return PretrainResult(state, model, logger.train_history, logger.valid_history)
+    return PretrainResult(state, model, logger.train_history, logger.valid_history,
+                          logger.test_history)
 
 
 def build_token_dropping(args, log=print_rank_0):
@@ -343,6 +347,11 @@ def torch_rank():
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def torch_world_size():
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def reduce_loss_dicts(reported, parallel):
     """Per-micro-batch loss dicts (last stage only) -> {name: float}, the same on every rank:
     averaged over micro-batches and data-parallel replicas, broadcast along the pipeline."""
@@ -373,7 +382,11 @@ def agree_to_stop(stop, parallel):
 
 
 def run_evaluation(args, state, step, data_iterator, logger, prefix, ltd=None,
-                   count_valid=True):
+                   count_valid=None, test=False):
+    """Evaluate ``eval_iters`` global batches and log them (``test``: the test set, logged as
+    Megatron's ``lm loss test``, not counted in consumed_valid_samples)."""
+    if count_valid is None:
+        count_valid = not test
     try:
         losses = step.evaluate(data_iterator, args.eval_iters)
     except StopIteration:
@@ -383,7 +396,7 @@ def run_evaluation(args, state, step, data_iterator, logger, prefix, ltd=None,
         state.consumed_valid_samples += args.eval_iters * args.global_batch_size
     logger.validation(prefix, losses, state.iteration, state.consumed_train_samples,
                       state.consumed_train_tokens,
-                      ltd.consumed_layer_tokens if ltd is not None else None)
+                      ltd.consumed_layer_tokens if ltd is not None else None, test=test)
     return losses
 
 

@@ -68,12 +68,14 @@ class TrainingLogger:
     """
 
     def __init__(self, args, log=print, write=True):
-        """``write``: this rank writes TensorBoard (rank 0 only in multi-process runs)."""
+        """``write``: this rank writes TensorBoard (as Megatron, the last rank only in
+        multi-process runs)."""
         self.args = args
         self.log = log
         self.writer = None
         self.train_history = LossHistory()  # [(iteration, {name: float})]
         self.valid_history = LossHistory()
+        self.test_history = LossHistory()
         if args.tensorboard_dir and write:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -181,17 +183,22 @@ class TrainingLogger:
             self.scalar("iteration-time/iteration-time", per_iter, it, samples, tokens)
         self._reset()
 
-    def validation(self, prefix, loss_dict, iteration, samples, tokens, layer_tokens=None):
-        self.valid_history.append(iteration, loss_dict)
+    def validation(self, prefix, loss_dict, iteration, samples, tokens, layer_tokens=None,
+                   test=False):
+        """An evaluation's losses: console line, and Megatron-DeepSpeed's TensorBoard tags
+        ``lm-loss-validation/<key> validation`` (``... test`` for the test set), with ``ppl``
+        and ``vs samples`` / ``vs tokens`` twins."""
+        (self.test_history if test else self.valid_history).append(iteration, loss_dict)
+        data_type = "test" if test else "validation"
         parts = [f" validation loss at {prefix} | "]
         for key, value in loss_dict.items():
             ppl = math.exp(min(20.0, value))
             parts.append(f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | ")
             if self.writer is not None:
-                self.scalar(f"lm-loss-validation/{key} validation", value, iteration,
+                self.scalar(f"lm-loss-validation/{key} {data_type}", value, iteration,
                             samples, tokens, layer_tokens)
                 if self.args.log_validation_ppl_to_tensorboard:
-                    self.scalar(f"lm-loss-validation/{key} validation ppl", ppl, iteration,
+                    self.scalar(f"lm-loss-validation/{key} {data_type} ppl", ppl, iteration,
                                 samples, tokens, layer_tokens)
         line = "".join(parts)
         self.log("-" * len(line))

@@ -192,12 +192,13 @@ def test_exit_interval_skips_the_end_of_training_evaluation(data_prefix, tmp_pat
     without the final validation and test passes; reaching --train-iters runs them."""
     test_split = ["--split", "80,10,10"]
     done, logs = run(gpt_argv(data_prefix, *test_split, iters=2))
-    assert [i for i, _ in done.valid_losses] == [2, 2]  # final validation, then test
+    assert [i for i, _ in done.valid_losses] == [2]  # final validation
+    assert [i for i, _ in done.test_losses] == [2]  # then test
     assert any("on test set" in line for line in logs)
     ckpt = str(tmp_path / "ckpt")
     for stop in (["--exit-interval", "2"], ["--exit-duration-in-mins", "0"]):
         stopped, logs = run(gpt_argv(data_prefix, *test_split, *stop, "--save", ckpt, iters=8))
-        assert stopped.valid_losses == []
+        assert stopped.valid_losses == [] and stopped.test_losses == []
         assert not any("validation loss" in line for line in logs)
         assert stopped.state.consumed_valid_samples == 0
 
@@ -248,3 +249,53 @@ def test_loss_history_reads_like_a_list_of_pairs_and_stays_small():
     size = sum(sys.getsizeof(a) for a in (big._iterations, big._offsets, big._keyset_of,
                                           big._values))
     assert size < 40 * 100_000  # bytes; a list of (int, dict) pairs takes ~300 per entry
+
+
+def _events(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return events
+
+
+def test_tensorboard_validation_and_test_tags_follow_megatron_deepspeed(data_prefix, tmp_path):
+    """Validation is 'lm-loss-validation/lm loss validation', the end-of-training test-set
+    evaluation 'lm-loss-validation/lm loss test' (Megatron-DeepSpeed's evaluate_and_print_results),
+    each with ppl and vs samples / vs tokens twins; test losses are not validation losses."""
+    tb = tmp_path / "tb"
+    result, _ = run(gpt_argv(data_prefix, "--split", "80,10,10", "--tensorboard-dir", str(tb),
+                             "--log-validation-ppl-to-tensorboard", iters=4))
+    assert [i for i, _ in result.valid_losses] == [4, 4]  # at eval interval 4, and at the end
+    assert [i for i, _ in result.test_losses] == [4]
+    events = _events(tb)
+    tags = set(events.Tags()["scalars"])
+    for data_type in ("validation", "test"):
+        for suffix in ("", " vs samples", " vs tokens", " ppl", " ppl vs samples",
+                       " ppl vs tokens"):
+            assert f"lm-loss-validation/lm loss {data_type}{suffix}" in tags
+    valid = events.Scalars("lm-loss-validation/lm loss validation")
+    assert [e.value for e in valid] == pytest.approx([d["lm loss"] for _, d in
+                                                      result.valid_losses])
+    test = events.Scalars("lm-loss-validation/lm loss test")
+    assert [(e.step, e.value) for e in test] == [(4, pytest.approx(result.test_losses[0][1]
+                                                                   ["lm loss"]))]
+    assert [e.step for e in events.Scalars("lm-loss-validation/lm loss test vs samples")] == [16]
+
+
+def _tensorboard_rank(rank, world_size, data_prefix, tb_dir):
+    run(gpt_argv(data_prefix, "--tensorboard-dir", tb_dir, iters=2))
+    return os.getpid()
+
+
+def test_tensorboard_is_written_by_the_last_rank_only(data_prefix, tmp_path):
+    """Megatron creates the SummaryWriter on rank world_size - 1 only."""
+    from distributed_harness import run_distributed
+
+    tb = tmp_path / "tb"
+    pids = run_distributed(_tensorboard_rank, world_size=2, args=(data_prefix, str(tb)),
+                           timeout=300)
+    files = os.listdir(tb)
+    assert len(files) == 1 and files[0].startswith("events.out.tfevents.")
+    assert files[0].split(".")[-2] == str(pids[1]), (files, pids)
+    assert [e.step for e in _events(tb).Scalars("lm-loss-training/lm loss")] == [1, 2]
