@@ -91,6 +91,7 @@ def validate_args(args, world_size=1):
         args.kv_channels = args.hidden_size // args.num_attention_heads
     if args.use_rotary_position_embeddings:
         args.position_embedding_type = "rope"
+    _require(args.rotary_base > 0, f"--rotary-base must be positive, got {args.rotary_base}")
     _require(args.seq_length is not None, "--seq-length is required")
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
@@ -252,6 +253,7 @@ def transformer_config_from_args(args):
         init_method_std=args.init_method_std,
         position_embedding_type=args.position_embedding_type,
         rotary_percent=args.rotary_percent,
+        rope_theta=getattr(args, "rotary_base", 10000.0),  # checkpoints saved before the flag
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         add_bias_linear=args.add_bias_linear,
         params_dtype=params_torch_dtype(args),
@@ -284,6 +286,8 @@ def _add_network_size_args(parser):
                    help="Alias of --position-embedding-type rope (Megatron-DeepSpeed).")
     g.add_argument("--rotary-percent", type=float, default=1.0,
                    help="Fraction of each head's channels rotated by rope.")
+    g.add_argument("--rotary-base", type=float, default=10000.0,
+                   help="Base (theta) of rope's frequencies (Megatron-LM's flag; default 10000).")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this (times TP size).")
     g.add_argument("--layernorm-epsilon", "--norm-epsilon", dest="layernorm_epsilon", type=float,

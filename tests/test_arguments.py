@@ -183,3 +183,21 @@ def test_log_params_norm_and_num_zeros_reach_the_log(data_prefix):
     assert len(last.split("params norm: ")[1].split(" ")[0].split(".")[1]) == 3
     _, logs = run(gpt_argv(data_prefix, iters=2))
     assert not any("params norm" in line or "num zeros" in line for line in logs)
+
+
+def test_rotary_base_reaches_the_model_config():
+    from megatron.arguments import parse_args, transformer_config_from_args
+    from megatron.errors import UserError
+
+    base = ["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2",
+            "--seq-length", "8", "--micro-batch-size", "1", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "16", "--train-iters", "1", "--mock-data", "--lr", "1e-3",
+            "--position-embedding-type", "rope"]
+    args = parse_args(base, world_size=1)
+    args.padded_vocab_size = 16
+    assert transformer_config_from_args(args).rope_theta == 10000.0
+    args = parse_args(base + ["--rotary-base", "500000"], world_size=1)
+    args.padded_vocab_size = 16
+    assert transformer_config_from_args(args).rope_theta == 500000.0
+    with pytest.raises(UserError, match="--rotary-base"):
+        parse_args(base + ["--rotary-base", "0"], world_size=1)
