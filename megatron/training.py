@@ -234,6 +234,14 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
     built once and continues from ``consumed_valid_samples`` across evaluations."""
     from megatron.data.samplers import build_pretraining_data_loader, cyclic_iter
 
+    # As Megatron (build_train_valid_test_data_loaders): a checkpoint from before the consumed
+    # sample counters were saved resumes after the samples its iterations consumed, not at 0.
+    if state.iteration > 0 and args.train_samples is None:
+        if state.consumed_train_samples == 0:
+            state.consumed_train_samples = state.iteration * args.global_batch_size
+        if state.consumed_valid_samples == 0 and args.eval_interval:
+            state.consumed_valid_samples = (state.iteration // args.eval_interval) \
+                * args.eval_iters * args.global_batch_size
     num_samples = train_valid_test_num_samples(args)
     log(" > datasets target sizes (minimum size):")
     log(f"    train:      {num_samples[0]}")

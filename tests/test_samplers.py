@@ -102,7 +102,8 @@ def test_data_loader_collates_int64_and_resumes():
         build_pretraining_data_loader(ds, 0, 1, 0, 1, dataloader_type="bogus")
 
 
-def _iterators(dataloader_type, dataset, consumed_train=0, consumed_valid=0, dp_rank=0):
+def _iterators(dataloader_type, dataset, consumed_train=0, consumed_valid=0, dp_rank=0,
+               iteration=0, state_out=None):
     import argparse
 
     from megatron.training import build_data_iterators
@@ -110,8 +111,10 @@ def _iterators(dataloader_type, dataset, consumed_train=0, consumed_valid=0, dp_
     args = argparse.Namespace(train_iters=100, train_samples=None, global_batch_size=4,
                               eval_interval=10, eval_iters=1, micro_batch_size=2,
                               num_workers=0, dataloader_type=dataloader_type, seed=0)
-    state = argparse.Namespace(consumed_train_samples=consumed_train,
+    state = argparse.Namespace(iteration=iteration, consumed_train_samples=consumed_train,
                                consumed_valid_samples=consumed_valid)
+    if state_out is not None:
+        state_out.append(state)
     parallel = argparse.Namespace(dp_rank=dp_rank, dp_size=2)
     return build_data_iterators(args, state, None, lambda a, t, n: (dataset, dataset, None),
                                 parallel, log=lambda *a: None)
@@ -139,3 +142,22 @@ def test_cyclic_iterators_start_a_new_epoch_instead_of_stopping():
     # the validation iterator resumes after consumed_valid_samples
     _, valid, _ = _iterators("single", ds, consumed_valid=4, dp_rank=1)
     assert next(valid)["index"].tolist() == [6, 7]
+
+
+def test_checkpoint_without_consumed_counters_resumes_after_its_iterations():
+    """Megatron's backward compatibility: iteration > 0 with zero consumed samples (a
+    checkpoint from before the counters were saved) resumes at iteration * global batch, and
+    validation at (iteration // eval_interval) * eval_iters * global batch."""
+    ds = Counting(200)
+    states = []
+    train, valid, _ = _iterators("single", ds, iteration=25, state_out=states)
+    assert states[0].consumed_train_samples == 100  # 25 iterations x global batch 4
+    assert states[0].consumed_valid_samples == 8  # 2 evaluations x 1 iteration x 4
+    assert next(train)["index"].tolist() == [100, 101]
+    assert next(valid)["index"].tolist() == [8, 9]
+    # counters that were saved are kept
+    states = []
+    train, _, _ = _iterators("single", ds, consumed_train=40, consumed_valid=4, iteration=10,
+                             state_out=states)
+    assert (states[0].consumed_train_samples, states[0].consumed_valid_samples) == (40, 4)
+    assert next(train)["index"].tolist() == [40, 41]
