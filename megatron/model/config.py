@@ -43,8 +43,7 @@ class TransformerConfig:
     rotary_percent: float = 1.0
     """Fraction of each head's channels that rotary embeddings rotate (--rotary-percent)."""
     rope_theta: float = 10000.0
-    """Base of the rotary frequencies (Megatron's --rotary-base; our command line has no such
-    flag, so runs from it use Megatron's default 10000)."""
+    """Base of the rotary frequencies (--rotary-base)."""
     untie_embeddings_and_output_weights: bool = False
     """Own output_layer, not the word embeddings (--untie-embeddings-and-output-weights)."""
     add_bias_linear: bool = True
