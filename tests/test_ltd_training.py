@@ -53,6 +53,29 @@ def test_resume_in_the_middle_of_the_schedule_is_bitwise(data_prefix, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_random_ltd_checkpoint_continues_dense_and_not_the_reverse(data_prefix, tmp_path):
+    from megatron.errors import UserError
+
+    ckpt = str(tmp_path / "ckpt")
+    run(gpt_argv(data_prefix, *LTD, "--save", ckpt, "--exit-interval", "3", iters=8))
+    dense_args = ["--num-layers", "4", "--load", ckpt]
+    resumed, logs = run(gpt_argv(data_prefix, *dense_args, "--log-interval", "1",
+                                 "--exit-interval", "5", iters=8))
+    assert resumed.state.iteration == 5
+    lines = [l for l in logs if l.startswith(" iteration")]
+    # layer tokens keep counting from the checkpoint's, now at full length in every layer
+    saved = 4 * (80 + 88 + 96)
+    assert [int(console_field(l, "consumed layer tokens")) for l in lines] == \
+        [saved + 4 * 4 * 32, saved + 2 * 4 * 4 * 32]
+    dense_ckpt = str(tmp_path / "dense")
+    run(gpt_argv(data_prefix, "--num-layers", "4", "--save", dense_ckpt, iters=2))
+    with pytest.raises(UserError, match="trained without random-LTD.*--finetune"):
+        run(gpt_argv(data_prefix, *LTD, "--load", dense_ckpt, iters=2))
+    finetuned, _ = run(gpt_argv(data_prefix, *LTD, "--load", dense_ckpt, "--finetune",
+                                iters=2))
+    assert finetuned.state.iteration == 2
+
+
 def test_dropping_changes_training_and_eval_never_drops(data_prefix):
     dense, _ = run(gpt_argv(data_prefix, "--num-layers", "4", iters=2))
     ltd, _ = run(gpt_argv(data_prefix, *LTD, iters=2))

@@ -301,6 +301,10 @@ class RandomLTDScheduler:
         From a DeepSpeed state the raw consumed-token count is unknown and restarts at 0 (it only
         matters for token-based schedules, which DeepSpeed does not have).
         """
+        if self.schedules and "current_values" in sd and not sd["current_values"]:
+            raise UserError("the checkpoint was trained without random-LTD, which cannot join a "
+                            "run midway: resume it without --random-ltd, or start random-LTD "
+                            "from its weights with --finetune")
         if sd["max_value"] != self.max_value:
             raise UserError(f"checkpoint's random-LTD max_value {sd['max_value']} differs from "
                             f"--seq-length {self.max_value}")
@@ -311,7 +315,9 @@ class RandomLTDScheduler:
         self.current_steps = int(sd["current_steps"])
         if "current_values" in sd:
             values = {int(k): int(v) for k, v in sd["current_values"].items()}
-            if sorted(values) != list(self.layer_ids):
+            if not self.schedules:
+                values = {}  # a dense run continuing a random-LTD one: dropping ends here
+            elif sorted(values) != list(self.layer_ids):
                 raise UserError(f"checkpoint's random-LTD layers {sorted(values)} differ from "
                                 f"--random-ltd-layer-ids {list(self.layer_ids)}")
             self.current_values = values
