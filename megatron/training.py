@@ -476,7 +476,7 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         extra = {}
         if ltd.enabled:  # Megatron-DeepSpeed's names
             extra["seqlen/random_ltd_reserved_length"] = ("random ltd reserved length", kept)
-            extra["seqlen/actual_seq_length"] = ("actual seqlen", ltd.effective_seq_length())
+        extra["seqlen/actual_seq_length"] = ("actual seqlen", ltd.effective_seq_length())
         extra["layer-tokens/consumed-layer-tokens"] = ("consumed layer tokens",
                                                        ltd.consumed_layer_tokens)
         if args.log_num_zeros_in_grad and step.num_zeros is not None:

@@ -26,6 +26,7 @@ def test_loss_falls_and_logs(data_prefix, tmp_path):
                   "grad norm:", "loss scale:", "elapsed time per iteration (ms):",
                   "tokens per second:", "TFLOPs:"):
         assert field in lines[-1]
+    assert "| actual seqlen:    32 |" in lines[-1]  # Megatron-DeepSpeed prints it in every run
     assert any("validation loss at iteration" in l for l in logs)
     assert os.listdir(tmp_path / "tb")
 
