@@ -328,12 +328,12 @@ class StepRunner:
         from megatron.optim.clip_grads import (param_is_not_shared,
                                                param_is_not_tensor_parallel_duplicate)
 
-        params = [p.detach().float() for p in self.model.parameters()
-                  if param_is_not_shared(p)
-                  and param_is_not_tensor_parallel_duplicate(p, self.parallel.tp_rank)]
         total = torch.zeros((), dtype=torch.float32, device=comm_device())
-        for p in params:
-            total += p.norm().to(total.device) ** 2
+        for p in self.model.parameters():  # one at a time: no fp32 copy of the whole model
+            if param_is_not_shared(p) and \
+                    param_is_not_tensor_parallel_duplicate(p, self.parallel.tp_rank):
+                norm = torch.linalg.vector_norm(p.detach(), dtype=torch.float32)
+                total += norm.to(total.device) ** 2
         if self.parallel.mp_group is not None and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total, group=self.parallel.mp_group)
         return float(total.sqrt())
