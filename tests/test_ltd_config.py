@@ -77,6 +77,14 @@ def test_shipped_350m_and_bert_configs():
     assert cfg.layer_ids == tuple(range(1, 23))
 
 
+def test_json_train_batch_size_must_agree_with_the_global_batch():
+    cfg = cfg_of(gpt("--random-ltd", "--deepspeed_config", GPT13B, "--global-batch-size", "512"))
+    assert cfg.enabled
+    with pytest.raises(UserError, match=r"--global-batch-size 256 contradicts --deepspeed-config "
+                                        r".*train_batch_size = 512"):
+        cfg_of(gpt("--random-ltd", "--deepspeed_config", GPT13B, "--global-batch-size", "256"))
+
+
 def test_json_alone_enables_like_deepspeed():
     cfg = cfg_of(gpt("--deepspeed_config", GPT13B))
     assert cfg is not None and cfg.enabled

@@ -263,6 +263,10 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     if ds_source is not None:
         where = "<dict>" if isinstance(ds_source, dict) else ds_source
         js = _Json(load_deepspeed_config(ds_source), where)
+        # DeepSpeed's train_batch_size is the global batch; our flags decide the batch, so a
+        # JSON that says otherwise would be silently overruled.
+        _merge("--global-batch-size", g("global_batch_size"), js, "train_batch_size",
+               js.get("train_batch_size", "int"))
         if js.node(DS_PATH) is not None:
             js.get(DS_PATH, "dict")
             switches = ("data_efficiency.enabled", "data_efficiency.data_routing.enabled",
