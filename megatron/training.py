@@ -143,10 +143,10 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
         # must not start a full validation and test pass).
         if not exited and args.eval_iters > 0 and valid_iter is not None:
             run_evaluation(args, state, step, valid_iter, logger,
-                           f"iteration {state.iteration} on validation set", ltd)
+                           "the end of training for val data", ltd)  # Megatron's prefixes
         if not exited and args.eval_iters > 0 and test_iter is not None:
             run_evaluation(args, state, step, test_iter, logger,
-                           f"iteration {state.iteration} on test set", ltd, test=True)
+                           "the end of training for test data", ltd, test=True)
     finally:
         logger.close()
     return PretrainResult(state, model, logger.train_history, logger.valid_history,

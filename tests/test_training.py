@@ -195,7 +195,7 @@ def test_exit_interval_skips_the_end_of_training_evaluation(data_prefix, tmp_pat
     done, logs = run(gpt_argv(data_prefix, *test_split, iters=2))
     assert [i for i, _ in done.valid_losses] == [2]  # final validation
     assert [i for i, _ in done.test_losses] == [2]  # then test
-    assert any("on test set" in line for line in logs)
+    assert any("validation loss at the end of training for test data" in line for line in logs)
     ckpt = str(tmp_path / "ckpt")
     for stop in (["--exit-interval", "2"], ["--exit-duration-in-mins", "0"]):
         stopped, logs = run(gpt_argv(data_prefix, *test_split, *stop, "--save", ckpt, iters=8))
