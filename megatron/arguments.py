@@ -147,6 +147,13 @@ def validate_args(args, world_size=1):
     # -- precision
     _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
     args.params_dtype = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
+    # As Megatron: bf16 always accumulates and all-reduces gradients in fp32 main_grad buffers.
+    # fp16 does so only when asked; for fp32 the gradients are fp32 already and the flag is
+    # ignored (set to False: the run is the same either way).
+    if args.bf16:
+        args.accumulate_allreduce_grads_in_fp32 = True
+    elif not args.fp16:
+        args.accumulate_allreduce_grads_in_fp32 = False
 
     # -- weight decay schedule (Megatron's rule: the start/end values belong to a schedule, so
     # they are required with linear/cosine and refused with constant, where --weight-decay is
@@ -396,6 +403,10 @@ def _add_mixed_precision_args(parser):
     g.add_argument("--min-loss-scale", type=float, default=1.0)
     g.add_argument("--loss-scale-window", type=float, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="Accumulate micro-batch gradients in fp32 main_grad buffers and "
+                        "all-reduce those over data-parallel ranks (forced on for --bf16; "
+                        "ignored for fp32).")
 
 
 def _add_distributed_args(parser):

@@ -26,7 +26,9 @@ from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, 
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
-from megatron.parallel.data_parallel import no_sync_factory, wrap_data_parallel
+from megatron.parallel.data_parallel import (allreduce_gradients, attach_main_grads,
+                                             is_data_parallel, no_sync_factory,
+                                             wrap_data_parallel, zero_main_grads)
 from megatron.parallel.initialize import (build_parallel_state, comm_device,
                                           init_process_group, read_distributed_env)
 from megatron.parallel.layers import allreduce_sequence_parallel_grads
@@ -125,8 +127,9 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
 
     train_iter, valid_iter, test_iter = build_data_iterators(args, state, tokenizer,
                                                              datasets_provider, parallel, log)
-    step = StepRunner(args, parallel, model, wrap_data_parallel(model, parallel), optimizer,
-                      forward_step_provider(args, tokenizer))
+    step = StepRunner(args, parallel, model,
+                      wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
+                      optimizer, forward_step_provider(args, tokenizer))
     # As Megatron: the last rank (the last pipeline stage, which computes the loss) writes
     # TensorBoard.
     logger = TrainingLogger(args, log=log, write=torch_rank() == torch_world_size() - 1)
@@ -276,6 +279,16 @@ def flops_per_iteration(args, kept_lengths=None):
                                    recompute=args.recompute_granularity == "full")
 
 
+def uses_main_grads(args) -> bool:
+    """Gradients accumulate and all-reduce in fp32 ``main_grad`` buffers: bf16 (Megatron forces
+    --accumulate-allreduce-grads-in-fp32 for it, also where ``args`` lacks the flag), or fp16
+    with the flag; never for fp32 parameters."""
+    dtype = getattr(args, "params_dtype", "fp32")
+    if dtype == "bf16":
+        return True
+    return dtype == "fp16" and bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False))
+
+
 @dataclasses.dataclass
 class StepRunner:
     """One rank's model, optimizer and schedule: runs training steps and evaluation batches.
@@ -295,6 +308,17 @@ class StepRunner:
     num_zeros: object = None
     """Zero entries in the last step's gradients (--log-num-zeros-in-grad), else None."""
 
+    def __post_init__(self):
+        # fp32 main_grad buffers (``uses_main_grads``): attached here too for callers that
+        # build the runner themselves (idempotent); they replace the DDP wrapper, and the
+        # step averages them over the DP group after the backward passes.
+        self.main_grads = uses_main_grads(self.args)
+        if self.main_grads:
+            if is_data_parallel(self.wrapped):
+                raise ValueError("fp32 main_grad accumulation replaces the DDP wrapper; build "
+                                 "it with wrap_data_parallel(..., main_grads=True)")
+            attach_main_grads(self.model)
+
     def _schedule(self, data_iterator, token_drop, forward_only):
         args = self.args
         seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel
@@ -312,8 +336,12 @@ class StepRunner:
     def train_step(self, data_iterator, token_drop=None):
         """One optimizer step over the global batch; (losses, update_successful, grad_norm)."""
         self.optimizer.zero_grad()
+        if self.main_grads:
+            zero_main_grads(self.model)
         self.model.train()
         losses = self._schedule(data_iterator, token_drop, forward_only=False)
+        if self.main_grads and self.parallel.dp_size > 1 and self.parallel.dp_group is not None:
+            allreduce_gradients(self.model, self.parallel.dp_group)
         allreduce_embedding_grads(self.model, self.parallel)
         if self.args.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.parallel)

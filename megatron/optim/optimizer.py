@@ -10,8 +10,10 @@ supports it, and wraps it:
   them and skips the step on inf/nan, clips, steps the masters and copies them back into the
   model parameters.
 
-Gradients are taken from ``param.main_grad`` when a data-parallel wrapper accumulates there
-(Megatron's local DDP), otherwise from ``param.grad``.
+Gradients are taken from ``param.main_grad`` when the parameter has one (fp32 accumulation and
+all-reduce, ``megatron.parallel.data_parallel.attach_main_grads``: bf16, or
+--accumulate-allreduce-grads-in-fp32), otherwise from ``param.grad``. An fp32 ``main_grad``
+becomes the master's ``.grad`` without a copy (as Megatron); it is zeroed at the next step.
 """
 
 import torch

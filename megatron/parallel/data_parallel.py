@@ -1,10 +1,24 @@
-"""Data-parallel gradient reduction: torch's DistributedDataParallel over the DP group.
+"""Data-parallel gradient reduction over the DP group: fp32 ``main_grad`` buffers, or torch DDP.
 
-Choice (DESIGN.md rule 7): torch.nn.parallel.DistributedDataParallel with
-``process_group=parallel.dp_group`` does what Megatron's local DDP does - gradients are averaged
-over the data-parallel replicas in buckets that are all-reduced while backward is still running -
-and passes our equivalence test (DP=2 with the global batch split per rank gives the averaged
-gradients and the parameters of one process with the whole batch). Settings:
+bf16 (and --accumulate-allreduce-grads-in-fp32): as Megatron-LM, which forces that flag for
+bf16, every trainable parameter gets a persistent fp32 ``main_grad`` buffer
+(``attach_main_grads``). A post-accumulate-grad hook adds each micro-batch's ``.grad`` into it
+and frees ``.grad``, so gradient accumulation over micro-batches happens in fp32, not in the
+parameter dtype; the training step zeroes the buffers before its first micro-batch
+(``zero_main_grads``) and, after the schedule's backward passes, averages them over the DP group
+(``allreduce_gradients``, bucketed by ``bucket_cap_mb``; no overlap with backward). torch DDP is
+not used in this mode: its reducer reads ``.grad``. The optimizer takes ``main_grad`` in place of
+``.grad`` (``megatron.optim.optimizer._grad_of``); tied-embedding and sequence-parallel gradient
+reductions use it too. The parameters are broadcast from DP rank 0 once, as DDP does at
+wrapping. ``wrap_data_parallel(..., main_grads=True)`` sets this up and returns the module
+itself.
+
+Otherwise (fp32; fp16 without the flag: Megatron's default accumulates in the parameter dtype)
+torch.nn.parallel.DistributedDataParallel with ``process_group=parallel.dp_group`` (DESIGN.md
+rule 7) does what Megatron's local DDP does - gradients are averaged over the data-parallel
+replicas in buckets that are all-reduced while backward is still running - and passes our
+equivalence test (DP=2 with the global batch split per rank gives the averaged gradients and
+the parameters of one process with the whole batch). Settings:
 
 - ``broadcast_buffers=False``: our modules hold no state that must follow rank 0 each step;
 - the module's parameters are broadcast from DP rank 0 once, at wrapping, so every replica
@@ -12,16 +26,12 @@ gradients and the parameters of one process with the whole batch). Settings:
 - gradients are averaged (DDP divides by the DP size), matching Megatron's
   ``--DDP-impl local`` with ``average_in_collective``.
 
-bf16: Megatron-LM turns on ``--accumulate-allreduce-grads-in-fp32`` for bf16 (a bf16 sum over
-many replicas loses the low bits: gloo and NCCL add bf16 in bf16). A bf16 model's DDP gets a
-comm hook (``allreduce_hook``) that all-reduces an fp32 copy of each bf16 bucket and rounds the
-average to bf16 once; fp32 and fp16 buckets are reduced in their dtype as DDP does (Megatron's
-default for fp16). Difference left: the accumulation over micro-batches still happens in the
-bf16 ``.grad`` (Megatron accumulates into an fp32 ``main_grad``). With one DP rank no wrapper
-is added.
+A bf16 model under DDP (only when a caller asks for it without main grads) gets a comm hook
+(``allreduce_hook``) that all-reduces an fp32 copy of each bf16 bucket and rounds the average
+to bf16 once (gloo and NCCL add bf16 in bf16). With one DP rank no wrapper is added.
 
-Gradient accumulation: the pipeline schedule calls ``no_sync_factory(model)()`` around every
-micro-batch except the last one, so the reduction runs once per step.
+Gradient accumulation under DDP: the pipeline schedule calls ``no_sync_factory(model)()`` around
+every micro-batch except the last one, so the reduction runs once per step.
 """
 
 from typing import Callable, ContextManager, Optional
@@ -34,11 +44,19 @@ from megatron.parallel.state import ParallelState
 
 
 def wrap_data_parallel(model: nn.Module, parallel: ParallelState,
-                       bucket_cap_mb: float = 25) -> nn.Module:
+                       bucket_cap_mb: float = 25, main_grads: bool = False) -> nn.Module:
     """``model`` wrapped for gradient all-reduce (average) over ``parallel.dp_group``.
 
-    With ``dp_size == 1`` the model is returned unchanged.
+    With ``dp_size == 1`` the model is returned unchanged. ``main_grads``: accumulate into fp32
+    ``main_grad`` buffers instead (``attach_main_grads``); the model is returned unwrapped (its
+    parameters broadcast from DP rank 0) and the training step reduces the buffers with
+    ``allreduce_gradients``.
     """
+    if main_grads:
+        attach_main_grads(model)
+        if parallel.dp_size > 1 and parallel.dp_group is not None:
+            broadcast_from_first(model, parallel.dp_group)
+        return model
     if parallel.dp_size == 1 or parallel.dp_group is None:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -54,6 +72,91 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelState,
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
         ddp.register_comm_hook(parallel.dp_group, allreduce_hook)
     return ddp
+
+
+def attach_main_grads(model: nn.Module) -> nn.Module:
+    """Give every trainable parameter of ``model`` a persistent fp32 ``main_grad`` (zeros) and a
+    post-accumulate-grad hook that adds ``.grad`` into it and frees ``.grad``. Idempotent."""
+    for param in model.parameters():
+        if not param.requires_grad or getattr(param, "main_grad", None) is not None:
+            continue
+        param.main_grad = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+        param.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+    return model
+
+
+def _accumulate_into_main_grad(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad is not None and grad is not param.main_grad:  # an optimizer may alias them
+        param.main_grad.add_(grad)
+    param.grad = None
+
+
+def has_main_grads(model: nn.Module) -> bool:
+    return any(getattr(p, "main_grad", None) is not None for p in model.parameters())
+
+
+def zero_main_grads(model: nn.Module) -> None:
+    """Zero the ``main_grad`` buffers (start of a step); drops any ``.grad`` aliasing them."""
+    for param in model.parameters():
+        main_grad = getattr(param, "main_grad", None)
+        if main_grad is not None:
+            if param.grad is main_grad:
+                param.grad = None
+            main_grad.zero_()
+
+
+@torch.no_grad()
+def broadcast_from_first(model: nn.Module, group) -> None:
+    """Parameters and buffers := those of the group's first rank (DDP's init sync)."""
+    src = dist.get_global_rank(group, 0)
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=src, group=group)
+
+
+def allreduce_gradients(module: nn.Module, group, bucket_cap_mb: float = 25) -> None:
+    """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes), in
+    buckets of at most ``bucket_cap_mb`` (one parameter larger than that is its own bucket).
+
+    The gradient is ``main_grad`` where a parameter has one, else ``.grad`` (None counts as
+    zero). As DDP's reducer, each gradient is multiplied by ``1 / world`` before the
+    all-reduce, not divided after it: fp16 gradients carry the loss scale, and summing them
+    first overflows (two ranks at 40000 give inf in fp16; their average is 40000), which the
+    fp16 optimizer would take for an overflow of the step. bf16 gradients are reduced in fp32
+    and rounded once, as ``allreduce_hook`` does for DDP's buckets."""
+    world = dist.get_world_size(group)
+    cap = max(1, int(bucket_cap_mb * 1024 * 1024))
+    pending = {}  # dtype -> (grads, bytes)
+
+    def flush(grads):
+        flat = torch._utils._flatten_dense_tensors(grads)  # [sum of numels]
+        if flat.dtype == torch.bfloat16:
+            flat = flat.float()
+        flat.mul_(1.0 / world)
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    for param in module.parameters():
+        if not param.requires_grad:
+            continue
+        grad = getattr(param, "main_grad", None)
+        if grad is None:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grad = param.grad
+        grads, size = pending.get(grad.dtype, ([], 0))
+        grads.append(grad)
+        size += grad.numel() * 4  # the bytes of the fp32 (or narrower) reduction buffer
+        if size >= cap:
+            flush(grads)
+            grads, size = [], 0
+        pending[grad.dtype] = (grads, size)
+    for grads, _ in pending.values():
+        if grads:
+            flush(grads)
 
 
 def allreduce_hook(group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

@@ -51,9 +51,10 @@ last micro-batch's forward and the step's final backward, so a reducer that read
 at backward time reduces once per step. torch's DistributedDataParallel arms its reducer at
 forward time, and under 1F1B other backwards run between the last forward and the last
 backward; so with pp_size > 1 a DDP-wrapped stage runs the whole schedule inside DDP's
-``no_sync`` and its gradients are then averaged over DDP's group in one flat all-reduce per
-dtype (``average_gradients``): the same result as DDP's bucketed reduction, without the overlap
-with backward.
+``no_sync`` and its gradients are then averaged over DDP's group in bucketed all-reduces
+(``average_gradients``): the same result as DDP's reduction, without the overlap with backward.
+With fp32 ``main_grad`` buffers (bf16, --accumulate-allreduce-grads-in-fp32) no DDP wrapper is
+used and the caller averages the buffers after this schedule (``megatron.training``).
 
 Interleaved 1F1B (--num-layers-per-virtual-pipeline-stage) is not implemented.
 """
@@ -82,8 +83,9 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
     ``[micro_batch, seq, hidden]``. ``scale_loss(loss)``: the tensor to backpropagate (loss
     scaling). ``token_drop``: passed to ``forward_step`` (random-LTD), None for no dropping.
     ``forward_only``: evaluation, no backward (run under ``torch.no_grad``). ``no_sync``: see
-    the module docstring. Gradients accumulate into the parameters' ``.grad``; the caller zeroes
-    them before and steps the optimizer after (after ``allreduce_embedding_grads``).
+    the module docstring. Gradients accumulate into the parameters' ``.grad`` (or, through their
+    hooks, into fp32 ``main_grad`` buffers); the caller zeroes them before and steps the
+    optimizer after (after ``allreduce_embedding_grads``).
 
     Returns the reported loss dicts of every micro-batch, in order, on the last stage; ``[]`` on
     the other stages.
@@ -182,32 +184,11 @@ class _Runner:
 
 
 def average_gradients(module: torch.nn.Module, group) -> None:
-    """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes):
-    one flat all-reduce per dtype. A parameter without a gradient counts as zero.
+    """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes);
+    see ``data_parallel.allreduce_gradients`` (bucketed; ``main_grad`` where present)."""
+    from megatron.parallel.data_parallel import allreduce_gradients
 
-    As DDP's reducer, each gradient is multiplied by ``1 / world`` before the all-reduce, not
-    divided after it: fp16 gradients carry the loss scale, and summing them first overflows
-    (two ranks at 40000 give inf in fp16; their average is 40000), which the fp16 optimizer
-    would take for an overflow of the step. bf16 gradients are reduced in fp32 and rounded
-    once, as ``data_parallel.allreduce_hook`` does for DDP's buckets."""
-    world = torch.distributed.get_world_size(group)
-    by_dtype = {}
-    for param in module.parameters():
-        if not param.requires_grad:
-            continue
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
-    for dtype, grads in by_dtype.items():
-        flat = torch.cat([g.reshape(-1) for g in grads])  # [sum of numels]
-        if dtype == torch.bfloat16:
-            flat = flat.float()
-        flat.mul_(1.0 / world)
-        torch.distributed.all_reduce(flat, group=group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    allreduce_gradients(module, group)
 
 
 def _no_pipelining(run: _Runner) -> None:
