@@ -19,51 +19,26 @@ if __name__ == "__main__":
 
 import torch
 
-from megatron.checkpointing import read_checkpoint_file
+from megatron.checkpointing import (TRACKER_FILENAME, flat_model_state, read_checkpoint_file,
+                                    read_tracker)
 from megatron.errors import UserError, run_main
 from megatron.model import GPTModel, TransformerConfig
 from megatron.text_generation import generate
 
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
 def checkpoint_path(load_dir: str, iteration=None) -> str:
     """Path of the TP/PP rank-0 model file of ``iteration`` (default: the tracker's)."""
     if iteration is None:
-        tracker = os.path.join(load_dir, TRACKER)
-        if not os.path.isfile(tracker):
-            raise UserError(f"--load {load_dir}: no {TRACKER} "
+        found = read_tracker(load_dir)
+        if found is None:
+            raise UserError(f"--load {load_dir}: no {TRACKER_FILENAME} "
                             f"(not a Megatron checkpoint directory)")
-        with open(tracker, errors="replace") as f:  # garbage: int() below names it
-            text = f.read().strip()
-        if text == "release":
-            iteration = "release"
-        else:
-            try:
-                iteration = int(text)
-            except ValueError:
-                raise UserError(f"{tracker}: expected an iteration number or 'release', "
-                                f"got {text[:40]!r}") from None
+        iteration = "release" if found[1] else found[0]
     sub = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
     for rank_dir in ("mp_rank_00", "mp_rank_00_000"):
         path = os.path.join(load_dir, sub, rank_dir, "model_optim_rng.pt")
         if os.path.isfile(path):
             return path
     raise UserError(f"--load {load_dir}: no {sub}/mp_rank_00/model_optim_rng.pt")
-
-
-def _flatten(state, prefix=""):
-    """Megatron's nested ``state_dict_for_save_checkpoint`` dicts -> flat parameter names."""
-    flat = {}
-    for key, value in state.items():
-        if key == "word_embeddings_for_head":  # last-stage copy of the tied embeddings
-            continue
-        key = "encoder" if key == "transformer" and prefix.endswith("language_model.") else key
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_from_args(args) -> TransformerConfig:
@@ -121,7 +96,7 @@ def load_model(load_dir: str, iteration=None, device="cpu"):
                         f"--target-pipeline-parallel-size 1")
     model = GPTModel(config_from_args(args))
     state = {k: v.float() if v.is_floating_point() else v
-             for k, v in _flatten(ckpt["model"]).items()}
+             for k, v in flat_model_state(ckpt["model"]).items()}
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:

@@ -382,13 +382,18 @@ class Encoder:
                 return 0, bad, f"{chunk.path} (lines {chunk.first_line}-{last}): {err}", None
         return docs, bad, None, per_key
 
+    def _sentences(self, text):
+        """A text's sentences: an array value is split already; else --split-sentences."""
+        if isinstance(text, list):
+            return text
+        return self.split(text) if self.split is not None else [text]
+
     def _encode_texts(self, texts):
         tok = self.tokenizer
         if self.split is None and all(isinstance(text, str) for text in texts):
             doc_sentences = [[ids] for ids in tok.tokenize_batch(texts)]
         else:
-            split = [text if isinstance(text, list) else
-                     self.split(text) if self.split is not None else [text] for text in texts]
+            split = [self._sentences(text) for text in texts]
             flat = tok.tokenize_batch([s for sentences in split for s in sentences])
             it = iter(flat)
             doc_sentences = [list(itertools.islice(it, len(sentences))) for sentences in split]

@@ -24,6 +24,7 @@ from megatron.optim.clip_grads import clip_grad_norm_fp32, count_zeros_fp32, get
 from megatron.optim.distributed import (load_optimizer_state_dict, optimizer_state_dict,
                                         shard_optimizer_state)
 from megatron.optim.grad_scaler import ConstantGradScaler, DynamicGradScaler
+from megatron.parallel.data_parallel import grad_buffer
 
 _TP_ATTRS = ("tensor_model_parallel", "partition_dim", "partition_stride", "shared")
 
@@ -58,12 +59,6 @@ def get_param_groups(model, no_weight_decay_cond=None, lr_mult=1.0, scale_lr_con
             groups.append({"params": params, "wd_mult": wd_mult,
                            "lr_mult": lr_mult if scaled else 1.0})
     return groups
-
-
-def _grad_of(param):
-    """The gradient a DDP wrapper left for ``param`` (``main_grad`` first, then ``grad``)."""
-    main_grad = getattr(param, "main_grad", None)
-    return main_grad if main_grad is not None else param.grad
 
 
 def _zero_grad_group(params, set_to_none):
@@ -247,7 +242,7 @@ class Float16OptimizerWithFloat16Params(MegatronOptimizer):
     def _copy_model_grads_to_main_grads(self):
         for model_group, main_group in zip(self.float16_groups, self.fp32_from_float16_groups):
             for model_param, main_param in zip(model_group, main_group):
-                grad = _grad_of(model_param)
+                grad = grad_buffer(model_param)
                 main_param.grad = None if grad is None else grad.float()
                 # The fp32 copy holds it now; free the float16 grad.
                 model_param.grad = None

@@ -92,10 +92,6 @@ def _accumulate_into_main_grad(param: torch.Tensor) -> None:
     param.grad = None
 
 
-def has_main_grads(model: nn.Module) -> bool:
-    return any(getattr(p, "main_grad", None) is not None for p in model.parameters())
-
-
 def zero_main_grads(model: nn.Module) -> None:
     """Zero the ``main_grad`` buffers (start of a step); drops any ``.grad`` aliasing them."""
     for param in model.parameters():
@@ -104,6 +100,18 @@ def zero_main_grads(model: nn.Module) -> None:
             if param.grad is main_grad:
                 param.grad = None
             main_grad.zero_()
+
+
+def grad_buffer(param: nn.Parameter, zeros_if_missing: bool = False) -> Optional[torch.Tensor]:
+    """The gradient reductions and the optimizer act on: ``main_grad`` where the parameter has
+    one, else ``.grad``. ``zeros_if_missing``: a parameter backward did not reach gets a zero
+    ``.grad``, so every rank enters a collective with the same tensors."""
+    grad = getattr(param, "main_grad", None)
+    if grad is None:
+        if param.grad is None and zeros_if_missing:
+            param.grad = torch.zeros_like(param)
+        grad = param.grad
+    return grad
 
 
 @torch.no_grad()
@@ -142,11 +150,7 @@ def allreduce_gradients(module: nn.Module, group, bucket_cap_mb: float = 25) -> 
     for param in module.parameters():
         if not param.requires_grad:
             continue
-        grad = getattr(param, "main_grad", None)
-        if grad is None:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            grad = param.grad
+        grad = grad_buffer(param, zeros_if_missing=True)
         grads, size = pending.get(grad.dtype, ([], 0))
         grads.append(grad)
         size += grad.numel() * 4  # the bytes of the fp32 (or narrower) reduction buffer

@@ -28,6 +28,7 @@ from torch import nn
 from megatron.parallel.mappings import (
     copy_to_tp_region, gather_from_sequence_parallel_region, gather_from_tp_region,
     reduce_from_tp_region, reduce_scatter_to_sequence_parallel_region, scatter_to_tp_region)
+from megatron.parallel.data_parallel import grad_buffer
 from megatron.parallel.state import ParallelState
 
 
@@ -60,8 +61,7 @@ def allreduce_sequence_parallel_grads(model: nn.Module, parallel: ParallelState)
     for param in model.parameters():
         if not getattr(param, "sequence_parallel", False):
             continue
-        grad = getattr(param, "main_grad", None)
-        grad = param.grad if grad is None else grad
+        grad = grad_buffer(param)
         if grad is not None:
             by_dtype.setdefault(grad.dtype, []).append(grad)
     for grads in by_dtype.values():

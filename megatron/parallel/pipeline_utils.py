@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from megatron.errors import UserError
+from megatron.parallel.data_parallel import grad_buffer
 from megatron.parallel.state import ParallelState
 
 
@@ -113,9 +114,5 @@ def allreduce_embedding_grads(model, parallel: ParallelState) -> None:
     weight = tied_embedding_weight(model, parallel)
     if weight is None:
         return
-    grad = getattr(weight, "main_grad", None)
-    if grad is None:
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
-        grad = weight.grad
+    grad = grad_buffer(weight, zeros_if_missing=True)
     torch.distributed.all_reduce(grad, group=parallel.embedding_group)

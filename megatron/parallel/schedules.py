@@ -52,7 +52,8 @@ at backward time reduces once per step. torch's DistributedDataParallel arms its
 forward time, and under 1F1B other backwards run between the last forward and the last
 backward; so with pp_size > 1 a DDP-wrapped stage runs the whole schedule inside DDP's
 ``no_sync`` and its gradients are then averaged over DDP's group in bucketed all-reduces
-(``average_gradients``): the same result as DDP's reduction, without the overlap with backward.
+(``data_parallel.allreduce_gradients``, also exported here as ``average_gradients``): the
+same result as DDP's reduction, without the overlap with backward.
 With fp32 ``main_grad`` buffers (bf16, --accumulate-allreduce-grads-in-fp32) no DDP wrapper is
 used and the caller averages the buffers after this schedule (``megatron.training``).
 
@@ -66,8 +67,11 @@ import torch
 
 from megatron.errors import UserError
 from megatron.parallel import p2p
+from megatron.parallel.data_parallel import allreduce_gradients
 from megatron.parallel.pipeline_utils import unwrap_model
 from megatron.parallel.state import ParallelState
+
+average_gradients = allreduce_gradients  # the PP>1 DDP path's name (module docstring)
 
 
 def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
@@ -116,7 +120,7 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
         run.no_sync = None
         with model.no_sync():
             _one_f_one_b(run, tuple(tensor_shape), dtype)
-        average_gradients(run.stage, model.process_group)
+        allreduce_gradients(run.stage, model.process_group)
     else:
         _one_f_one_b(run, tuple(tensor_shape), dtype)
     return run.losses
@@ -181,14 +185,6 @@ class _Runner:
         if input_tensor.grad is None:  # the stage did not use its input: a zero gradient
             return torch.zeros_like(input_tensor)
         return input_tensor.grad
-
-
-def average_gradients(module: torch.nn.Module, group) -> None:
-    """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes);
-    see ``data_parallel.allreduce_gradients`` (bucketed; ``main_grad`` where present)."""
-    from megatron.parallel.data_parallel import allreduce_gradients
-
-    allreduce_gradients(module, group)
 
 
 def _no_pipelining(run: _Runner) -> None:

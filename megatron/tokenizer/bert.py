@@ -6,8 +6,8 @@ and strips accents; then greedy longest-match WordPiece with ``##`` continuation
 for words that cannot be covered (or are longer than 200 characters, BERT's and Megatron's
 ``max_input_chars_per_word``; HF's default is 100). Runs on the HF ``tokenizers`` BERT
 normaliser, pre-tokenizer and WordPiece model, plus one fix: HF's CJK test misses the
-ideographs U+2B820..U+2B91F (it starts that range at U+2B920), which BERT splits off as words. Special tokens written inside
-the text (``[MASK]``) are ordinary text, as in Megatron.
+ideographs U+2B820..U+2B91F (it starts that range at U+2B920), which BERT splits off as words.
+Special tokens written inside the text (``[MASK]``) are ordinary text, as in Megatron.
 
 As Megatron does, ``[BOS]`` and ``[EOS]`` (and ``<extra_id_i>`` for ``--vocab-extra-ids``) are
 appended to the vocab when absent; ``eod`` is the ``[EOS]`` id.
