@@ -217,6 +217,11 @@ def validate_args(args, world_size=1):
                  f"--num-layers {args.num_layers} is not divisible by "
                  f"--pipeline-model-parallel-size {pp} (or give --pipeline-layer-split)")
 
+    # -- BERT data
+    _require(0.0 < args.mask_prob < 1.0, f"--mask-prob must be in (0, 1), got {args.mask_prob}")
+    _require(0.0 < args.short_seq_prob <= 1.0,
+             f"--short-seq-prob must be in (0, 1], got {args.short_seq_prob}")
+
     # random-LTD / layer-token options (flags and DeepSpeed JSON): fail early on bad values.
     from megatron.ltd.config import random_ltd_config_from_args
 
@@ -237,37 +242,85 @@ def params_torch_dtype(args):
     """torch dtype of the parameters and activations (--fp16 / --bf16 / fp32)."""
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16,
-            "fp16": torch.float16}[args.params_dtype]
+    dtype = getattr(args, "params_dtype", "fp32")
+    if isinstance(dtype, torch.dtype):  # Megatron-LM's own args hold the torch dtype
+        return dtype
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
-def transformer_config_from_args(args):
-    """The model's own small config (no parallel or training flags)."""
+_PARSER_DEFAULTS = None
+
+
+def flag_defaults():
+    """{dest: default} of every flag (cached)."""
+    global _PARSER_DEFAULTS
+    if _PARSER_DEFAULTS is None:
+        parser = build_parser()
+        _PARSER_DEFAULTS = {a.dest: a.default for a in parser._actions
+                            if a.dest != "help" and a.default is not argparse.SUPPRESS}
+    return _PARSER_DEFAULTS
+
+
+# Megatron-LM architecture flags this model does not implement; some leave every tensor shape
+# unchanged, so the weights of such a checkpoint would load into a different network.
+_UNSUPPORTED_ARCHITECTURE = (
+    ("swiglu", "--swiglu"), ("squared_relu", "--squared-relu"), ("openai_gelu", "--openai-gelu"),
+    ("group_query_attention", "--group-query-attention"),
+    ("rotary_interleaved", "--rotary-interleaved"))
+
+
+def transformer_config_from_args(args, **overrides):
+    """The model's own small config (no parallel or training flags): the one mapping from
+    flags to model, for runs and for the ``args`` saved in checkpoints alike. Flags that an
+    older checkpoint's ``args`` lack take the parser's defaults; ``overrides`` set config
+    fields that are the model family's, not a flag's (BERT's ``num_tokentypes``)."""
     from megatron.model.config import TransformerConfig
 
-    return TransformerConfig(
+    defaults = flag_defaults()
+
+    def get(name):
+        return getattr(args, name, defaults.get(name))
+
+    unsupported = [flag for name, flag in _UNSUPPORTED_ARCHITECTURE if get(name)]
+    normalization = getattr(args, "normalization", None)
+    if normalization not in (None, "LayerNorm", "layernorm"):
+        unsupported.append(f"--normalization {normalization}")
+    if unsupported:
+        raise UserError(f"{', '.join(unsupported)}: not implemented by this model (LayerNorm, "
+                        f"GeLU MLP, multi-head attention only)")
+    add_bias_linear = getattr(args, "add_bias_linear", None)
+    if add_bias_linear is None:  # our checkpoints before add_bias_linear was stored
+        add_bias_linear = not getattr(args, "disable_bias_linear", False)
+    position_type = get("position_embedding_type") or "learned_absolute"
+    if get("use_rotary_position_embeddings"):
+        position_type = "rope"
+    fields = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads,
-        ffn_hidden_size=args.ffn_hidden_size,
-        kv_channels=args.kv_channels,
+        ffn_hidden_size=get("ffn_hidden_size"),
+        kv_channels=get("kv_channels"),
         seq_length=args.seq_length,
-        max_position_embeddings=args.max_position_embeddings,
+        max_position_embeddings=get("max_position_embeddings"),
         padded_vocab_size=args.padded_vocab_size,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        layernorm_epsilon=args.layernorm_epsilon,
-        init_method_std=args.init_method_std,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rope_theta=getattr(args, "rotary_base", 10000.0),  # checkpoints saved before the flag
-        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
-        add_bias_linear=args.add_bias_linear,
+        hidden_dropout=get("hidden_dropout"),
+        attention_dropout=get("attention_dropout"),
+        layernorm_epsilon=get("layernorm_epsilon"),
+        init_method_std=get("init_method_std"),
+        position_embedding_type=position_type,
+        rotary_percent=get("rotary_percent"),
+        rope_theta=get("rotary_base"),
+        untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights")),
+        add_bias_linear=bool(add_bias_linear),
+        apply_residual_connection_post_layernorm=bool(
+            get("apply_residual_connection_post_layernorm")),
         params_dtype=params_torch_dtype(args),
-        recompute_granularity=args.recompute_granularity,
-        sequence_parallel=args.sequence_parallel,
-        init_seed=args.seed,
+        recompute_granularity=get("recompute_granularity"),
+        sequence_parallel=bool(get("sequence_parallel")),
+        init_seed=get("seed"),
     )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +356,12 @@ def _add_network_size_args(parser):
                    help="Separate output layer instead of the tied word embeddings.")
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
                    help="No biases in the linear layers (Megatron's args.add_bias_linear).")
+    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true",
+                   help="Post-LN residuals, as the original BERT (default: pre-LN).")
+    g.add_argument("--bert-no-binary-head", action="store_false", dest="bert_binary_head",
+                   help="BERT without the pooler and sentence-order (binary) head.")
+    g.add_argument("--bert-binary-head", action="store_true", dest="bert_binary_head",
+                   help="BERT with the sentence-order head (the default; Megatron-LM's flag).")
 
 
 def _add_regularization_args(parser):
@@ -457,6 +516,10 @@ def _add_data_args(parser):
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
     g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--mask-prob", type=float, default=0.15,
+                   help="BERT: probability of masking a token (MLM).")
+    g.add_argument("--short-seq-prob", type=float, default=0.1,
+                   help="BERT: probability of a sample shorter than --seq-length.")
 
 
 def _add_logging_args(parser):

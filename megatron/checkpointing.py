@@ -39,69 +39,13 @@ import torch.distributed as dist
 
 from megatron.errors import UserError
 from megatron.initialize import get_rng_state, set_rng_state
+from megatron.model.module import (HEAD_COPY_KEY, LoadPolicy, flat_model_state,  # noqa: F401
+                                   load_flat_state, megatron_model_state)
 from megatron.parallel.state import ParallelState
 
 CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
-
-# Flags that fix the shapes of the model's parameters: a checkpoint saved with other values
-# cannot be loaded, and the error names the flag.
-SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-               "kv_channels", "padded_vocab_size", "max_position_embeddings",
-               "position_embedding_type", "untie_embeddings_and_output_weights",
-               "disable_bias_linear")
-
-
-HEAD_COPY_KEY = "word_embeddings_for_head"  # Megatron's key for the last stage's tied copy
-
-
-def megatron_model_state(flat):
-    """Our flat parameter names -> Megatron-LM's nested ``state_dict_for_save_checkpoint``.
-
-    ``language_model.embedding.word_embeddings.weight`` is stored as
-    ``['language_model']['embedding']['word_embeddings']['weight']``, encoder parameters as
-    ``['language_model']['encoder']['layers.0....']``, the untied head as
-    ``['language_model']['output_layer']['weight']`` and the last pipeline stage's copy of the
-    tied embedding (``word_embeddings.weight``) as ``['word_embeddings_for_head']['weight']``,
-    so Megatron-LM's ``load_state_dict`` reads our checkpoints. Other names stay flat.
-    """
-    nested = {}
-    for name, value in flat.items():
-        parts = name.split(".")
-        if parts[0] == "language_model" and len(parts) > 2:
-            module = nested.setdefault("language_model", {})
-            if parts[1] == "embedding" and len(parts) > 3:
-                module.setdefault("embedding", {}).setdefault(parts[2], {})[
-                    ".".join(parts[3:])] = value
-            else:
-                module.setdefault(parts[1], {})[".".join(parts[2:])] = value
-        elif parts[0] == "word_embeddings" and len(parts) > 1:
-            nested.setdefault(HEAD_COPY_KEY, {})[".".join(parts[1:])] = value
-        else:
-            nested[name] = value
-    return nested
-
-
-def flat_model_state(state):
-    """The inverse of ``megatron_model_state`` (parameter order kept); also reads flat dicts
-    (our checkpoints before the nested layout) and Megatron's older ``transformer`` key."""
-    flat = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if not prefix and key == HEAD_COPY_KEY:
-                key = "word_embeddings"
-            elif prefix == "language_model." and key == "transformer":
-                key = "encoder"
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[f"{prefix}{key}"] = value
-
-    walk(state, "")
-    return flat
-
 
 @dataclasses.dataclass
 class TrainState:
@@ -314,7 +258,7 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
         "iteration": state.iteration,
         "tokens": state.consumed_train_tokens,
         "train_state": dataclasses.asdict(state),
-        "model": megatron_model_state(_unwrap(model).state_dict()),
+        "model": _model_state_for_save(_unwrap(model)),
     }
     if not args.no_save_optim:
         ckpt["optimizer"] = optimizer.state_dict()  # collective with a distributed optimizer
@@ -366,38 +310,49 @@ def _agree_on_error(error, root, tracker_path):
     raise UserError(f"--save {root}: {error}; {TRACKER_FILENAME} {previous}")
 
 
+def _model_state_for_save(model):
+    """The model's own Megatron layout (``LanguageModule``), else the generic nesting."""
+    if hasattr(model, "state_dict_for_save_checkpoint"):
+        return model.state_dict_for_save_checkpoint()
+    return megatron_model_state(model.state_dict())
+
+
 def check_shapes(ckpt_args, args, path):
-    """A one-line UserError naming the first flag whose value differs from the checkpoint's."""
-    if ckpt_args is None:
+    """A one-line UserError naming the first flag whose value differs from the checkpoint's
+    (the model-config fields in ``megatron.model.config.CHECKPOINT_FIELDS``)."""
+    if ckpt_args is None or getattr(ckpt_args, "num_layers", None) is None:
         return
-    for name in SHAPE_FLAGS:
-        if not hasattr(ckpt_args, name) or not hasattr(args, name):
+    from megatron.arguments import transformer_config_from_args
+    from megatron.model.config import CHECKPOINT_FIELDS
+
+    try:
+        saved_cfg = transformer_config_from_args(ckpt_args)
+    except (UserError, TypeError, AttributeError, KeyError):
+        return  # args of another kind of checkpoint: the tensor shapes are checked on load
+    given_cfg = transformer_config_from_args(args)
+    for name, flag in CHECKPOINT_FIELDS.items():
+        saved, given = getattr(saved_cfg, name), getattr(given_cfg, name)
+        if saved == given:
             continue
-        saved, given = getattr(ckpt_args, name), getattr(args, name)
-        if saved != given:
-            flag = "--" + name.replace("_", "-")
-            if name == "padded_vocab_size":
-                raise UserError(f"checkpoint {path} has a padded vocabulary of {saved} but the "
-                                f"tokenizer gives {given} (check --vocab-file/--tokenizer-type "
-                                "and --make-vocab-size-divisible-by)")
-            raise UserError(f"checkpoint {path} was saved with {flag} {saved} but {flag} "
-                            f"{given} was given")
+        if name == "padded_vocab_size":
+            raise UserError(f"checkpoint {path} has a padded vocabulary of {saved} but the "
+                            f"tokenizer gives {given} (check --vocab-file/--tokenizer-type "
+                            "and --make-vocab-size-divisible-by)")
+        if isinstance(saved, bool):
+            raise UserError(f"checkpoint {path} was saved with {flag} {'on' if saved else 'off'}"
+                            f" but this run has it {'on' if given else 'off'}")
+        raise UserError(f"checkpoint {path} was saved with {flag} {saved} but {flag} "
+                        f"{given} was given")
 
 
-def _load_model_state(model, state_dict, path):
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not match this model: missing "
-                        f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                        f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-    for name, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise UserError(f"checkpoint {path}: parameter {name} has shape "
-                            f"{tuple(tensor.shape)} but the model built from the flags has "
-                            f"{tuple(own[name].shape)}")
-    model.load_state_dict(state_dict)
+def _prefixes(names):
+    """Parameter names summarised by their module (``lm_head.dense.weight`` -> ``lm_head``)."""
+    seen = []
+    for name in names:
+        head = name.split(".")[0]
+        if head not in seen:
+            seen.append(head)
+    return seen or ["none"]
 
 
 def _check_layout(ckpt_args, args, path):
@@ -409,12 +364,14 @@ def _check_layout(ckpt_args, args, path):
                             f"{given} was given; convert it with tools/checkpoint_util.py")
 
 
-def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, parallel=None):
+def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, parallel=None,
+                    policy=None):
     """Load ``--load`` if it holds a checkpoint; returns (TrainState, the checkpoint dict).
 
     With ``--finetune`` (or a release checkpoint) only the model weights are loaded and the
     counters start from zero. ``parallel``: this rank's layout (reads its (tp, pp) file and its
-    DP entry of the RNG states).
+    DP entry of the RNG states). ``policy``: a ``LoadPolicy`` naming the parameters the
+    checkpoint may lack or hold beyond this model (weights of another head); default strict.
     """
     parallel = parallel or ParallelState()
     model = _unwrap(model)
@@ -451,7 +408,11 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     _check_layout(ckpt.get("args"), args, path)
     check_shapes(ckpt.get("args"), args, path)
-    _load_model_state(model, flat_model_state(ckpt["model"]), path)
+    missing, ignored = load_flat_state(model, flat_model_state(ckpt["model"]), path, policy)
+    if missing or ignored:
+        log(f"  loaded model weights from {path} without {len(ignored)} entries this model does "
+            f"not use ({', '.join(_prefixes(ignored))}); {len(missing)} parameters keep their "
+            f"initialisation ({', '.join(_prefixes(missing))})")
 
     if args.finetune or release:
         log(f"  loaded model weights from {path} (finetune: starting from iteration 0)")

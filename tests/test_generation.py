@@ -200,11 +200,13 @@ def test_tokenizer_follows_the_checkpoint_vocab_extra_ids():
 def test_args_the_model_cannot_represent_are_refused_or_mapped():
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                 padded_vocab_size=V)
-    # --apply-residual-connection-post-layernorm leaves every shape unchanged: the weights
-    # would load into a different network.
-    with pytest.raises(UserError, match="post-layernorm"):
-        generate_text.config_from_args(argparse.Namespace(
-            **base, apply_residual_connection_post_layernorm=True))
+    # --apply-residual-connection-post-layernorm leaves every shape unchanged: the model
+    # implements it (BERT's variant), so it must reach the config, not be dropped.
+    post_ln = generate_text.config_from_args(argparse.Namespace(
+        **base, apply_residual_connection_post_layernorm=True))
+    assert post_ln.apply_residual_connection_post_layernorm
+    with pytest.raises(UserError, match="swiglu"):
+        generate_text.config_from_args(argparse.Namespace(**base, swiglu=True))
     with pytest.raises(UserError, match="RMSNorm"):
         generate_text.config_from_args(argparse.Namespace(**base, normalization="RMSNorm"))
     ok = generate_text.config_from_args(argparse.Namespace(**base, normalization="LayerNorm",

@@ -19,11 +19,13 @@ if __name__ == "__main__":
 
 import torch
 
+from megatron.arguments import transformer_config_from_args
 from megatron.checkpointing import (TRACKER_FILENAME, flat_model_state, read_checkpoint_file,
                                     read_tracker)
 from megatron.errors import UserError, run_main
 from megatron.model import GPTModel, TransformerConfig
 from megatron.text_generation import generate
+
 
 def checkpoint_path(load_dir: str, iteration=None) -> str:
     """Path of the TP/PP rank-0 model file of ``iteration`` (default: the tracker's)."""
@@ -42,39 +44,13 @@ def checkpoint_path(load_dir: str, iteration=None) -> str:
 
 
 def config_from_args(args) -> TransformerConfig:
-    """The TransformerConfig described by a checkpoint's Megatron ``args`` Namespace."""
-    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
-    if get("num_layers") is None or get("padded_vocab_size") is None:
+    """The fp32, dropout-free TransformerConfig that a checkpoint's Megatron ``args`` describe
+    (``megatron.arguments.transformer_config_from_args``, the one flags -> model mapping)."""
+    if getattr(args, "num_layers", None) is None or getattr(args, "padded_vocab_size", None) is None:
         raise UserError("checkpoint args lack num_layers / padded_vocab_size: not a GPT checkpoint")
-    # Megatron-LM architecture flags this model does not implement; some leave every tensor
-    # shape unchanged, so the weights would load and sample from a different network.
-    unsupported = [flag for flag, value in (
-        ("--swiglu", get("swiglu", False)), ("--squared-relu", get("squared_relu", False)),
-        ("--openai-gelu", get("openai_gelu", False)),
-        ("--apply-residual-connection-post-layernorm",
-         get("apply_residual_connection_post_layernorm", False)),
-        ("--normalization " + str(get("normalization")),
-         get("normalization", "LayerNorm") not in (None, "LayerNorm")),
-        ("--group-query-attention", get("group_query_attention", False)),
-        ("--rotary-interleaved", get("rotary_interleaved", False))) if value]
-    if unsupported:
-        raise UserError(f"the checkpoint was trained with {', '.join(unsupported)}, which this "
-                        f"GPT model does not implement")
-    return TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, seq_length=args.seq_length,
-        padded_vocab_size=args.padded_vocab_size,
-        max_position_embeddings=get("max_position_embeddings"),
-        ffn_hidden_size=get("ffn_hidden_size"), kv_channels=get("kv_channels"),
-        hidden_dropout=0.0, attention_dropout=0.0,
-        layernorm_epsilon=get("layernorm_epsilon", 1e-5),
-        position_embedding_type=get("position_embedding_type") or "learned_absolute",
-        rotary_percent=get("rotary_percent", 1.0),
-        rope_theta=get("rotary_base", get("rope_theta", 10000.0)),
-        untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", False)),
-        # Our checkpoints before add_bias_linear was stored hold only disable_bias_linear.
-        add_bias_linear=get("add_bias_linear", not get("disable_bias_linear", False)),
-        params_dtype=torch.float32)
+    return transformer_config_from_args(
+        args, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
+        recompute_granularity=None, sequence_parallel=False)
 
 
 def load_model(load_dir: str, iteration=None, device="cpu"):

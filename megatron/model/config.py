@@ -10,6 +10,23 @@ from megatron.errors import UserError
 POSITION_EMBEDDING_TYPES = ("learned_absolute", "rope")
 
 
+#: Fields a checkpoint must share with the model that loads it, and the flag that sets each
+#: (a checkpoint saved with another value is refused by name, before its tensors are read).
+CHECKPOINT_FIELDS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "kv_channels": "--kv-channels",
+    "padded_vocab_size": "padded vocabulary size",
+    "max_position_embeddings": "--max-position-embeddings",
+    "position_embedding_type": "--position-embedding-type",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "add_bias_linear": "--disable-bias-linear",
+    "apply_residual_connection_post_layernorm": "--apply-residual-connection-post-layernorm",
+}
+
+
 @dataclass
 class TransformerConfig:
     """Shape and regularisation of a Megatron GPT/BERT transformer (one field per Megatron flag)."""
@@ -55,8 +72,11 @@ class TransformerConfig:
     use_flash_attn: bool = False
     """SDPA is always used; True restricts it to its flash kernel (Megatron's --use-flash-attn;
     not on our command line)."""
+    apply_residual_connection_post_layernorm: bool = False
+    """Megatron's post-LN variant, the original BERT: each residual branch starts from the
+    LayerNorm's output instead of its input (--apply-residual-connection-post-layernorm)."""
     num_tokentypes: int = 0
-    """Token-type (segment) embeddings rows; 0 for GPT, 2 for BERT."""
+    """Token-type (segment) embeddings rows; 0 for GPT, 2 for BERT with the binary head."""
     sequence_parallel: bool = False
     """Split activations outside the TP regions along the sequence (--sequence-parallel);
     a no-op at tensor-parallel size 1."""

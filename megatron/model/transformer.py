@@ -219,6 +219,12 @@ class ParallelMLP(nn.Module):
 class ParallelTransformerLayer(nn.Module):
     """Pre-LayerNorm block: x + drop(attn(ln(x))), then + drop(mlp(ln(.))).
 
+    With ``config.apply_residual_connection_post_layernorm`` (Megatron's post-LN, the original
+    BERT) each residual starts from the LayerNorm's output: y = ln1(x) + drop(attn(ln1(x))),
+    then ln2(y) + drop(mlp(ln2(y))). With the block's final LayerNorm this is exactly BERT's
+    post-LN stack: layer i's ``input_layernorm`` plays the part of BERT's embedding LayerNorm
+    (i = 0) or of layer i-1's output LayerNorm.
+
     ``layer_number`` is the global 0-based index of the layer in the whole model (pipeline
     stages hold slices; random-LTD keeps the first and the last layer dense).
     """
@@ -228,6 +234,7 @@ class ParallelTransformerLayer(nn.Module):
         super().__init__()
         self.layer_number = layer_number
         self.hidden_dropout = config.hidden_dropout
+        self.post_ln = config.apply_residual_connection_post_layernorm
         self.input_layernorm = _layer_norm(config)
         self.self_attention = ParallelAttention(config, layer_number, parallel, causal)
         self.post_attention_layernorm = _layer_norm(config)
@@ -236,10 +243,14 @@ class ParallelTransformerLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden [b, r, h], position_ids [b, r] | None, attention_mask [b|1, 1, r, r] | None."""
-        attn = self.self_attention(self.input_layernorm(hidden), position_ids, attention_mask)
-        hidden = hidden + F.dropout(attn, self.hidden_dropout, self.training)
-        mlp = self.mlp(self.post_attention_layernorm(hidden))
-        return hidden + F.dropout(mlp, self.hidden_dropout, self.training)
+        normed = self.input_layernorm(hidden)
+        attn = self.self_attention(normed, position_ids, attention_mask)
+        hidden = (normed if self.post_ln else hidden) + F.dropout(attn, self.hidden_dropout,
+                                                                  self.training)
+        normed = self.post_attention_layernorm(hidden)
+        mlp = self.mlp(normed)
+        return (normed if self.post_ln else hidden) + F.dropout(mlp, self.hidden_dropout,
+                                                                self.training)
 
 
 class ParallelTransformer(nn.Module):

@@ -76,18 +76,17 @@ def _chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[to
 
 
 def tied_embedding_weight(model, parallel: ParallelState) -> Optional[torch.nn.Parameter]:
-    """This rank's half of the tied embedding pair: the word embeddings on the first stage, the
-    LM head's copy on the last stage; None when there is no pair here (pp_size 1, untied
+    """This rank's half of the tied embedding pair (the model's ``tied_embedding_weight``, a
+    ``megatron.model.module.LanguageModule`` method): the word embeddings on the first stage,
+    the LM head's copy on the last stage; None when there is no pair here (pp_size 1, untied
     output layer, or a middle stage)."""
     if parallel.pp_size == 1:
         return None
     for chunk in _chunks(model):
-        if getattr(chunk, "config", None) is None or \
-                chunk.config.untie_embeddings_and_output_weights:
-            continue
-        if (parallel.is_first_stage and chunk.pre_process) or \
-                (parallel.is_last_stage and chunk.post_process):
-            return chunk.shared_embedding_or_output_weight()
+        weight = chunk.tied_embedding_weight() if hasattr(chunk, "tied_embedding_weight") \
+            else None
+        if weight is not None:
+            return weight
     return None
 
 
