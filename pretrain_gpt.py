@@ -4,7 +4,8 @@ import torch
 
 from megatron.arguments import transformer_config_from_args
 from megatron.errors import run_main
-from megatron.training import pretrain
+from megatron.ltd.driver import token_drop_for_batch
+from megatron.training import Provider, pretrain
 from megatron.utils import get_ltor_masks_and_position_ids, print_rank_0
 
 
@@ -57,24 +58,18 @@ def forward_step_provider(args, tokenizer):
         return loss, {"lm loss": loss.detach()}
 
     def forward_step(data_iterator, model, token_drop=None):
-        """``token_drop``: None (no dropping) or sample ids -> TokenDropState (random-LTD).
-        A ``megatron.ltd.driver.TokenDropper`` (``accepts_tokens``) also gets the EOD positions
-        (the special tokens) and the labels, and sees the per-token losses (TokenBypass)."""
+        """``token_drop``: what the schedule passes (see ``token_drop_for_batch``); GPT's
+        special tokens are the EODs."""
         tokens, labels, loss_mask, attention_mask, position_ids, sample_ids = \
             get_batch(data_iterator)
-        drop, observe = None, None
-        if getattr(token_drop, "accepts_tokens", False):
-            drop = token_drop(sample_ids, special_mask=tokens == eod, labels=labels,
-                              tokens=tokens)
-            if token_drop.wants_losses:
-                observe = token_drop.observe_losses
-        elif token_drop is not None:
-            drop = token_drop(sample_ids)
+        drop, observe = token_drop_for_batch(token_drop, sample_ids, tokens=tokens,
+                                             labels=labels, loss_mask=loss_mask,
+                                             special_mask=tokens == eod)
         output = model(tokens, position_ids, attention_mask, labels=labels, token_drop=drop)
 
         def loss(out):
             if observe is not None:
-                observe(labels, out.detach(), loss_mask, tokens)
+                observe(out)
             return loss_func(loss_mask, out)
 
         return output, loss
@@ -82,8 +77,12 @@ def forward_step_provider(args, tokenizer):
     return forward_step
 
 
+PROVIDER = Provider(model=model_provider, datasets=datasets_provider,
+                    forward_step=forward_step_provider)
+
+
 def main(argv=None):
-    return pretrain(datasets_provider, model_provider, forward_step_provider, argv=argv)
+    return pretrain(PROVIDER, argv=argv)
 
 
 if __name__ == "__main__":

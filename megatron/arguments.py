@@ -223,8 +223,9 @@ def validate_args(args, world_size=1):
              f"--short-seq-prob must be in (0, 1], got {args.short_seq_prob}")
 
     # random-LTD / layer-token options (flags and DeepSpeed JSON): fail early on bad values.
-    from megatron.ltd.config import random_ltd_config_from_args
+    from megatron.ltd.config import apply_random_ltd_preset, random_ltd_config_from_args
 
+    apply_random_ltd_preset(args)
     random_ltd_config_from_args(args)
 
     # Our earlier checkpoints name the bias flag by its negation; keep both names in args.

@@ -17,6 +17,11 @@ class UserError(Exception):
     """Bad user input. The message must name the flag, file or line and say what was expected."""
 
 
+class NotImplementedYet(UserError, NotImplementedError):
+    """A feature that is visibly not built yet: reported as one line (a UserError) and still a
+    NotImplementedError for code that catches those."""
+
+
 def run_main(main, *args, **kwargs):
     """Call ``main`` and turn a ``UserError`` -- or an OSError of the environment (disk full,
     read-only, permission) -- into one line on stderr and exit status 2."""

@@ -1,16 +1,25 @@
 """The pretraining loop: setup, train_step, evaluate, exit conditions, checkpoints.
 
-Entry points (``pretrain_gpt.py``, ``pretrain_bert.py``) supply three providers and call
-``pretrain``:
+Entry points (``pretrain_gpt.py``, ``pretrain_bert.py``, ``tasks/``) hand the loop a
+``Provider``, everything that is theirs, and call ``pretrain``:
 
-- ``model_provider(args, parallel) -> torch.nn.Module``
-- ``datasets_provider(args, tokenizer, num_samples) -> (train, valid, test)`` where
-  ``num_samples`` is the (train, valid, test) target size in samples;
-- ``forward_step_provider(args, tokenizer) -> forward_step`` with Megatron's narrow contract
+- ``model(args, parallel) -> LanguageModule``: this rank's part of the model;
+- ``datasets(args, tokenizer, num_samples) -> (train, valid, test)`` where ``num_samples`` is
+  the (train, valid, test) target size in samples;
+- ``forward_step(args, tokenizer) -> forward_step`` with Megatron's narrow contract
   ``forward_step(data_iterator, model, token_drop=None) -> (output_tensor, loss_func)`` and
-  ``loss_func(output_tensor) -> (loss, {name: value})``. ``token_drop`` is None (evaluation,
-  or random-LTD off) or a callable mapping the micro-batch's sample ids (the ``'index'`` field
-  of the batch) to a ``megatron.ltd.TokenDropState``.
+  ``loss_func(output_tensor) -> (loss, {name: value})``: the named losses (``lm loss``,
+  ``sop loss``, ...) are logged, averaged and written to TensorBoard by name. ``token_drop`` is
+  None (evaluation, or random-LTD off) or what ``megatron.ltd.driver.token_drop_for_batch``
+  turns into the micro-batch's ``TokenDropState`` given the batch's sample ids (the ``'index'``
+  field) and its special-token and padding masks;
+- ``flops_per_sample(args, kept_lengths)``: model FLOPs of one sample's forward and backward
+  (the TFLOP/s of the log line);
+- ``load_policy``: which parameters a ``--load`` checkpoint may lack or hold beyond the model;
+- ``check_args(args)``: the family's own flag checks.
+
+``pretrain(datasets_provider, model_provider, forward_step_provider)``, Megatron's form, still
+works and means a GPT-like provider.
 """
 
 import argparse
@@ -40,6 +49,36 @@ from megatron.training_log import TrainingLogger
 from megatron.utils import print_rank_0
 
 
+def transformer_flops_per_sample(args, kept_lengths=None):
+    """Model FLOPs of one sample (Narayanan et al. 2021, eq. 3; 72 without recompute), the LM
+    head over every position; under random-LTD the dropping layers counted at their kept
+    lengths ``{layer id: r}``. GPT's and BERT's (whose pooler and binary head are negligible)."""
+    from megatron.model.utils import gpt_flops_per_iteration
+
+    return gpt_flops_per_iteration(1, args.seq_length, args.num_layers, args.hidden_size,
+                                   args.padded_vocab_size, ffn_hidden_size=args.ffn_hidden_size,
+                                   kept_lengths=kept_lengths,
+                                   recompute=args.recompute_granularity == "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """What an entry point gives the training loop (see the module docstring)."""
+
+    model: object
+    """(args, parallel) -> this rank's model (a ``megatron.model.LanguageModule``)."""
+    datasets: object
+    """(args, tokenizer, (train, valid, test) sample targets) -> (train, valid, test)."""
+    forward_step: object
+    """(args, tokenizer) -> forward_step(data_iterator, model, token_drop=None)."""
+    flops_per_sample: object = transformer_flops_per_sample
+    """(args, kept_lengths or None) -> FLOPs of one sample's forward and backward."""
+    load_policy: object = None
+    """A ``megatron.model.LoadPolicy`` for --load (None: the checkpoint must match exactly)."""
+    check_args: object = None
+    """(args) -> None: the family's own flag checks (a UserError naming the flag)."""
+
+
 @dataclasses.dataclass
 class PretrainResult:
     """What a run leaves behind besides checkpoints and logs (used by tests and studies)."""
@@ -51,11 +90,18 @@ class PretrainResult:
     test_losses: Sequence = ()  # the end-of-training test-set evaluation, if any
 
 
-def pretrain(datasets_provider, model_provider, forward_step_provider, *, argv=None,
+def pretrain(provider, model_provider=None, forward_step_provider=None, *, argv=None,
              extra_args_provider=None, args_defaults=None, log=print_rank_0):
-    """Parse Megatron's flags from ``argv`` and train. Returns a ``PretrainResult``."""
+    """Parse Megatron's flags from ``argv`` and train with ``provider`` (a ``Provider``, or
+    Megatron's three functions: datasets, model, forward-step providers). Returns a
+    ``PretrainResult``."""
+    if not isinstance(provider, Provider):
+        provider = Provider(model=model_provider, datasets=provider,
+                            forward_step=forward_step_provider)
     args = parse_args(argv, extra_args_provider, defaults=args_defaults)
-    return run_pretraining(args, datasets_provider, model_provider, forward_step_provider, log)
+    if provider.check_args is not None:
+        provider.check_args(args)
+    return run_pretraining(args, provider, log=log)
 
 
 def build_tokenizer_from_args(args, log=print_rank_0):
@@ -76,23 +122,20 @@ def build_tokenizer_from_args(args, log=print_rank_0):
     return tokenizer
 
 
-def run_pretraining(args, datasets_provider, model_provider, forward_step_provider,
-                    log=print_rank_0):
+def run_pretraining(args, provider, log=print_rank_0):
     start_time = time.time()
     env = read_distributed_env()
     started_here = env.world_size > 1 and not torch.distributed.is_initialized()
     if started_here:
         init_process_group(env, args.distributed_backend)
     try:
-        return _run_pretraining(args, datasets_provider, model_provider, forward_step_provider,
-                                log, start_time)
+        return _run_pretraining(args, provider, log, start_time)
     finally:
         if started_here:
             torch.distributed.destroy_process_group()
 
 
-def _run_pretraining(args, datasets_provider, model_provider, forward_step_provider, log,
-                     start_time):
+def _run_pretraining(args, provider, log, start_time):
     device = select_device(args.device)
     args.device = str(device)
     parallel = build_parallel_state(args.tensor_model_parallel_size,
@@ -108,7 +151,7 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
     if args.save is not None:
         check_save_dir(args.save)
 
-    model = model_provider(args, parallel).to(device)
+    model = provider.model(args, parallel).to(device)
     initialize_embedding_tie(model, parallel)
     n_params = sum(p.numel() for p in model.parameters())
     log(f" > number of parameters on (tensor, pipeline) model parallel rank "
@@ -119,17 +162,17 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
     resolve_train_iters(args, ltd)
     scheduler = build_scheduler(args, optimizer, ltd)
     state, ckpt = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker,
-                                  log=log, parallel=parallel)
+                                  log=log, parallel=parallel, policy=provider.load_policy)
     if ckpt is not None and state.iteration > 0 and "random_ltd_scheduler" in ckpt:
         ltd.load_state_dict(ckpt["random_ltd_scheduler"])
     if args.load is not None and (args.no_load_optim or args.finetune):
         optimizer.reload_model_params()
 
     train_iter, valid_iter, test_iter = build_data_iterators(args, state, tokenizer,
-                                                             datasets_provider, parallel, log)
+                                                             provider.datasets, parallel, log)
     step = StepRunner(args, parallel, model,
                       wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
-                      optimizer, forward_step_provider(args, tokenizer))
+                      optimizer, provider.forward_step(args, tokenizer))
     # As Megatron: the last rank (the last pipeline stage, which computes the loss) writes
     # TensorBoard.
     logger = TrainingLogger(args, log=log, write=torch_rank() == torch_world_size() - 1)
@@ -140,7 +183,7 @@ def _run_pretraining(args, datasets_provider, model_provider, forward_step_provi
         exited = False
         if not args.skip_train and state.iteration < args.train_iters:
             exited = train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger,
-                           start_time, log)
+                           start_time, log, flops_per_sample=provider.flops_per_sample)
         # As Megatron: --exit-interval / --exit-duration-in-mins end the program after the
         # checkpoint, without the end-of-training evaluations (a job about to hit its time limit
         # must not start a full validation and test pass).
@@ -268,15 +311,9 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
             loader(test_ds, 0))
 
 
-def flops_per_iteration(args, kept_lengths=None):
-    """Model FLOPs of one iteration (Narayanan et al. 2021, eq. 3; 72 without recompute); under
-    random-LTD the dropping layers counted at their kept lengths ``{layer id: r}``."""
-    from megatron.model.utils import gpt_flops_per_iteration
-
-    return gpt_flops_per_iteration(args.global_batch_size, args.seq_length, args.num_layers,
-                                   args.hidden_size, args.padded_vocab_size,
-                                   ffn_hidden_size=args.ffn_hidden_size, kept_lengths=kept_lengths,
-                                   recompute=args.recompute_granularity == "full")
+def flops_per_iteration(args, kept_lengths=None, flops_per_sample=transformer_flops_per_sample):
+    """Model FLOPs of one iteration: the global batch times ``flops_per_sample``."""
+    return args.global_batch_size * flops_per_sample(args, kept_lengths)
 
 
 def uses_main_grads(args) -> bool:
@@ -459,7 +496,8 @@ def _should_exit(args, state, start_time):
     return False, ""
 
 
-def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log):
+def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log,
+          flops_per_sample=transformer_flops_per_sample):
     """Run iterations until --train-iters or another stop condition; save as requested.
 
     Returns True when --exit-interval or --exit-duration-in-mins ended training (the caller
@@ -516,7 +554,8 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             logger.scalar("world-size/world-size", args.world_size, state.iteration,
                           state.consumed_train_samples, state.consumed_train_tokens,
                           ltd.consumed_layer_tokens)
-        flops = flops_per_iteration(args, ltd.kept_lengths if ltd.enabled else None)
+        flops = flops_per_iteration(args, ltd.kept_lengths if ltd.enabled else None,
+                                    flops_per_sample)
         logger.training_step(state, losses, optimizer.param_groups[0]["lr"], grad_norm,
                              float(optimizer.get_loss_scale()), skipped=not ok, extra=extra,
                              flops=flops,

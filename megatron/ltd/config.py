@@ -128,6 +128,79 @@ class RandomLTDConfig:
 # flags
 
 
+@dataclass(frozen=True)
+class Preset:
+    """A published random-LTD kept-length schedule, scaled to any run length: the kept length
+    starts at ``start`` and grows by 16 every ``tokens_per_step`` tokens of the paper's run of
+    ``paper_tokens`` tokens; here it reaches the full length after the same fraction of the run
+    (``ramp_fraction``), so a shorter run follows the same shape."""
+
+    start: int
+    tokens_per_step: float
+    paper_tokens: float
+    seq_length: int
+    note: str
+
+    @property
+    def ramp_fraction(self) -> float:
+        steps = (self.seq_length - self.start) / DEFAULT_STEP
+        return min(1.0, steps * self.tokens_per_step / self.paper_tokens)
+
+
+_BERT_2M = 2_000_000 * 1024 * 512  # tokens of the paper's BERT-large run (2M iterations)
+_BERT_200K = 200_000 * 1024 * 512  # the 0.2M-iteration ablations
+#: Yao et al. 2022, BERT-large on the PILE (seq 512, batch 1024): Tab. 2/E.1 and the ablations.
+PRESETS = {
+    "bert-ltd-1": Preset(200, 48e9, _BERT_2M, 512, "random-LTD-1: start 200, +16 per 48B tokens"),
+    "bert-ltd-2": Preset(128, 38e9, _BERT_2M, 512, "random-LTD-2: start 128, +16 per 38B tokens"),
+    "bert-ablation-3.8b": Preset(256, 3.8e9, _BERT_200K, 512,
+                                 "0.2M-iteration ablation: start 256, +16 per 3.8B tokens"),
+    "bert-ablation-6b": Preset(256, 6e9, _BERT_200K, 512,
+                               "0.2M-iteration ablation: start 256, +16 per 6B tokens"),
+}
+
+
+def apply_random_ltd_preset(args):
+    """Expand ``--random-ltd-preset NAME`` into the flags it stands for: --random-ltd,
+    --random-ltd-start, --random-ltd-step 16, a fixed_linear schedule over the preset's
+    fraction of this run (--random-ltd-schedule-steps from --train-iters/--train-samples, or
+    --random-ltd-schedule-tokens from --train-tokens). The start scales with --seq-length when
+    it is not the paper's 512. Flags the preset sets may not also be given."""
+    name = getattr(args, "random_ltd_preset", None)
+    if name is None:
+        return None
+    preset = PRESETS[name]
+    for flag in ("random_ltd_start", "random_ltd_step", "random_ltd_schedule",
+                 "random_ltd_schedule_steps", "random_ltd_schedule_tokens",
+                 "random_ltd_layer_starts", "deepspeed_config"):
+        if getattr(args, flag, None) is not None:
+            raise UserError(f"--random-ltd-preset {name} sets the schedule: leave out "
+                            f"--{flag.replace('_', '-')}")
+    if getattr(args, "random_ltd_method", "random") not in (None, "random"):
+        raise UserError(f"--random-ltd-preset {name} is random-LTD: leave out "
+                        f"--random-ltd-method {args.random_ltd_method}")
+    seq = args.seq_length
+    start = preset.start if seq == preset.seq_length else \
+        max(DEFAULT_STEP, round(preset.start * seq / preset.seq_length / DEFAULT_STEP)
+            * DEFAULT_STEP)
+    args.random_ltd = True
+    args.random_ltd_start = min(start, seq)
+    args.random_ltd_step = DEFAULT_STEP
+    args.random_ltd_schedule = "fixed_linear"
+    fraction = preset.ramp_fraction
+    if args.train_iters is not None:
+        args.random_ltd_schedule_steps = max(1, round(fraction * args.train_iters))
+    elif args.train_samples is not None:
+        args.random_ltd_schedule_steps = max(
+            1, round(fraction * args.train_samples / args.global_batch_size))
+    elif args.train_tokens is not None:
+        args.random_ltd_schedule_tokens = max(1, round(fraction * args.train_tokens))
+    else:
+        raise UserError(f"--random-ltd-preset {name} scales to the run length: give "
+                        "--train-iters, --train-samples or --train-tokens")
+    return preset
+
+
 def add_random_ltd_args(parser):
     """Add the random-LTD, layer-token and DeepSpeed-config flags to ``parser``; returns it."""
     g = parser.add_argument_group("random-LTD")
@@ -153,6 +226,9 @@ def add_random_ltd_args(parser):
     g.add_argument("--random-ltd-layer-starts", type=int, nargs="+", default=None,
                    help="Per-layer starts: one per dropping layer, or FIRST LAST (linearly "
                         "spaced over the dropping layers).")
+    g.add_argument("--random-ltd-preset", default=None, choices=list(PRESETS),
+                   help="A published schedule (Yao et al. 2022, BERT-large), scaled to this "
+                        "run's length; implies --random-ltd.")
     g.add_argument("--random-ltd-keep-special-tokens", action="store_true",
                    help="Ablation: dropping layers always keep the special tokens.")
     g.add_argument("--train-layer-tokens", type=int, default=None,

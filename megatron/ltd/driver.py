@@ -33,6 +33,33 @@ from megatron.ltd.schedule import RandomLTDScheduler
 from megatron.ltd.tokenbypass import TokenImportance, tokenbypass_config
 
 
+def token_drop_for_batch(token_drop, sample_ids, *, tokens=None, labels=None, loss_mask=None,
+                         special_mask=None, padding_mask=None):
+    """The hook an entry point's ``forward_step`` calls once per micro-batch.
+
+    ``token_drop`` is what the schedule passed to ``forward_step``: None (evaluation, or a dense
+    step), a ``TokenDropper`` (gets what the entry point knows per position [b, s]:
+    ``special_mask`` True at special tokens, ``padding_mask`` True at padding, ``labels``,
+    ``tokens``, ``loss_mask``), or a plain ``sample_ids -> TokenDropState`` callable (tests,
+    studies). Returns ``(state, observe)``: the ``TokenDropState`` to pass to the model (None:
+    dense), and None or ``observe(per_token_loss [b, s])`` for the loss function to call on the
+    training forward's per-token losses (TokenBypass's importance table).
+    """
+    if token_drop is None:
+        return None, None
+    if not getattr(token_drop, "accepts_tokens", False):
+        return token_drop(sample_ids), None
+    state = token_drop(sample_ids, special_mask=special_mask, labels=labels, tokens=tokens,
+                       padding_mask=padding_mask)
+    if not token_drop.wants_losses:
+        return state, None
+
+    def observe(per_token_loss):
+        token_drop.observe_losses(labels, per_token_loss.detach(), loss_mask, tokens)
+
+    return state, observe
+
+
 class TokenDropper:
     """The ``token_drop`` callable of one iteration: a micro-batch -> ``TokenDropState``."""
 

@@ -1,4 +1,5 @@
-"""Megatron's TransformerLanguageModel: embedding -> encoder (the block) [-> untied output layer].
+"""Megatron's TransformerLanguageModel: embedding -> encoder (the block) [-> untied output layer]
+[, BERT's pooler].
 
 It exists to give parameters Megatron's names (``language_model.embedding...``,
 ``language_model.encoder...``, ``language_model.output_layer.weight``) and to hold the pipeline
@@ -38,11 +39,14 @@ def parallel_lm_logits(hidden: torch.Tensor, weight: torch.Tensor, parallel: Par
 
 
 class TransformerLanguageModel(nn.Module):
-    """Embedding (first stage), encoder, and the untied output layer (last stage)."""
+    """Embedding (first stage), encoder, and the untied output layer and the pooler (last
+    stage). ``causal``: GPT's causal attention (else bidirectional, BERT); ``add_pooler``:
+    hold BERT's pooler (``language_model.pooler``), applied by the model."""
 
     def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState(), *,
                  pre_process: bool = True, post_process: bool = True,
-                 layer_ids: Optional[Sequence[int]] = None, causal: bool = True):
+                 layer_ids: Optional[Sequence[int]] = None, causal: bool = True,
+                 add_pooler: bool = False):
         super().__init__()
         self.pre_process = pre_process
         self.post_process = post_process
@@ -56,6 +60,11 @@ class TransformerLanguageModel(nn.Module):
         if post_process and config.untie_embeddings_and_output_weights:
             with seeded_init(config.init_seed, config.num_layers + 1):
                 self.output_layer = self._output_layer(config, parallel)
+        if post_process and add_pooler:  # BERT's [CLS] pooler (Megatron keeps it here)
+            from megatron.model.heads import Pooler
+
+            with seeded_init(config.init_seed, config.num_layers + 2):
+                self.pooler = Pooler(config, parallel)
 
     @staticmethod
     def _output_layer(config, parallel):
