@@ -11,6 +11,12 @@ size of the uncompressed JSON lines. It is generated once and cached under ``--c
 Each run calls the real command line in a fresh process and reports wall-clock documents/s and
 MB/s (uncompressed input), tokens/s, CPU seconds used, and the speed-up over the first run.
 The outputs of all runs are checked to be byte-identical.
+
+``--paths gpt bert`` also times the BERT sentence path on the same corpus in the same run:
+``--split-sentences`` with ``--sentence-splitter`` (default sentencex) and BertWordPieceLowerCase
+on the test WordPiece vocab (``--bert-vocab-file``), one sequence per sentence::
+
+    python benchmarks/bench_preprocess.py --size-mb 20 --paths gpt bert --workers 1 2
 """
 
 import argparse
@@ -103,7 +109,7 @@ def corpus_path(cache_dir, size_mb, seed):
     return os.path.join(cache_dir, f"bench_pile_{size_mb}mb_seed{seed}_{tag}.jsonl.zst")
 
 
-def run_tool(corpus, prefix, workers, tok_args, env=None):
+def run_tool(corpus, prefix, workers, tok_args, env=None, level="document"):
     cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", corpus,
            "--output-prefix", prefix, "--append-eod", "--workers", str(workers),
            "--log-interval", "100000000", *tok_args]
@@ -116,9 +122,61 @@ def run_tool(corpus, prefix, workers, tok_args, env=None):
         sys.exit(f"preprocess_data failed ({proc.returncode}):\n{proc.stderr}")
     done = re.search(r"Done: (\d+) documents, (\d+) tokens, ([\d.]+) MB", proc.stderr)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"workers": workers, "wall": wall, "docs": int(done.group(1)),
+    with open(f"{prefix}_text_{level}.idx", "rb") as f:  # sequences: the header's count
+        seqs = int(np.frombuffer(f.read(26), "<u8", 1, 18)[0])
+    return {"workers": workers, "wall": wall, "docs": int(done.group(1)), "seqs": seqs,
             "tokens": int(done.group(2)), "mb": float(done.group(3)), "cpu": cpu,
             "cmd": " ".join(cmd)}
+
+
+def compare_batching(corpus, vocab_file, splitter, mb_limit=5):
+    """In one process, on the first ``mb_limit`` MB of text: the splitter's speed, and BERT
+    WordPiece over those sentences one call each vs one batch call per ~1 MB of documents
+    (what the tool does). Prints MB/s of document text."""
+    import io
+
+    import zstandard
+
+    sys.path.insert(0, ROOT)
+    from megatron.tokenizer import build_tokenizer
+    from tools.preprocess_data import make_sentence_splitter
+
+    tok = build_tokenizer("BertWordPieceLowerCase", vocab_file=vocab_file)
+    split, name = make_sentence_splitter("english", False, splitter)
+    docs, size = [], 0
+    with open(corpus, "rb") as f:
+        reader = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), "utf-8")
+        for line in reader:
+            docs.append(json.loads(line)["text"])
+            size += len(docs[-1].encode())
+            if size >= mb_limit * 2**20:
+                break
+    mb = size / 2**20
+    start = time.perf_counter()
+    sentences = [split(d) for d in docs]
+    t_split = time.perf_counter() - start
+    flat = [s for ss in sentences for s in ss]
+    start = time.perf_counter()
+    one = [tok.tokenize(s) for s in flat]
+    t_one = time.perf_counter() - start
+    start = time.perf_counter()
+    batched, chunk, chunk_size = [], [], 0
+    for ss, d in zip(sentences, docs):
+        chunk.extend(ss)
+        chunk_size += len(d)
+        if chunk_size >= 2**20:
+            batched.extend(tok.tokenize_batch(chunk))
+            chunk, chunk_size = [], 0
+    batched.extend(tok.tokenize_batch(chunk))
+    t_batch = time.perf_counter() - start
+    assert one == batched
+    start = time.perf_counter()
+    tok.tokenize_batch(docs)  # whole documents: no sentence boundaries, for reference
+    t_docs = time.perf_counter() - start
+    print(f"in-process, {mb:.1f} MB, {len(docs)} docs, {len(flat)} sentences: split ({name}) "
+          f"{mb / t_split:.1f} MB/s; WordPiece one call per sentence {mb / t_one:.2f} MB/s, "
+          f"batch per 1 MB of documents {mb / t_batch:.2f} MB/s ({t_one / t_batch:.2f}x); "
+          f"whole documents unsplit, batched {mb / t_docs:.2f} MB/s")
 
 
 def main(argv=None):
@@ -131,10 +189,19 @@ def main(argv=None):
     p.add_argument("--vocab-file", default=os.path.join(ASSETS, "gpt2-vocab.json"))
     p.add_argument("--merge-file", default=os.path.join(ASSETS, "gpt2-merges.txt"))
     p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--paths", nargs="+", choices=["gpt", "bert"], default=["gpt"],
+                   help="gpt: the tokenizer above, one sequence per document; bert: "
+                        "--split-sentences with BertWordPieceLowerCase, one per sentence")
+    p.add_argument("--bert-vocab-file", default=os.path.join(ASSETS, "bert-vocab.txt"))
+    p.add_argument("--sentence-splitter", default="sentencex",
+                   help="--sentence-splitter of the bert path")
     p.add_argument("--tokenizer-threads", choices=["default", "off", "on"], default="default",
                    help="HF tokenizers' own thread pool (TOKENIZERS_PARALLELISM): 'default' "
                         "leaves the tool's choice (threads with 1 worker, none per worker "
                         "with more), 'off'/'on' force it for every run")
+    p.add_argument("--compare-batching", action="store_true",
+                   help="also time, in this process, the sentence splitter and WordPiece per "
+                        "sentence vs batched (bert path)")
     args = p.parse_args(argv)
     env = dict(os.environ)
     if args.tokenizer_threads != "default":
@@ -146,36 +213,53 @@ def main(argv=None):
         n = generate(corpus, args.size_mb, args.seed)
         print(f"generated {corpus}: {n} documents in {time.perf_counter() - start:.1f} s",
               file=sys.stderr)
-    tok_args = ["--tokenizer-type", args.tokenizer_type]
+    gpt_args = ["--tokenizer-type", args.tokenizer_type]
     for flag in ("vocab_file", "merge_file", "tokenizer_model"):
         if getattr(args, flag):
-            tok_args += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+            gpt_args += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    bert_args = ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file",
+                 args.bert_vocab_file, "--split-sentences", "--sentence-splitter",
+                 args.sentence_splitter]
+    plans = {"gpt": (gpt_args, "document"), "bert": (bert_args, "sentence")}
 
-    rows, outputs = [], []
+    rows, identical = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_preprocess_") as tmp:
-        for workers in args.workers:
-            prefix = os.path.join(tmp, f"w{workers}")
-            rows.append(run_tool(corpus, prefix, workers, tok_args, env))
-            with open(prefix + "_text_document.bin", "rb") as f:
-                digest = hashlib.md5(f.read()).hexdigest()
-            with open(prefix + "_text_document.idx", "rb") as f:
-                digest += hashlib.md5(f.read()).hexdigest()
-            outputs.append(digest)
-            os.remove(prefix + "_text_document.bin")
-    identical = len(set(outputs)) == 1
+        for path in args.paths:
+            tok_args, level = plans[path]
+            outputs = []
+            for workers in args.workers:
+                prefix = os.path.join(tmp, f"{path}_w{workers}")
+                row = run_tool(corpus, prefix, workers, tok_args, env, level)
+                row["path"] = path
+                rows.append(row)
+                digest = ""
+                for ext in (".bin", ".idx"):
+                    with open(f"{prefix}_text_{level}{ext}", "rb") as f:
+                        digest += hashlib.md5(f.read()).hexdigest()
+                outputs.append(digest)
+                os.remove(f"{prefix}_text_{level}.bin")
+            identical[path] = len(set(outputs)) == 1
 
+    first = rows[0]
     print(f"corpus: {corpus} ({os.path.getsize(corpus) / 2**20:.1f} MB compressed, "
-          f"{rows[0]['mb']:.1f} MB JSON, {rows[0]['docs']} docs, {rows[0]['tokens']} tokens)")
-    print(f"tokenizer: {' '.join(map(str, tok_args))}; tokenizer threads: "
-          f"{args.tokenizer_threads}; cpus: {os.cpu_count()}")
-    print(f"{'workers':>7} {'wall s':>8} {'docs/s':>9} {'MB/s':>7} {'Mtok/s':>7} "
-          f"{'cpu s':>7} {'speed-up':>8}")
+          f"{first['mb']:.1f} MB JSON, {first['docs']} docs)")
+    for path in args.paths:
+        print(f"{path}: {' '.join(map(str, plans[path][0]))}")
+    print(f"tokenizer threads: {args.tokenizer_threads}; cpus: {os.cpu_count()}")
+    print(f"{'path':>4} {'workers':>7} {'wall s':>8} {'docs/s':>9} {'MB/s':>7} {'seqs':>9} "
+          f"{'Mtok/s':>7} {'cpu s':>7} {'speed-up':>8}")
+    base = {}
     for r in rows:
-        print(f"{r['workers']:>7} {r['wall']:>8.2f} {r['docs'] / r['wall']:>9.1f} "
-              f"{r['mb'] / r['wall']:>7.2f} {r['tokens'] / r['wall'] / 1e6:>7.3f} "
-              f"{r['cpu']:>7.1f} {rows[0]['wall'] / r['wall']:>7.2f}x")
-    print(f"outputs byte-identical across worker counts: {identical}")
-    return rows, identical
+        base.setdefault(r["path"], r["wall"])
+        print(f"{r['path']:>4} {r['workers']:>7} {r['wall']:>8.2f} {r['docs'] / r['wall']:>9.1f} "
+              f"{r['mb'] / r['wall']:>7.2f} {r['seqs']:>9} "
+              f"{r['tokens'] / r['wall'] / 1e6:>7.3f} {r['cpu']:>7.1f} "
+              f"{base[r['path']] / r['wall']:>7.2f}x")
+    for path, same in identical.items():
+        print(f"{path}: outputs byte-identical across worker counts: {same}")
+    if args.compare_batching:
+        compare_batching(corpus, args.bert_vocab_file, args.sentence_splitter)
+    return rows, all(identical.values())
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def test_round_trip_pile_records(tmp_path, tok, records):
 def test_sentence_split_round_trip(tmp_path, tok, records):
     src = write_jsonl(tmp_path / "s.jsonl", records[:60])
     out = str(tmp_path / "s")
-    run(["--input", src, "--output-prefix", out, "--split-sentences", "--append-eod", *GPT2])
+    run(["--input", src, "--output-prefix", out, "--split-sentences", "--sentence-splitter",
+         "simple", "--append-eod", *GPT2])
     ds = IndexedDataset(out + "_text_sentence")
     for d, record in enumerate(records[:60]):
         expected = [tok.tokenize(s) for s in simple_split_sentences(record["text"])]
@@ -201,7 +202,8 @@ def test_merge_errors(tmp_path, records, capsys):
     assert not os.path.exists(tmp_path / "m.bin") and not os.path.exists(tmp_path / "m.idx")
 
 
-@pytest.mark.parametrize("extra", [[], ["--split-sentences"], ["--workers", "2"]])
+@pytest.mark.parametrize("extra", [[], ["--split-sentences", "--sentence-splitter", "simple"],
+                                   ["--workers", "2"]])
 def test_array_of_sentences_is_a_pre_split_document(tmp_path, tok, extra):
     """As Megatron-LM: a key holding an array of strings (its *_ss.json files) is a document
     already split into sentences, one sequence per non-empty element, EOD on the last."""
@@ -302,3 +304,233 @@ def test_command_line_exit_status(tmp_path):
     assert lines == [proc.stderr.strip().splitlines()[-1]]
     assert "bad.jsonl:2: malformed JSON" in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT: --split-sentences with WordPiece, one sequence per sentence (<prefix>_text_sentence)
+# ---------------------------------------------------------------------------------------------
+
+BERT_VOCAB = os.path.join(ASSETS, "bert-vocab.txt")
+BERT = ["--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", BERT_VOCAB]
+try:
+    import sentencex  # noqa: F401  (the default --sentence-splitter; a dependency)
+    HAVE_SENTENCEX = True
+except ImportError:
+    HAVE_SENTENCEX = False
+needs_sentencex = pytest.mark.skipif(not HAVE_SENTENCEX, reason="sentencex is not installed")
+
+#: English prose the default splitter (sentencex) must keep whole: abbreviations, initials,
+#: decimals, versions, quotes, ellipses. Each entry is one document's gold sentences.
+GOLD = [
+    ["Dr. Smith arrived at noon.", "He was late."],
+    ["Mr. and Mrs. Jones live on Elm St. near the park.", "They have two dogs."],
+    ["The U.S. economy grew in 2019.", "Growth slowed later."],
+    ["Use a solvent, e.g. acetone, to clean it.", "Then let it dry."],
+    ["Some fruits, i.e. apples and pears, keep well.", "Others do not."],
+    ["The price rose to 3.75 dollars.", "Sales fell by 2.5 percent."],
+    ["\"Are you coming?\" she asked.", "He said nothing."],
+    ["He said, \"I will be there.\"", "He never came."],
+    ["Wait...", "Is that right?"],
+    ["I thought about it... and then I left.", "Nobody noticed."],
+    ["Prof. Adams and Gen. Lee met at 5 p.m. on Tuesday.", "The meeting was short."],
+    ["J. R. R. Tolkien wrote many books.", "Most are long."],
+    ["He earned a Ph.D. from MIT.", "Then he taught."],
+    ["Version 2.0.1 fixed the bug.", "Version 2.1 added features."],
+    ["Smith et al. reported similar results.", "Their sample was small."],
+    ["\u201cHello,\u201d she said.", "\u201cGoodbye.\u201d", "He left."],
+    ["Visit www.example.com for more.", "It is free."],
+]
+
+
+@pytest.fixture(scope="module")
+def bert():
+    return build_tokenizer("BertWordPieceLowerCase", vocab_file=BERT_VOCAB)
+
+
+def bert_records(n, seed=0):
+    """Prose documents (gold sentences joined by spaces or newlines); every 7th is empty."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        sentences = [] if i % 7 == 3 else [
+            s for k in rng.choice(len(GOLD), rng.integers(1, 5)) for s in GOLD[k]]
+        out.append({"text": ("\n\n" if i % 5 == 0 else " ").join(sentences)})
+    return out
+
+
+def read_docs(prefix):
+    ds = IndexedDataset(prefix)
+    return [[ds[i].tolist() for i in range(ds.doc_idx[d], ds.doc_idx[d + 1])]
+            for d in range(ds.num_documents)]
+
+
+@needs_sentencex
+def test_sentencex_keeps_abbreviations_decimals_quotes():
+    split, name = preprocess_data.make_sentence_splitter("english", False)
+    assert name.startswith("sentencex")
+    for gold in GOLD:
+        assert split(" ".join(gold)) == gold
+    # Megatron's --lang names map to the ISO codes sentencex takes.
+    assert preprocess_data.make_sentence_splitter("german", False)[1].endswith("(de)")
+
+
+@needs_sentencex
+def test_sentencex_keep_newlines():
+    split, _ = preprocess_data.make_sentence_splitter("english", True, "sentencex")
+    text = "First one.\n\nSecond one. Third\none.\n"
+    assert split(text) == ["First one.\n\n", "Second one.", "Third\none.\n"]
+    split, _ = preprocess_data.make_sentence_splitter("english", False, "sentencex")
+    assert split(text) == ["First one.", "Second one.", "Third\none."]
+    assert split("   \n ") == [] and split("") == []
+
+
+def _idx_header(path):
+    raw = open(path, "rb").read()
+    n, docs = np.frombuffer(raw, "<u8", 2, 18)
+    sizes = np.frombuffer(raw, "<i4", int(n), 34)
+    pointers = np.frombuffer(raw, "<i8", int(n), 34 + 4 * int(n))
+    doc_idx = np.frombuffer(raw, "<i8", int(docs), 34 + 12 * int(n))
+    assert len(raw) == 34 + 12 * int(n) + 8 * int(docs)
+    return raw[:9], int(np.frombuffer(raw, "<u8", 1, 9)[0]), raw[17], sizes, pointers, doc_idx
+
+
+@needs_sentencex
+def test_bert_sentence_round_trip(tmp_path, bert, capsys):
+    records = bert_records(80)
+    src = write_jsonl(tmp_path / "b.jsonl", records)
+    out = str(tmp_path / "bert")
+    summary = run(["--input", src, "--output-prefix", out, "--split-sentences",
+                   "--append-eod", *BERT])
+    assert summary["outputs"] == [out + "_text_sentence"]
+    err = capsys.readouterr().err
+    assert "Splitting sentences with sentencex" in err
+    assert "Are you sure you don't want to split sentences?" not in err
+    split, _ = preprocess_data.make_sentence_splitter("english", False)
+    expected_docs = []
+    for r in records:
+        seqs = [ids for ids in (bert.tokenize(s) for s in split(r["text"])) if ids]
+        if seqs:
+            seqs[-1] = seqs[-1] + [bert.eod]  # EOD ([EOS]) counted in the last sentence
+        expected_docs.append(seqs)
+    assert read_docs(out + "_text_sentence") == expected_docs
+    # The .idx as megatron-core reads it: MMIDIDX v1, uint16 (code 8), sizes/pointers/doc_idx.
+    magic, version, code, sizes, pointers, doc_idx = _idx_header(out + "_text_sentence.idx")
+    assert (magic, version, code) == (b"MMIDIDX\x00\x00", 1, 8)
+    lens = [len(s) for d in expected_docs for s in d]
+    assert sizes.tolist() == lens
+    assert pointers.tolist() == (2 * np.concatenate(([0], np.cumsum(lens)[:-1]))).tolist()
+    assert doc_idx.tolist() == np.concatenate(([0], np.cumsum([len(d) for d in
+                                                                 expected_docs]))).tolist()
+    assert os.path.getsize(out + "_text_sentence.bin") == 2 * sum(lens)
+    assert any(len(d) == 0 for d in expected_docs) and any(len(d) > 2 for d in expected_docs)
+
+
+@needs_sentencex
+def test_bert_append_eod_accounting(tmp_path, bert):
+    records = bert_records(30, seed=1)
+    src = write_jsonl(tmp_path / "e.jsonl", records)
+    run(["--input", src, "--output-prefix", tmp_path / "with", "--split-sentences",
+         "--append-eod", *BERT])
+    run(["--input", src, "--output-prefix", tmp_path / "without", "--split-sentences", *BERT])
+    with_eod, without = read_docs(str(tmp_path / "with_text_sentence")), \
+        read_docs(str(tmp_path / "without_text_sentence"))
+    assert len(with_eod) == len(without) == len(records)
+    for a, b in zip(with_eod, without):
+        assert len(a) == len(b)  # EOD adds no sequence ...
+        if b:  # ... it ends the last one, counted in its size
+            assert a[:-1] == b[:-1] and a[-1] == b[-1] + [bert.eod]
+            assert bert.eod not in b[-1]
+
+
+@needs_sentencex
+@pytest.mark.parametrize("tokenizer", ["BertWordPieceLowerCase", "BertWordPieceCase"])
+def test_bert_workers_and_zst_byte_identical(tmp_path, tokenizer):
+    records = bert_records(150, seed=2)
+    plain = write_jsonl(tmp_path / "w.jsonl", records)
+    open(tmp_path / "w.jsonl.zst", "wb").write(
+        zstandard.ZstdCompressor().compress(open(plain, "rb").read()))
+    common = ["--split-sentences", "--append-eod", "--chunk-bytes", "3000",
+              "--tokenizer-type", tokenizer, "--vocab-file", BERT_VOCAB]
+    run(["--input", plain, "--output-prefix", tmp_path / "one", "--workers", "1", *common])
+    run(["--input", tmp_path / "w.jsonl.zst", "--output-prefix", tmp_path / "two",
+         "--workers", "2", *common])
+    assert files(str(tmp_path / "one_text_sentence")) == files(str(tmp_path / "two_text_sentence"))
+
+
+def test_bert_without_split_warns(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "n.jsonl", bert_records(3))
+    run(["--input", src, "--output-prefix", tmp_path / "o", *BERT])
+    assert "Are you sure you don't want to split sentences?" in capsys.readouterr().err
+    assert os.path.exists(tmp_path / "o_text_document.idx")
+
+
+def _nltk_punkt_installed():
+    try:
+        return preprocess_data._nltk_splitter("english", False) is not None
+    except Exception:
+        return False
+
+
+@needs_sentencex
+def test_sentence_splitter_choices(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "c.jsonl", bert_records(5))
+    split_auto, name = preprocess_data.make_sentence_splitter("english", False, "auto")
+    if _nltk_punkt_installed():
+        assert name.startswith("nltk")
+    else:  # no download is ever tried: auto falls back to sentencex
+        assert name.startswith("sentencex")
+        _fails(capsys, preprocess_data, ["--input", src, "--output-prefix", tmp_path / "o",
+                                         "--split-sentences", "--sentence-splitter", "nltk",
+                                         *BERT], "--sentence-splitter nltk", "not installed")
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("o")]
+    run(["--input", src, "--output-prefix", tmp_path / "s", "--split-sentences",
+         "--sentence-splitter", "simple", *BERT])
+    assert "Splitting sentences with simple" in capsys.readouterr().err
+
+
+BERT_BAD = [
+    ("malformed", ['{"text": "Dr. Who. Ok."}', '{"text": "broken'], "bad.jsonl:2",
+     "malformed JSON"),
+    ("missing_key", ['{"text": "Fine."}', '{"body": "x"}'], "bad.jsonl:2", "key 'text'"),
+]
+
+
+@pytest.mark.parametrize("name, lines, where, what", BERT_BAD, ids=[b[0] for b in BERT_BAD])
+@pytest.mark.parametrize("workers", ["1", "2"])
+@needs_sentencex
+def test_bert_bad_lines(tmp_path, capsys, name, lines, where, what, workers):
+    src = write_jsonl(tmp_path / "bad.jsonl", lines)
+    _fails(capsys, preprocess_data, ["--input", src, "--output-prefix", tmp_path / "o",
+                                     "--split-sentences", "--workers", workers,
+                                     "--chunk-bytes", "1", *BERT], where, what)
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl"]
+
+
+@needs_sentencex
+def test_bert_bad_inputs(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "ok.jsonl", bert_records(4))
+    split = ["--split-sentences"]
+    _fails(capsys, preprocess_data, ["--input", tmp_path / "missing.jsonl", "--output-prefix",
+                                     tmp_path / "o", *split, *BERT], "missing.jsonl",
+           "not found")
+    _fails(capsys, preprocess_data, ["--input", src, "--output-prefix", tmp_path / "o", *split,
+                                     "--tokenizer-type", "BertWordPieceLowerCase",
+                                     "--vocab-file", tmp_path / "nope.txt"], "nope.txt")
+    vocab = open(BERT_VOCAB, encoding="utf-8").read().split("\n")
+    (tmp_path / "vocab.txt").write_text("\n".join(t for t in vocab if t not in ("[MASK]",
+                                                                               "[SEP]")))
+    _fails(capsys, preprocess_data, ["--input", src, "--output-prefix", tmp_path / "o", *split,
+                                     "--tokenizer-type", "BertWordPieceCase",
+                                     "--vocab-file", tmp_path / "vocab.txt"],
+           "vocab.txt", "special token", "[SEP] [MASK]")
+    data = open(src, "rb").read() * 50
+    comp = zstandard.ZstdCompressor().compress(data)
+    open(tmp_path / "trunc.jsonl.zst", "wb").write(comp[:len(comp) // 2])
+    _fails(capsys, preprocess_data, ["--input", tmp_path / "trunc.jsonl.zst", "--output-prefix",
+                                     tmp_path / "o", *split, *BERT], "trunc.jsonl.zst",
+           "truncated")
+    open(tmp_path / "junk.jsonl.zst", "wb").write(b"\x28\xb5\x2f\xfd" + b"garbage" * 40)
+    _fails(capsys, preprocess_data, ["--input", tmp_path / "junk.jsonl.zst", "--output-prefix",
+                                     tmp_path / "o", *split, "--workers", "2", *BERT],
+           "junk.jsonl.zst", "zstd")
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("o_") or n.startswith("o.")]

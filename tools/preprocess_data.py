@@ -7,8 +7,21 @@ Example (GPT-2 BPE, as Megatron-LM)::
         --merge-file gpt2-merges.txt --append-eod --workers 8
 
 writes ``data/pile_text_document.bin/.idx``: one document per JSON line, one sequence per
-document (one per non-empty sentence with ``--split-sentences``, named ``_sentence``), EOD
-appended to the last sequence of every non-empty document and counted in its size. As in
+document, EOD appended to the last sequence of every non-empty document and counted in its size.
+
+For BERT, split sentences (Megatron's BERT datasets need one sequence per sentence)::
+
+    python tools/preprocess_data.py --input wiki.jsonl.zst --output-prefix data/wiki \\
+        --tokenizer-type BertWordPieceLowerCase --vocab-file bert-vocab.txt \\
+        --split-sentences --workers 8
+
+writes ``data/wiki_text_sentence.bin/.idx``: one sequence per non-empty sentence, ``doc_idx``
+marking where each document starts (an empty document adds a boundary and no sequence), with
+``--append-eod`` the EOD counted in the last sentence's size, as Megatron-LM. Sentences are
+split by ``--sentence-splitter``: ``sentencex`` (default; rule-based, compiled, ships its rules,
+offline and deterministic), ``nltk`` (Megatron's NLTK punkt, if nltk and its punkt data are
+installed; never downloaded), ``simple`` (a regex) or ``auto`` (nltk if installed, else
+sentencex). The sentences of a whole chunk of documents are tokenized in one batch call. As in
 Megatron-LM, a key whose value is an array of strings is a document already split into
 sentences (one sequence per non-empty element, not split again), e.g. Megatron's ``*_ss.json``.
 
@@ -60,11 +73,18 @@ def get_args(argv=None):
     g.add_argument("--json-keys", nargs="+", default=["text"],
                    help="keys to extract; nested keys with dots, e.g. meta.pile_set_name")
     g.add_argument("--split-sentences", action="store_true",
-                   help="one sequence per sentence (NLTK punkt if installed with its data, "
-                        "else a simple deterministic splitter)")
+                   help="one sequence per sentence, split by --sentence-splitter")
+    g.add_argument("--sentence-splitter", default=DEFAULT_SENTENCE_SPLITTER,
+                   choices=SENTENCE_SPLITTERS,
+                   help="sentencex: rule-based, offline, deterministic (default); nltk: "
+                        "Megatron's NLTK punkt, needs nltk and its punkt data installed (never "
+                        "downloaded); simple: a dependency-free regex splitter; auto: nltk if "
+                        "installed with its data, else sentencex, else simple")
     g.add_argument("--keep-newlines", action="store_true",
                    help="keep newlines between sentences when splitting")
-    g.add_argument("--lang", default="english", help="language of the NLTK punkt model")
+    g.add_argument("--lang", default="english",
+                   help="language for the sentence splitter: an NLTK punkt name (english, "
+                        "german, ...) or, for sentencex, an ISO 639-1 code")
     g.add_argument("--skip-bad-lines", action="store_true",
                    help="skip and count malformed lines instead of stopping at the first one")
     g = p.add_argument_group("tokenizer")
@@ -256,17 +276,72 @@ def simple_split_sentences(text, keep_newlines=False):
     return sentences
 
 
-def make_sentence_splitter(lang, keep_newlines):
-    """NLTK punkt when nltk and its model are installed (never downloaded), else the simple one.
+#: ``--sentence-splitter`` choices; the default is deterministic and needs no download.
+SENTENCE_SPLITTERS = ("sentencex", "nltk", "simple", "auto")
+DEFAULT_SENTENCE_SPLITTER = "sentencex"
 
-    Returns ``(split, name)``.
-    """
+#: NLTK punkt's language names (Megatron's ``--lang``) -> the ISO 639-1 codes sentencex takes.
+_ISO_LANG = {"english": "en", "german": "de", "french": "fr", "spanish": "es", "italian": "it",
+             "portuguese": "pt", "dutch": "nl", "russian": "ru", "polish": "pl", "czech": "cs",
+             "danish": "da", "estonian": "et", "finnish": "fi", "greek": "el",
+             "norwegian": "no", "slovene": "sl", "swedish": "sv", "turkish": "tr",
+             "malayalam": "ml"}
+
+
+def _from_segments(text, segments, keep_newlines):
+    """Sentences from consecutive segments that cover ``text``: stripped, blank ones dropped;
+    with ``keep_newlines`` the newlines up to the next sentence are kept at a sentence's end."""
+    out, ends, pos = [], [], 0
+    for seg in segments:
+        stripped = seg.strip()
+        if stripped:
+            out.append(stripped)
+            ends.append(pos + len(seg.rstrip()))
+        pos += len(seg)
+    if keep_newlines:
+        for i in range(len(out)):
+            gap_end = ends[i + 1] - len(out[i + 1]) if i + 1 < len(out) else len(text)
+            newlines = text.count("\n", ends[i], gap_end)
+            if newlines:
+                out[i] += "\n" * newlines
+    return out
+
+
+def _sentencex_splitter(lang, keep_newlines):
+    try:
+        import sentencex
+    except ImportError:
+        return None
+    code = _ISO_LANG.get(lang.lower(), lang)
+
+    def split(text):
+        return _from_segments(text, sentencex.segment(code, text), keep_newlines)
+
+    try:
+        from importlib.metadata import version
+
+        ver = version("sentencex")
+    except Exception:  # installed without metadata
+        ver = "?"
+    return split, f"sentencex {ver} ({code})"
+
+
+def _nltk_splitter(lang, keep_newlines):
+    """NLTK punkt from installed data (punkt_tab, else the old punkt pickle); never downloads."""
     try:
         import nltk
+    except ImportError:
+        return None
+    punkt = None
+    try:  # nltk >= 3.8.2: the pickle-free punkt_tab data
+        from nltk.tokenize.punkt import PunktTokenizer
 
-        punkt = nltk.data.load(f"tokenizers/punkt/{lang}.pickle")
-    except Exception:  # nltk or its data missing: fall back, deterministically
-        return (lambda text: simple_split_sentences(text, keep_newlines)), "simple"
+        punkt = PunktTokenizer(lang)
+    except Exception:
+        try:  # older nltk: tokenizers/punkt/<lang>.pickle, as Megatron loads it
+            punkt = nltk.data.load(f"tokenizers/punkt/{lang}.pickle")
+        except Exception:
+            return None
 
     def split(text):
         spans = list(punkt.span_tokenize(text))
@@ -279,7 +354,38 @@ def make_sentence_splitter(lang, keep_newlines):
             out.append(sentence)
         return out
 
-    return split, f"nltk punkt ({lang})"
+    return split, f"nltk {getattr(nltk, '__version__', '?')} punkt ({lang})"
+
+
+def make_sentence_splitter(lang, keep_newlines, name=DEFAULT_SENTENCE_SPLITTER):
+    """``(split, description)`` for ``--sentence-splitter name``; ``split(text)`` -> sentences.
+
+    ``sentencex`` (default): rule-based, compiled, ships its rules; the same output on every
+    machine with the same sentencex version. ``nltk``: Megatron's NLTK punkt, from data
+    already installed (never downloaded). ``simple``: the regex splitter above, no dependency.
+    ``auto``: nltk if it and its data are installed, else sentencex, else simple.
+    """
+    if name not in SENTENCE_SPLITTERS:
+        raise UserError(f"--sentence-splitter {name}: choose one of "
+                        f"{', '.join(SENTENCE_SPLITTERS)}")
+    if name in ("nltk", "auto"):
+        made = _nltk_splitter(lang, keep_newlines)
+        if made is not None:
+            return made
+        if name == "nltk":
+            raise UserError(f"--sentence-splitter nltk: NLTK or its punkt data for --lang "
+                            f"{lang} is not installed (pip install nltk; python -m "
+                            f"nltk.downloader punkt_tab); it is never downloaded here. The "
+                            f"default, --sentence-splitter sentencex, needs no data")
+    if name in ("sentencex", "auto"):
+        made = _sentencex_splitter(lang, keep_newlines)
+        if made is not None:
+            return made
+        if name == "sentencex":
+            raise UserError("--sentence-splitter sentencex: the sentencex package is not "
+                            "installed (pip install 'sentencex>=1.0.32'; it needs Python >= "
+                            "3.10); or use --sentence-splitter simple")
+    return (lambda text: simple_split_sentences(text, keep_newlines)), "simple"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +428,8 @@ class Encoder:
         self.eod = self.tokenizer.eod if cfg["append_eod"] else None
         self.split = None
         if cfg["split_sentences"]:
-            self.split, _ = make_sentence_splitter(cfg["lang"], cfg["keep_newlines"])
+            self.split, _ = make_sentence_splitter(cfg["lang"], cfg["keep_newlines"],
+                                                   cfg["sentence_splitter"])
 
     def _parse(self, line):
         """The texts of one line, or a string saying what is wrong with it."""
@@ -486,18 +593,21 @@ def _main(argv):
     startup = time.time()
     cfg = {k: getattr(args, k) for k in (
         "tokenizer_type", "vocab_file", "merge_file", "tokenizer_model", "vocab_size",
-        "json_keys", "append_eod", "split_sentences", "keep_newlines", "lang", "skip_bad_lines")}
+        "json_keys", "append_eod", "split_sentences", "keep_newlines", "lang", "skip_bad_lines",
+        "sentence_splitter")}
     tokenizer = build_tokenizer_from(cfg)
     if args.append_eod and getattr(tokenizer, "eod", None) is None:
         raise UserError(f"--append-eod: tokenizer {args.tokenizer_type} has no end-of-document "
                         f"token")
     cfg["dtype"] = best_fitting_dtype(tokenizer.vocab_size).name
-    encoder = Encoder(cfg, tokenizer) if args.workers == 1 else None
     if args.split_sentences:
-        splitter = make_sentence_splitter(args.lang, args.keep_newlines)[1]
-        print(f"Splitting sentences with the {splitter} splitter", file=sys.stderr)
+        splitter = make_sentence_splitter(args.lang, args.keep_newlines,
+                                          args.sentence_splitter)[1]
+        cfg["sentence_splitter"] = splitter.split()[0]  # 'auto' resolved once, for every worker
+        print(f"Splitting sentences with {splitter}", file=sys.stderr)
     elif args.tokenizer_type.startswith("BertWordPiece"):
         print("Are you sure you don't want to split sentences?", file=sys.stderr)
+    encoder = Encoder(cfg, tokenizer) if args.workers == 1 else None
     if args.partitions > 1:
         print(f"--partitions {args.partitions}: the input is streamed through one pool of "
               f"{args.workers} workers; output is the same as with one partition",
