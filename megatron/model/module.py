@@ -111,8 +111,15 @@ class LoadPolicy:
                 [n for n in unexpected if n not in ok_unexpected])
 
 
-def _short(names: List[str]) -> str:
-    return f"{names[:3]}{'...' if len(names) > 3 else ''}"
+def _describe(names: List[str]) -> str:
+    """``3 (lm_head.dense, binary_head)``: how many, and the modules they belong to."""
+    modules = []
+    for name in names:
+        module = name.rsplit(".", 1)[0]
+        if module not in modules:
+            modules.append(module)
+    shown = ", ".join(modules[:6]) + (", ..." if len(modules) > 6 else "")
+    return f"{len(names)}" + (f" ({shown})" if names else "")
 
 
 def load_flat_state(module: nn.Module, flat: Mapping[str, torch.Tensor], where: str,
@@ -127,7 +134,7 @@ def load_flat_state(module: nn.Module, flat: Mapping[str, torch.Tensor], where: 
     ok_missing, ok_unexpected, missing, unexpected = policy.split(list(own), list(flat))
     if missing or unexpected:
         raise UserError(f"checkpoint {where} does not match this model: missing "
-                        f"{_short(missing)}, unexpected {_short(unexpected)}")
+                        f"{_describe(missing)}, unexpected {_describe(unexpected)}")
     for name, tensor in flat.items():
         if name in own and tuple(tensor.shape) != tuple(own[name].shape):
             raise UserError(f"checkpoint {where}: parameter {name} has shape "
