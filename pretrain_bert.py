@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from megatron.arguments import transformer_config_from_args
 from megatron.errors import NotImplementedYet, UserError, run_main
+from megatron.ltd.config import check_model_type
 from megatron.ltd.driver import token_drop_for_batch
 from megatron.training import Provider, pretrain
 from megatron.utils import print_rank_0
@@ -127,6 +128,7 @@ def check_args(args):
     if args.position_embedding_type != "learned_absolute":
         raise UserError("pretrain_bert.py: BERT uses learned absolute position embeddings; "
                         "leave out --position-embedding-type/--use-rotary-position-embeddings")
+    check_model_type(args, "encoder", "pretrain_bert.py")
     if getattr(args, "random_ltd", False) and args.random_ltd_method != "random":
         raise NotImplementedYet(
             f"--random-ltd-method {args.random_ltd_method} for BERT is not implemented yet (the "

@@ -4,6 +4,7 @@ import torch
 
 from megatron.arguments import transformer_config_from_args
 from megatron.errors import run_main
+from megatron.ltd.config import check_model_type
 from megatron.ltd.driver import token_drop_for_batch
 from megatron.training import Provider, pretrain
 from megatron.utils import get_ltor_masks_and_position_ids, print_rank_0
@@ -77,8 +78,13 @@ def forward_step_provider(args, tokenizer):
     return forward_step
 
 
+def check_args(args):
+    """GPT-only flag checks (one line each)."""
+    check_model_type(args, "decoder", "pretrain_gpt.py")
+
+
 PROVIDER = Provider(model=model_provider, datasets=datasets_provider,
-                    forward_step=forward_step_provider)
+                    forward_step=forward_step_provider, check_args=check_args)
 
 
 def main(argv=None):

@@ -229,3 +229,26 @@ def test_preset_with_token_budget_and_conflicts():
                         "--mock-data", "--train-iters", "100", "--random-ltd-preset",
                         "bert-ltd-1"], world_size=1)
     assert short.random_ltd_start == 48  # 200 / 512 of 128, on the 16-token grid
+
+
+def test_deepspeed_model_type_must_fit_the_entry_point(tmp_path):
+    import json
+
+    import pretrain_bert
+    import pretrain_gpt
+
+    section = {"enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2,
+               "random_ltd_layer_id": [1, 2], "model_type": "decoder",
+               "random_ltd_schedule": {"min_value": 16, "max_value": 32,
+                                       "schedule_type": "fixed_linear",
+                                       "schedule_config": {"require_steps": 4,
+                                                           "seq_per_step": 16}}}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"data_efficiency": {"enabled": True, "data_routing": {
+        "enabled": True, "random_ltd": section}}}))
+    args = parse_args(argv("--train-iters", "4", "--deepspeed-config", str(path)),
+                      world_size=1)
+    pretrain_gpt.check_args(args)
+    with pytest.raises(UserError, match="model_type is 'decoder' but pretrain_bert.py trains an "
+                                        "encoder"):
+        pretrain_bert.check_args(args)

@@ -201,6 +201,16 @@ def apply_random_ltd_preset(args):
     return preset
 
 
+def check_model_type(args, expected: str, entry: str) -> None:
+    """A DeepSpeed JSON's ``model_type`` ('decoder' GPT, 'encoder' BERT) must fit the entry
+    point (DeepSpeed would build the other kind of mask)."""
+    cfg = random_ltd_config_from_args(args)
+    if cfg is not None and cfg.model_type is not None and cfg.model_type != expected:
+        raise UserError(f"--deepspeed-config {cfg.deepspeed_config}: {DS_PATH}.model_type is "
+                        f"{cfg.model_type!r} but {entry} trains an {expected} "
+                        f"({'BERT' if expected == 'encoder' else 'GPT'}) model")
+
+
 def add_random_ltd_args(parser):
     """Add the random-LTD, layer-token and DeepSpeed-config flags to ``parser``; returns it."""
     g = parser.add_argument_group("random-LTD")
