@@ -1,4 +1,5 @@
-"""Data paths and weights, --split, and the train/valid/test GPT dataset builder (Megatron)."""
+"""Data paths and weights, --split, and the train/valid/test GPT and BERT dataset builders
+(Megatron): one shared builder, given a per-family factory of split datasets."""
 
 import math
 import time
@@ -105,13 +106,60 @@ def get_indexed_dataset_(data_prefix, flag="--data-path", log=print):
     return indexed_dataset
 
 
-def _build_split_datasets(data_prefix, splits_string, num_samples, seq_length, seed,
-                          data_cache_path, flag, log):
-    """train/valid/test GPTDatasets of one prefix, split by document ranges."""
-    from megatron.data.gpt_dataset import GPTDataset
+class _GPTFactory:
+    """How the shared builder makes GPT datasets: --split divides sequences."""
 
+    def __init__(self, seq_length, seed, data_cache_path, splits_string, log):
+        self.seq_length, self.seed = seq_length, seed
+        self.data_cache_path, self.splits_string, self.log = data_cache_path, splits_string, log
+
+    def num_units(self, indexed_dataset):
+        return indexed_dataset.sizes.shape[0]
+
+    def log_split(self, indexed_dataset, start, end):
+        pass
+
+    def build(self, name, prefix, indexed_dataset, start, end, num_samples):
+        from megatron.data.gpt_dataset import GPTDataset
+
+        documents = np.arange(start, end, dtype=np.int32)
+        return GPTDataset(name, prefix, indexed_dataset, documents, num_samples,
+                          self.seq_length, self.seed, cache_dir=self.data_cache_path,
+                          splits_string=self.splits_string, log=self.log)
+
+
+class _BertFactory:
+    """How the shared builder makes BERT datasets: --split divides documents (doc_idx)."""
+
+    def __init__(self, max_seq_length, masked_lm_prob, short_seq_prob, seed, binary_head,
+                 tokenizer, data_cache_path, log):
+        self.max_seq_length, self.masked_lm_prob = max_seq_length, masked_lm_prob
+        self.short_seq_prob, self.seed, self.binary_head = short_seq_prob, seed, binary_head
+        self.tokenizer, self.data_cache_path, self.log = tokenizer, data_cache_path, log
+
+    def num_units(self, indexed_dataset):
+        return indexed_dataset.doc_idx.shape[0] - 1
+
+    def log_split(self, indexed_dataset, start, end):
+        first, last = int(indexed_dataset.doc_idx[start]), int(indexed_dataset.doc_idx[end])
+        self.log(f"     sentence indices in [{first}, {last}) total of {last - first} "
+                 f"sentences")
+
+    def build(self, name, prefix, indexed_dataset, start, end, num_samples):
+        from megatron.data.bert_dataset import BertDataset
+
+        return BertDataset(name, indexed_dataset, prefix, None, num_samples,
+                           self.masked_lm_prob, self.max_seq_length, self.short_seq_prob,
+                           self.seed, self.binary_head, self.tokenizer,
+                           doc_idx=indexed_dataset.doc_idx[start:end + 1],
+                           data_cache_path=self.data_cache_path, log=self.log)
+
+
+def _build_split_datasets(factory, data_prefix, splits_string, num_samples, flag, log):
+    """train/valid/test datasets of one prefix, split by contiguous ranges of the factory's
+    units (GPT: sequences, BERT: documents)."""
     indexed_dataset = get_indexed_dataset_(data_prefix, flag, log)
-    total = indexed_dataset.sizes.shape[0]
+    total = factory.num_units(indexed_dataset)
     splits = get_train_valid_test_split_(splits_string, total)
     log(" > dataset split:")
     result = []
@@ -119,30 +167,26 @@ def _build_split_datasets(data_prefix, splits_string, num_samples, seq_length, s
         log(f"    {label}:")
         log(f"     document indices in [{splits[k]}, {splits[k + 1]}) total of "
             f"{splits[k + 1] - splits[k]} documents")
+        factory.log_split(indexed_dataset, splits[k], splits[k + 1])
     for k, name in enumerate(("train", "valid", "test")):
         dataset = None
         if splits[k + 1] > splits[k]:
-            documents = np.arange(splits[k], splits[k + 1], dtype=np.int32)
-            dataset = GPTDataset(name, data_prefix, indexed_dataset, documents, num_samples[k],
-                                 seq_length, seed, cache_dir=data_cache_path,
-                                 splits_string=splits_string, log=log)
+            dataset = factory.build(name, data_prefix, indexed_dataset, splits[k],
+                                    splits[k + 1], num_samples[k])
         result.append(dataset)
     return tuple(result)
 
 
-def _build_whole_dataset(name, values, flag, splits_string, num_samples, seq_length, seed,
-                         data_cache_path, log):
+def _build_whole_dataset(factory, name, values, flag, num_samples, log):
     """One split from a separate --{name}-data-path: every document of each file, blended."""
     from megatron.data.blendable_dataset import BlendableDataset
-    from megatron.data.gpt_dataset import GPTDataset
 
     prefixes, weights = parse_data_path(values, flag)
 
     def whole(prefix, n):
         indexed_dataset = get_indexed_dataset_(prefix, flag, log)
-        documents = np.arange(0, indexed_dataset.sizes.shape[0], dtype=np.int32)
-        return GPTDataset(name, prefix, indexed_dataset, documents, n, seq_length, seed,
-                          cache_dir=data_cache_path, splits_string=splits_string, log=log)
+        return factory.build(name, prefix, indexed_dataset, 0,
+                             factory.num_units(indexed_dataset), n)
 
     if weights is None:
         return whole(prefixes[0], num_samples)
@@ -151,15 +195,9 @@ def _build_whole_dataset(name, values, flag, splits_string, num_samples, seq_len
     return BlendableDataset(datasets, weights, sum(per_dataset), log=log)
 
 
-def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test_num_samples,
-                                    seq_length, seed, data_cache_path=None, train_data_path=None,
-                                    valid_data_path=None, test_data_path=None, log=print):
-    """(train, valid, test) GPT datasets; None for a split without documents or path.
-
-    ``data_prefix`` is the ``--data-path`` list: one prefix, or weight/prefix pairs which are
-    split individually by ``splits_string`` and blended per split. The separate
-    ``--train/valid/test-data-path`` lists use whole files and ignore ``--split``.
-    """
+def _build_datasets(factory, data_prefix, splits_string, train_valid_test_num_samples,
+                    train_data_path, valid_data_path, test_data_path, log):
+    """(train, valid, test) from --data-path (split and blended) or the separate paths."""
     separate = [train_data_path, valid_data_path, test_data_path]
     prefixes, weights = parse_data_path(data_prefix)
     if any(separate):
@@ -169,8 +207,7 @@ def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test
         flags = ("--train-data-path", "--valid-data-path", "--test-data-path")
         names = ("train", "valid", "test")
         return tuple(
-            _build_whole_dataset(name, values, flag, splits_string, n, seq_length, seed,
-                                 data_cache_path, log) if values else None
+            _build_whole_dataset(factory, name, values, flag, n, log) if values else None
             for name, values, flag, n in zip(names, separate, flags,
                                              train_valid_test_num_samples))
     if not prefixes:
@@ -178,8 +215,8 @@ def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test
                         "--test-data-path)")
 
     if weights is None:
-        return _build_split_datasets(prefixes[0], splits_string, train_valid_test_num_samples,
-                                     seq_length, seed, data_cache_path, "--data-path", log)
+        return _build_split_datasets(factory, prefixes[0], splits_string,
+                                     train_valid_test_num_samples, "--data-path", log)
 
     from megatron.data.blendable_dataset import BlendableDataset
 
@@ -187,8 +224,8 @@ def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test
         data_prefix, list(train_valid_test_num_samples))
     per_split = ([], [], [])
     for i, (prefix, targets) in enumerate(zip(prefixes, per_dataset)):
-        built = _build_split_datasets(prefix, splits_string, targets, seq_length, seed,
-                                      data_cache_path, "--data-path", log)
+        built = _build_split_datasets(factory, prefix, splits_string, targets, "--data-path",
+                                      log)
         for k, dataset in enumerate(built):
             if dataset is not None:
                 per_split[k].append((i, dataset))
@@ -206,3 +243,36 @@ def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test
         size = sum(per_dataset[i][k] for i, _ in members)
         result.append(BlendableDataset([d for _, d in members], member_weights, size, log=log))
     return tuple(result)
+
+
+def build_train_valid_test_datasets(data_prefix, splits_string, train_valid_test_num_samples,
+                                    seq_length, seed, data_cache_path=None, train_data_path=None,
+                                    valid_data_path=None, test_data_path=None, log=print):
+    """(train, valid, test) GPT datasets; None for a split without documents or path.
+
+    ``data_prefix`` is the ``--data-path`` list: one prefix, or weight/prefix pairs which are
+    split individually by ``splits_string`` and blended per split. The separate
+    ``--train/valid/test-data-path`` lists use whole files and ignore ``--split``.
+    """
+    factory = _GPTFactory(seq_length, seed, data_cache_path, splits_string, log)
+    return _build_datasets(factory, data_prefix, splits_string, train_valid_test_num_samples,
+                           train_data_path, valid_data_path, test_data_path, log)
+
+
+def build_bert_train_valid_test_datasets(data_prefix, splits_string,
+                                         train_valid_test_num_samples, max_seq_length,
+                                         masked_lm_prob, short_seq_prob, seed, binary_head,
+                                         tokenizer, data_cache_path=None, train_data_path=None,
+                                         valid_data_path=None, test_data_path=None, log=print):
+    """(train, valid, test) BertDatasets (blended per split for weighted --data-path); None for
+    a split without documents or path.
+
+    Same --data-path / --split / --train/valid/test-data-path handling as the GPT builder,
+    except that --split divides documents (``doc_idx``), not sentences, and each split's
+    dataset sees its slice ``doc_idx[start:end + 1]``. The data must be sentence-level
+    (preprocessed with --split-sentences).
+    """
+    factory = _BertFactory(max_seq_length, masked_lm_prob, short_seq_prob, seed, binary_head,
+                           tokenizer, data_cache_path, log)
+    return _build_datasets(factory, data_prefix, splits_string, train_valid_test_num_samples,
+                           train_data_path, valid_data_path, test_data_path, log)

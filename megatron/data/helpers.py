@@ -9,11 +9,15 @@ library. Without a compiler the Python fallbacks are used (one warning).
 Public functions:
     build_blending_indices(weights, size) -> (dataset_index uint8, dataset_sample_index int64)
     build_sample_idx(sizes, doc_idx, seq_length, num_samples) -> int64 array [num_samples + 1, 2]
+    build_mapping(docs, sizes, num_epochs, max_num_samples, max_seq_length, short_seq_prob, seed,
+                  verbose, min_num_sent) -> uint32/uint64 array [n, 3] (BERT samples mapping)
+    mt19937(seed, n) / mt19937_64(seed, n): the first n outputs of std::mt19937 / mt19937_64
 """
 
 import ctypes
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -76,6 +80,16 @@ def _load():
     lib.build_blending_indices.restype = ctypes.c_int
     lib.build_sample_idx.argtypes = [ptr, ptr, ptr, i64, i64, i64]
     lib.build_sample_idx.restype = ctypes.c_int
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+    lib.mt19937_fill.argtypes = [ptr, i64, u32]
+    lib.mt19937_fill.restype = None
+    lib.mt19937_64_fill.argtypes = [ptr, i64, u64]
+    lib.mt19937_64_fill.restype = None
+    lib.build_bert_mapping.argtypes = [ptr, i32, ptr, i64, ptr, i32, u64, i32, i32, i64, i32,
+                                       ptr]
+    lib.build_bert_mapping.restype = i64
+    lib.shuffle_bert_mapping.argtypes = [ptr, i32, i64, u64]
+    lib.shuffle_bert_mapping.restype = None
     return lib
 
 
@@ -182,3 +196,271 @@ def build_sample_idx(sizes, doc_idx, seq_length, num_samples, use_c=True):
     if rc != 0:
         raise ValueError("build_sample_idx: documents hold too few tokens")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Mersenne Twister (std::mt19937 / std::mt19937_64), numpy implementation for the fallback
+
+
+class _MTParams:
+    def __init__(self, dtype, n, m, a, upper, lower, f, shift, temper):
+        self.dtype, self.n, self.m, self.f, self.shift, self.temper = dtype, n, m, f, shift, temper
+        self.a, self.upper, self.lower = dtype(a), dtype(upper), dtype(lower)
+        self.width = np.dtype(dtype).itemsize * 8
+
+
+def _temper32(y):
+    y = y ^ (y >> 11)
+    y = y ^ ((y << 7) & np.uint32(0x9D2C5680))
+    y = y ^ ((y << 15) & np.uint32(0xEFC60000))
+    return y ^ (y >> 18)
+
+
+def _temper64(y):
+    y = y ^ ((y >> 29) & np.uint64(0x5555555555555555))
+    y = y ^ ((y << 17) & np.uint64(0x71D67FFFEDA60000))
+    y = y ^ ((y << 37) & np.uint64(0xFFF7EEE000000000))
+    return y ^ (y >> 43)
+
+
+_MT32 = _MTParams(np.uint32, 624, 397, 0x9908B0DF, 0x80000000, 0x7FFFFFFF, 1812433253, 30,
+                  _temper32)
+_MT64 = _MTParams(np.uint64, 312, 156, 0xB5026F5AA96619E9, 0xFFFFFFFF80000000, 0x7FFFFFFF,
+                  6364136223846793005, 62, _temper64)
+
+
+class MersenneTwister:
+    """std::mt19937 (``bits=32``) or std::mt19937_64 (``bits=64``) seeded with ``seed``.
+
+    The state update is vectorised in numpy (one block of n outputs per twist), so drawing is
+    cheap; ``next()`` hands out the buffered block as Python ints.
+    """
+
+    def __init__(self, seed, bits=32):
+        self._p = p = _MT32 if bits == 32 else _MT64
+        mask = (1 << p.width) - 1
+        state = [int(seed) & mask]
+        for i in range(1, p.n):
+            prev = state[-1]
+            state.append((p.f * (prev ^ (prev >> p.shift)) + i) & mask)
+        self._mt = np.array(state, dtype=p.dtype)
+        self._block = []
+        self._pos = 0
+
+    def _twist(self):
+        p, mt = self._p, self._mt
+        n, m = p.n, p.m
+        start = 0
+        # mt[i] depends on mt[i+1] (not yet updated) and mt[(i+m) % n] (updated once i >= n-m):
+        # blocks of n-m entries depend only on earlier blocks.
+        while start < n - 1:
+            end = min(start + (n - m), n - 1)
+            y = (mt[start:end] & p.upper) | (mt[start + 1:end + 1] & p.lower)
+            src = mt[(np.arange(start, end) + m) % n]
+            mt[start:end] = src ^ (y >> 1) ^ ((y & 1) * p.a)
+            start = end
+        y = (mt[n - 1] & p.upper) | (mt[0] & p.lower)
+        mt[n - 1] = mt[m - 1] ^ (y >> 1) ^ ((y & 1) * p.a)
+
+    def block(self):
+        """The next n outputs as a numpy array (discarding what is left of the current one)."""
+        self._twist()
+        self._block, self._pos = [], 0
+        return self._p.temper(self._mt.copy())
+
+    def next(self):
+        if self._pos >= len(self._block):
+            self._twist()
+            self._block = self._p.temper(self._mt.copy()).tolist()
+            self._pos = 0
+        value = self._block[self._pos]
+        self._pos += 1
+        return value
+
+    def take(self, count):
+        """The next ``count`` outputs as a numpy array."""
+        parts, have = [], 0
+        if self._pos < len(self._block):
+            rest = np.array(self._block[self._pos:self._pos + count], dtype=self._p.dtype)
+            self._pos += rest.size
+            parts.append(rest)
+            have = rest.size
+        while have < count:
+            block = self.block()
+            need = min(count - have, block.size)
+            if need < block.size:
+                self._block, self._pos = block.tolist(), need
+            parts.append(block[:need])
+            have += need
+        return np.concatenate(parts) if parts else np.empty(0, dtype=self._p.dtype)
+
+
+def mt19937(seed, n, use_c=True):
+    """The first n outputs of std::mt19937(seed) as uint32."""
+    lib = compiled_library() if use_c else None
+    if lib is None:
+        return MersenneTwister(seed, 32).take(n)
+    out = np.empty(n, dtype=np.uint32)
+    lib.mt19937_fill(_ptr(out), int(n), int(seed) % 2**32)
+    return out
+
+
+def mt19937_64(seed, n, use_c=True):
+    """The first n outputs of std::mt19937_64(seed) as uint64."""
+    lib = compiled_library() if use_c else None
+    if lib is None:
+        return MersenneTwister(seed, 64).take(n)
+    out = np.empty(n, dtype=np.uint64)
+    lib.mt19937_64_fill(_ptr(out), int(n), int(seed) % 2**64)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT samples mapping
+
+LONG_SENTENCE_LEN = 512
+
+
+def short_seq_ratio(short_seq_prob):
+    """C's ``(int32_t) round(1.0 / short_seq_prob)`` (0 when the probability is 0)."""
+    if short_seq_prob <= 0:
+        return 0
+    x = 1.0 / float(short_seq_prob)
+    floor = math.floor(x)
+    return int(floor + 1 if x - floor >= 0.5 else floor)  # round half away from zero
+
+
+def document_stats(docs, sizes):
+    """Per document: number of sentences and whether build_mapping skips it for a sentence
+    longer than LONG_SENTENCE_LEN (only checked for documents of more than one sentence)."""
+    docs = np.asarray(docs, dtype=np.int64)
+    counts = np.diff(docs)
+    lo, hi = int(docs[0]), int(docs[-1])
+    long_cum = np.zeros(hi - lo + 1, dtype=np.int64)
+    np.cumsum(np.asarray(sizes[lo:hi]) > LONG_SENTENCE_LEN, out=long_cum[1:])
+    has_long = (long_cum[docs[1:] - lo] - long_cum[docs[:-1] - lo] > 0) & (counts > 1)
+    return counts, has_long
+
+
+def build_mapping_py(docs, sizes, num_epochs, max_num_samples, max_seq_length, short_seq_prob,
+                     seed, min_num_sent):
+    """Pure Python/numpy build_mapping: same rows and order as the C version (slower).
+
+    One Python step per sample (not per sentence): from a sample's first sentence the end is
+    found with a binary search over the sentence-length prefix sums.
+    """
+    docs = np.asarray(docs, dtype=np.int64)
+    sizes = np.asarray(sizes)
+    ratio = short_seq_ratio(short_seq_prob)
+    rng = MersenneTwister(int(seed) % 2**32, 32)
+
+    def target():
+        if ratio == 0:
+            return max_seq_length
+        r = rng.next()
+        return 2 + r % (max_seq_length - 1) if r % ratio == 0 else max_seq_length
+
+    lo, hi = int(docs[0]), int(docs[-1])
+    cum = np.zeros(hi - lo + 1, dtype=np.int64)  # cum[k - lo] = tokens of sentences lo..k-1
+    np.cumsum(sizes[lo:hi], out=cum[1:])
+    counts, has_long = document_stats(docs, sizes)
+    eligible = np.flatnonzero((counts >= min_num_sent) & ~has_long)
+    firsts, lasts = docs[eligible].tolist(), docs[eligible + 1].tolist()
+    rows = []
+    for _ in range(num_epochs):
+        if len(rows) >= max_num_samples:
+            break
+        epoch_start = len(rows)
+        for first, last in zip(firsts, lasts):
+            start, goal = first, target()
+            while True:
+                # Megatron emits at the first sentence k with (tokens[start..k] >= goal and
+                # k - start + 1 >= min_num_sent and more than one sentence left) or at the
+                # document's last sentence; the first clause holds on an interval of k.
+                j = int(np.searchsorted(cum, cum[start - lo] + goal, side="left")) + lo
+                k = max(j - 1, start + min_num_sent - 1, start)
+                if k > last - 3:
+                    k = last - 1
+                rows.append((start, k + 1, goal))
+                goal = target()
+                start = k + 1
+                if start >= last:
+                    break
+        if len(rows) == epoch_start:
+            break
+    dtype = np.uint64 if sizes.shape[0] > np.iinfo(np.uint32).max else np.uint32
+    maps = np.array(rows, dtype=dtype).reshape(-1, 3)
+    # Fisher-Yates with std::mt19937_64(seed + 1), applied to a permutation of the rows.
+    n = maps.shape[0]
+    perm = list(range(n))
+    rng64 = MersenneTwister((int(seed) + 1) % 2**64, 64)
+    for i in range(n - 1, 0, -1):
+        j = rng64.next() % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return maps[np.array(perm, dtype=np.int64)] if n else maps
+
+
+def build_mapping(docs, sizes, num_epochs, max_num_samples, max_seq_length, short_seq_prob,
+                  seed, verbose=False, min_num_sent=2, use_c=True, log=print):
+    """Megatron's BERT samples mapping: rows (first sentence, end sentence exclusive, target
+    length), shuffled; uint32, or uint64 when there are more than 2^32 - 1 sentences.
+
+    ``docs`` are document boundaries into ``sizes`` (a slice of the dataset's doc_idx);
+    documents with fewer than ``min_num_sent`` sentences, or of more than one sentence with one
+    longer than LONG_SENTENCE_LEN tokens, are skipped. Target lengths come from
+    std::mt19937(seed) (a short target 2 + r % (max_seq_length - 1) when r % round(1 /
+    short_seq_prob) == 0), and the rows are shuffled with std::mt19937_64(seed + 1). Epochs over
+    the documents repeat until at least ``max_num_samples`` rows exist (checked per epoch), at
+    most ``num_epochs``.
+    """
+    docs = np.ascontiguousarray(docs, dtype=np.int64)
+    sizes = np.ascontiguousarray(sizes, dtype=np.int32)
+    if docs.ndim != 1 or docs.size < 1:
+        raise ValueError("build_mapping: docs must be a 1-D array of document boundaries")
+    if docs.size > 1 and (int(docs[0]) < 0 or int(docs[-1]) > sizes.shape[0]
+                          or bool((docs[1:] < docs[:-1]).any())):
+        raise ValueError(f"build_mapping: document boundaries must be nondecreasing within "
+                         f"[0, {sizes.shape[0]}]")
+    if max_seq_length < 2:
+        raise ValueError(f"build_mapping: max_seq_length must be > 1, got {max_seq_length}")
+    if not 0.0 <= short_seq_prob <= 1.0:
+        raise ValueError(f"build_mapping: short_seq_prob must be in [0, 1], got {short_seq_prob}")
+    if num_epochs < 1 or max_num_samples < 0:
+        raise ValueError("build_mapping: num_epochs must be >= 1 and max_num_samples >= 0")
+    num_epochs = min(int(num_epochs), np.iinfo(np.int32).max)
+    max_num_samples = min(int(max_num_samples), 2**64 - 1)
+    ratio = short_seq_ratio(short_seq_prob)
+    if ratio > np.iinfo(np.int32).max:
+        raise ValueError(f"build_mapping: short_seq_prob {short_seq_prob} is too small")
+    if verbose:
+        log(f"    using:\n     number of documents:            {docs.size - 1}\n"
+            f"     sentences range:                [{docs[0]}, {docs[-1]})\n"
+            f"     total number of sentences:      {docs[-1] - docs[0]}\n"
+            f"     number of epochs:               {num_epochs}\n"
+            f"     maximum number of samples:      {max_num_samples}\n"
+            f"     maximum sequence length:        {max_seq_length}\n"
+            f"     short sequence probability:     {short_seq_prob}\n"
+            f"     short sequence ration (1/prob): {ratio}\n"
+            f"     seed:                           {seed}")
+    lib = compiled_library() if use_c else None
+    if lib is None or docs.size < 2:
+        if docs.size < 2:
+            dtype = np.uint64 if sizes.shape[0] > np.iinfo(np.uint32).max else np.uint32
+            return np.empty((0, 3), dtype=dtype)
+        return build_mapping_py(docs, sizes, num_epochs, max_num_samples, max_seq_length,
+                                short_seq_prob, seed, min_num_sent)
+    is_64 = sizes.shape[0] > np.iinfo(np.uint32).max
+    stats = np.zeros(3, dtype=np.int64)
+    args = (docs.ctypes.data_as(ctypes.c_void_p), docs.size - 1, _ptr(sizes), num_epochs,
+            max_num_samples, int(max_seq_length), ratio, int(seed), int(min_num_sent))
+    count = lib.build_bert_mapping(None, int(is_64), *args, _ptr(stats))
+    if verbose:
+        log(f"   number of empty documents: {stats[0]}\n"
+            f"   number of documents with one sentence: {stats[1]}\n"
+            f"   number of documents with long sentences: {stats[2]}\n"
+            f"   will create mapping for {count} samples")
+    maps = np.empty((count, 3), dtype=np.uint64 if is_64 else np.uint32)
+    filled = lib.build_bert_mapping(_ptr(maps), int(is_64), *args, None)
+    assert filled == count
+    lib.shuffle_bert_mapping(_ptr(maps), int(is_64), count, (int(seed) + 1) % 2**64)
+    return maps
