@@ -9,6 +9,12 @@
 - the GPT-3 scripts stop with one line (exit 2) when the data or vocabulary is missing, and
   ``DRY_RUN=1`` prints the launch command and checks its flags for the launcher's world size
   (64 under SLURM) without starting anything;
+- ``examples/pretrain_bert_large.sh`` builds the paper's BERT-large recipe (seq 512, global
+  batch 1024, micro-batch 16, 2M iterations; RANDOM_LTD=0/1/2 = dense / random-LTD-1 / -2 presets,
+  ABLATION=1 = the 0.2M-iteration ablations at lr 4e-4, DS_CONFIG = the shipped DeepSpeed JSON,
+  which is random-LTD-2), accepted by our parser plus pretrain_bert.check_args for 64 ranks;
+  ``DRY_RUN=1`` prints the layout and the kept-length schedule; a micro-batch that does not
+  divide the global batch, missing data and document-level data are refused in one line;
 - ``examples/pretrain_gpt_tiny_cpu.sh`` really trains 3 iterations with 2 gloo processes
   (torchrun, TP 2) on the test corpus and writes per-rank checkpoints;
 - ``examples/run_slurm.sbatch`` really trains 2 iterations with 2 processes started by a stub
@@ -31,7 +37,7 @@ from training_helpers import MERGES, ROOT, VOCAB, gpt_argv
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh"))
                  + glob.glob(os.path.join(ROOT, "examples", "*.sbatch")))
 OWN_LAUNCH_SCRIPTS = ["pretrain_gpt_tiny_cpu.sh", "run_torchrun.sh", "run_slurm.sbatch",
-                      "pretrain_gpt3_350M.sh", "pretrain_gpt3_1.3B.sh"]
+                      "pretrain_gpt3_350M.sh", "pretrain_gpt3_1.3B.sh", "pretrain_bert_large.sh"]
 
 
 def test_launch_scripts_exist():
@@ -105,7 +111,8 @@ def _recorded_command(tmp_path, script, launcher, **env):
     done, record = _run_script(tmp_path, script, launcher, **env)
     assert done.returncode == 0, done.stderr
     argv = record.read_text().split("\0")[:-1]
-    entry = next(i for i, a in enumerate(argv) if a.endswith("pretrain_gpt.py"))
+    entry = next(i for i, a in enumerate(argv)
+                 if a.endswith(("pretrain_gpt.py", "pretrain_bert.py")))
     return argv[:entry], argv[entry], argv[entry + 1:]
 
 
@@ -348,3 +355,281 @@ def test_slurm_script_trains_without_torchrun(data_prefix, tmp_path):
     assert "job 4242" in done.stdout
     assert "(TP 1 x PP 2 x DP 1)" in outputs[0]
     assert "iteration        2/       2" in outputs[0]
+
+
+# -- BERT-large (examples/pretrain_bert_large.sh) ----------------------------------------------
+
+BERT_SCRIPT = "pretrain_bert_large.sh"
+BERT_JSON = os.path.join(ROOT, "examples", "deepspeed_configs",
+                         "ds_config_bert_large_random_ltd.json")
+
+
+def _fake_bert_pile(directory, name="pile_bert_train_text_sentence"):
+    """Empty sentence-level ``<name>.bin/.idx`` and a WordPiece vocabulary file next to them."""
+    os.makedirs(directory, exist_ok=True)
+    for f in (f"{name}.bin", f"{name}.idx", "bert-large-uncased-vocab.txt"):
+        open(os.path.join(directory, f), "w").close()
+    return os.path.join(directory, name)
+
+
+def _bert_command(tmp_path, launcher="slurm", **env):
+    env.setdefault("DATA_PATH", _fake_bert_pile(str(tmp_path / "pile-bert")))
+    launch, entry, flags = _recorded_command(tmp_path, BERT_SCRIPT, launcher, **env)
+    assert os.path.samefile(entry, os.path.join(ROOT, "pretrain_bert.py"))
+    return launch, flags
+
+
+def _parse_bert(flags, world=64):
+    """What every rank does at start-up: Megatron's parser, then pretrain_bert's own checks."""
+    from megatron.arguments import parse_args
+    import pretrain_bert
+
+    args = parse_args(flags, world_size=world)
+    pretrain_bert.check_args(args)
+    return args
+
+
+def _kept(args):
+    from megatron.ltd.config import random_ltd_config_from_args
+
+    cfg = random_ltd_config_from_args(args)
+    return None if cfg is None or not cfg.enabled else (cfg.start, cfg.step, cfg.schedule,
+                                                        cfg.schedule_steps, cfg.layer_ids)
+
+
+@pytest.mark.parametrize("env,iters,lr,preset", [
+    ({"RANDOM_LTD": "0"}, 2000000, 1.0e-4, None),
+    ({}, 2000000, 1.0e-4, "bert-ltd-1"),                       # RANDOM_LTD=1 is the default
+    ({"RANDOM_LTD": "1"}, 2000000, 1.0e-4, "bert-ltd-1"),
+    ({"RANDOM_LTD": "2"}, 2000000, 1.0e-4, "bert-ltd-2"),
+    ({"ABLATION": "1", "RANDOM_LTD": "0"}, 200000, 4.0e-4, None),
+    ({"ABLATION": "1", "RANDOM_LTD": "1"}, 200000, 4.0e-4, "bert-ablation-3.8b"),
+    ({"ABLATION": "1", "RANDOM_LTD": "2"}, 200000, 4.0e-4, "bert-ablation-6b"),
+    ({"ABLATION": "1", "LTD_PRESET": "bert-ablation-6b"}, 200000, 4.0e-4, "bert-ablation-6b"),
+    ({"ITERS": "20000", "RANDOM_LTD": "2"}, 20000, 1.0e-4, "bert-ltd-2"),
+], ids=["dense", "default", "ltd1", "ltd2", "ablation-dense", "ablation-ltd1", "ablation-ltd2",
+        "ablation-preset-var", "short-run"])
+def test_bert_large_script_builds_the_papers_recipe(tmp_path, env, iters, lr, preset):
+    """Under srun in a 64-task job: the paper's BERT-large recipe, the RANDOM_LTD / ABLATION
+    preset, and flags that our parser and pretrain_bert.check_args accept for 64 ranks."""
+    launch, flags = _bert_command(tmp_path, "slurm", **env)
+    assert "--kill-on-bad-exit=1" in launch
+    a = _parse_bert(flags)
+    assert (a.num_layers, a.hidden_size, a.num_attention_heads) == (24, 1024, 16)
+    assert (a.seq_length, a.max_position_embeddings) == (512, 512)
+    assert (a.global_batch_size, a.micro_batch_size) == (1024, 16)
+    assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+            a.data_parallel_size, a.num_micro_batches) == (1, 1, 64, 1)
+    assert a.train_iters == iters and a.lr == lr and a.min_lr == 1.0e-5
+    assert (a.lr_decay_style, a.lr_warmup_iters, a.lr_decay_iters) == ("linear", 10000, iters)
+    assert (a.adam_beta1, a.adam_beta2, a.weight_decay, a.clip_grad) == (0.9, 0.999, 0.01, 1.0)
+    assert a.init_method_std == 0.02 and a.fp16 and not a.bf16
+    assert _flag(flags, "--split") == "949,50,1"
+    assert _flag(flags, "--tokenizer-type") == "BertWordPieceLowerCase"
+    assert _flag(flags, "--vocab-file").endswith("bert-large-uncased-vocab.txt")
+    assert _flag(flags, "--data-path").endswith("_text_sentence")
+    assert a.bert_binary_head  # Megatron's SOP head, as the recipe
+    if preset is None:
+        assert not any(f.startswith("--random-ltd") for f in flags) and not a.random_ltd
+        assert _kept(a) is None
+    else:
+        assert _flag(flags, "--random-ltd-preset") == preset
+        assert "--deepspeed-config" not in flags and a.random_ltd
+        from megatron.ltd.config import PRESETS
+
+        steps = max(1, round(PRESETS[preset].ramp_fraction * iters))
+        start = PRESETS[preset].start
+        assert _kept(a) == (start, 16, "fixed_linear", steps, tuple(range(1, 23)))
+
+
+def test_bert_large_presets_reproduce_the_papers_savings():
+    """The four presets at their paper run lengths give Tab. 2 / the ablations' layer-token
+    savings (26.2%, 31.1%, 14.1%, 22.3%), which pins the schedules the script passes."""
+    from megatron.ltd.config import PRESETS
+    from megatron.ltd.schedule import KeptLengthSchedule
+    import numpy as np
+
+    for name, iters, saving in (("bert-ltd-1", 2000000, 26.2), ("bert-ltd-2", 2000000, 31.1),
+                                ("bert-ablation-3.8b", 200000, 14.1),
+                                ("bert-ablation-6b", 200000, 22.3)):
+        steps = max(1, round(PRESETS[name].ramp_fraction * iters))
+        kept = KeptLengthSchedule("fixed_linear", PRESETS[name].start, 512, 16,
+                                  require_steps=steps).values(np.arange(iters))
+        got = 100 * (1 - (2 * 512 + 22 * kept).sum() / (24 * 512 * iters))
+        assert round(got, 1) == saving, name
+
+
+def test_bert_large_ds_json_is_the_papers_random_ltd_2(tmp_path):
+    """DS_CONFIG=<the shipped JSON>: random-LTD from its section instead of a preset, and that
+    section is the paper's random-LTD-2 for the 2M-iteration run (start 128, +16 per 38B tokens
+    = require_steps 1739502), i.e. the same schedule as RANDOM_LTD=2; batch values agree."""
+    import json
+
+    _, flags = _bert_command(tmp_path, DS_CONFIG=BERT_JSON)
+    assert os.path.samefile(_flag(flags, "--deepspeed-config"), BERT_JSON)
+    assert "--random-ltd-preset" not in flags and "--random-ltd" in flags
+    from_json = _kept(_parse_bert(flags))
+    _, preset_flags = _bert_command(tmp_path, RANDOM_LTD=2)
+    assert from_json == _kept(_parse_bert(preset_flags))
+    with open(BERT_JSON) as f:
+        ds = json.load(f)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (1024, 16)
+    assert ds["gradient_clipping"] == 1.0 and ds["fp16"]["enabled"]
+    section = ds["data_efficiency"]["data_routing"]["random_ltd"]
+    assert section["model_type"] == "encoder" and section["total_layer_num"] == 24
+    # a relative path is found from the repository root too (sbatch from elsewhere)
+    rel = os.path.relpath(BERT_JSON, ROOT)
+    _, flags = _bert_command(tmp_path, DS_CONFIG=rel)
+    assert os.path.samefile(_flag(flags, "--deepspeed-config"), BERT_JSON)
+
+
+def test_bert_large_script_overrides(tmp_path):
+    """TP/PP, bf16, the iteration count, checkpoint path and torchrun on one node."""
+    _, flags = _bert_command(tmp_path, TP=2, PP=2, MICRO_BATCH=8, PRECISION="bf16",
+                             CHECKPOINT_PATH=str(tmp_path / "ckpt"), ITERS=1000,
+                             WARMUP_ITERS=100)
+    a = _parse_bert(flags)
+    assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+            a.data_parallel_size, a.num_micro_batches) == (2, 2, 16, 8)
+    assert a.bf16 and not a.fp16 and a.train_iters == 1000 and a.lr_warmup_iters == 100
+    assert _flag(flags, "--save") == _flag(flags, "--load") == str(tmp_path / "ckpt")
+    launch, flags = _bert_command(tmp_path, "torchrun", GPUS_PER_NODE=8)
+    assert launch[launch.index("--nproc_per_node") + 1] == "8"
+    assert _parse_bert(flags, world=8).num_micro_batches == 8
+    # extra arguments pass through after the script's own flags (so they win)
+    done, record = _bert_run(tmp_path, ["--eval-interval", "2000", "--bert-no-binary-head"])
+    assert done.returncode == 0, done.stderr
+    flags = record.read_text().split("\0")[:-1]
+    assert flags[-3:] == ["--eval-interval", "2000", "--bert-no-binary-head"]
+    a = _parse_bert(flags[flags.index(os.path.join(ROOT, "pretrain_bert.py")) + 1:])
+    assert a.eval_interval == 2000 and not a.bert_binary_head
+
+
+def _bert_run(tmp_path, args=(), **env):
+    """Run the script under SLURM (64 tasks) with srun stubbed -> (process, record file)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _stub(str(bin_dir), "srun", RECORD)
+    record = tmp_path / "argv"
+    env.setdefault("DATA_PATH", _fake_bert_pile(str(tmp_path / "pile-bert")))
+    extra = dict(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RECORD_FILE=record,
+                 LAUNCHER="slurm", PYTHON=sys.executable, SLURM_JOB_ID=77, SLURM_NTASKS=64,
+                 SLURM_JOB_NUM_NODES=8, SLURM_JOB_NODELIST="gpu[001-008]")
+    extra.update(env)
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", BERT_SCRIPT), *args],
+                          env=_clean_env(**extra), capture_output=True, text=True, timeout=120)
+    return done, record
+
+
+@pytest.mark.parametrize("env,bad", [
+    ({"MICRO_BATCH": "24"}, "not divisible by MICRO_BATCH 24 x DP 64"),
+    ({"MICRO_BATCH": "32"}, "not divisible by MICRO_BATCH 32 x DP 64"),
+    ({"TP": "3"}, "64 GPUs are not divisible by TP 3 x PP 1"),
+    ({"RANDOM_LTD": "3"}, "RANDOM_LTD must be 0, 1 or 2"),
+    ({"RANDOM_LTD": "0", "LTD_PRESET": "bert-ltd-2"}, "LTD_PRESET=bert-ltd-2 with RANDOM_LTD=0"),
+    ({"LTD_PRESET": "gpt-ltd"}, "LTD_PRESET must be"),
+    ({"DS_CONFIG": BERT_JSON, "RANDOM_LTD": "0"}, "leave out RANDOM_LTD=0"),
+    ({"DS_CONFIG": "/nowhere/ds.json"}, "DS_CONFIG /nowhere/ds.json: no such file"),
+    ({"ABLATION": "2"}, "ABLATION must be 0 or 1"),
+    ({"PRECISION": "fp8"}, "PRECISION must be fp16 or bf16"),
+], ids=["mbs24", "mbs32", "tp3", "ltd3", "dense-preset", "bad-preset", "ds-dense", "ds-missing",
+        "ablation2", "fp8"])
+def test_bert_large_script_refuses_bad_combinations_in_one_line(tmp_path, env, bad):
+    """Refused before srun starts 64 ranks: one line naming the variables, exit 2."""
+    done, record = _bert_run(tmp_path, **env)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pretrain_bert_large.sh: "), done.stderr
+    assert bad in lines[0], lines[0]
+    assert not record.exists()
+
+
+def test_bert_large_script_without_data_stops_in_one_line(tmp_path):
+    done, record = _bert_run(tmp_path, DATA_PATH=str(tmp_path / "nowhere" / "pile_bert"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "pile_bert.idx" in lines[0] and "bert-large-uncased-vocab.txt" in lines[0]
+    assert "DATA_PATH" in lines[0] and "VOCAB_FILE" in lines[0] and "--split-sentences" in lines[0]
+    assert not record.exists()
+    # a GPT-style document-level prefix has no sentences: refused, naming the fix
+    prefix = _fake_bert_pile(str(tmp_path / "doc"), "pile_text_document")
+    done, record = _bert_run(tmp_path, DATA_PATH=prefix)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "--split-sentences" in lines[0]
+    assert not record.exists()
+
+
+def _bert_dry_run(tmp_path, **env):
+    """DRY_RUN=1 on a login node (no job): 64 tasks from the #SBATCH lines; srun must not run."""
+    _stub(str(tmp_path), "srun", "exit 99\n")
+    env.setdefault("DATA_PATH", _fake_bert_pile(str(tmp_path / "pile-bert")))
+    run_env = _clean_env(DRY_RUN=1, LAUNCHER="slurm", PYTHON=sys.executable,
+                         PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", **env)
+    return subprocess.run(["bash", os.path.join(ROOT, "examples", BERT_SCRIPT)], env=run_env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("env,preset,schedule", [
+    ({"RANDOM_LTD": "0"}, None, None),
+    ({"RANDOM_LTD": "1"}, "bert-ltd-1", "kept length (preset bert-ltd-1): 192 (start 200 rounded "
+     "down to a multiple of 16) -> 512 in layers 1-22 of 24, +16 every 91,553 iterations (48.0B "
+     "tokens), full length from iteration 1,785,278 of 2,000,000; layer-token saving 26.2%"),
+    ({"RANDOM_LTD": "2"}, "bert-ltd-2", "kept length (preset bert-ltd-2): 128 -> 512 in layers "
+     "1-22 of 24, +16 every 72,479 iterations (38.0B tokens), full length from iteration "
+     "1,739,502 of 2,000,000; layer-token saving 31.1%"),
+    ({"ABLATION": "1", "RANDOM_LTD": "2"}, "bert-ablation-6b", "kept length (preset "
+     "bert-ablation-6b): 256 -> 512 in layers 1-22 of 24, +16 every 11,444 iterations (6.0B "
+     "tokens), full length from iteration 183,105 of 200,000; layer-token saving 22.3%"),
+], ids=["dense", "ltd1", "ltd2", "ablation"])
+def test_bert_large_dry_run_checks_the_64_gpu_layout(tmp_path, env, preset, schedule):
+    """DRY_RUN=1: the srun command on stdout; on stderr our parser's and pretrain_bert's verdict
+    for 64 tasks (TP x PP x DP, micro-batches) and the kept-length schedule."""
+    done = _bert_dry_run(tmp_path, **env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("srun --kill-on-bad-exit=1 ")
+    assert "pretrain_bert.py " in done.stdout
+    for flag in ("--seq-length 512 ", "--global-batch-size 1024 ", "--micro-batch-size 16 "):
+        assert flag in done.stdout
+    assert ("--random-ltd-preset " + preset in done.stdout) if preset else \
+        "--random-ltd" not in done.stdout
+    assert ("--train-iters 200000 " if env.get("ABLATION") else "--train-iters 2000000 ") \
+        in done.stdout
+    assert ("flags valid for 64 processes: TP 1 x PP 1 x DP 64; micro-batch 16 x 1 "
+            "micro-batches x DP 64 = global batch 1024; 24 layers, hidden 1024, seq 512; "
+            + ("random-LTD" if preset else "dense") + " (pretrain_bert.py)") in done.stderr
+    if schedule:
+        assert "DRY_RUN: " + schedule in done.stderr
+    else:
+        assert "kept length" not in done.stderr
+
+
+def test_bert_large_dry_run_rejects_in_one_line(tmp_path):
+    """A micro-batch that does not divide: the parser's one line, exit 1."""
+    done = _bert_dry_run(tmp_path, MICRO_BATCH=24)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "DRY_RUN: rejected for 64 processes: --global-batch-size 1024 is not divisible by "
+        "--micro-batch-size 24 x data-parallel size 64"]
+
+
+def test_bert_large_dry_run_ds_json_without_data(tmp_path):
+    """The DS JSON variant on another layout; missing data is only a warning in a dry run."""
+    done = _bert_dry_run(tmp_path, DS_CONFIG=BERT_JSON, TP=2, MICRO_BATCH=32,
+                         DATA_PATH=str(tmp_path / "nowhere" / "pile_bert"))
+    assert done.returncode == 0, done.stderr
+    assert "warning:" in done.stderr and "pile_bert.idx" in done.stderr
+    assert "TP 2 x PP 1 x DP 32; micro-batch 32 x 1" in done.stderr
+    assert ("kept length (DeepSpeed JSON ds_config_bert_large_random_ltd.json): 128 -> 512"
+            in done.stderr and "saving 31.1%" in done.stderr)
+
+
+def test_bert_large_script_spooled_by_sbatch_finds_the_root(tmp_path):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    copy = spool / "slurm_script"
+    shutil.copy(os.path.join(ROOT, "examples", BERT_SCRIPT), copy)
+    data = _fake_bert_pile(str(tmp_path / "pile-bert"))
+    expected = _recorded_command(tmp_path, BERT_SCRIPT, "slurm", DATA_PATH=data)
+    assert _recorded_command(tmp_path, str(copy), "slurm", DATA_PATH=data,
+                             SLURM_SUBMIT_DIR=ROOT) == expected
