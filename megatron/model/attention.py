@@ -5,7 +5,7 @@ path and ``ParallelAttention`` uses them. On CPU with attention dropout -- every
 run, as GPT's default ``--attention-dropout`` is 0.1 -- SDPA falls back to its math kernel: the
 full [b, np, s, s] score matrix, half of it masked, in fp32, a Bernoulli mask drawn with
 ``bernoulli_`` (a slow per-element generator), and several full-size temporaries kept for
-backward. Two kernels here replace it:
+backward. Kernels here replace it:
 
 * :func:`causal_attention_with_dropout` -- causal attention in query blocks, flash-attention
   style: block ``i`` of queries meets only keys ``0 .. end of block i``, so the masked upper
@@ -16,8 +16,13 @@ backward. Two kernels here replace it:
   backward (two fp32 lower-triangle matrices instead of three full-size tensors).
   Explicit masks that hide the future (``--reset-attention-mask``'s per-document masks) are
   applied on top.
+* :func:`padding_attention_with_dropout` -- bidirectional attention under a padding mask
+  [b, 1, 1, r] (BERT), one sample at a time over its unmasked keys only: padded keys, whose
+  probabilities are exactly 0, are never scored, dropped out or stored. Same backward identity,
+  fp32 compute. About 1.6x faster than SDPA's math kernel (fp32) and 1.5x faster than
+  ``core_attention`` (bf16) for one BERT-base layer's attention at s = 512 with 21% padding.
 * :func:`core_attention` -- Megatron's CoreAttention (QK^T and PV in the activations' dtype, fp32
-  softmax, dropout): the bf16 path for non-causal masks (padding) on CPU.
+  softmax, dropout): the bf16 path on CPU for other non-causal masks (explicit [b, 1, r, r]).
 
 Dropout masks here come from :func:`dropout_keep_mask`: 31-bit random integers compared with
 ``round(p * 2^31)`` (keep probability exact to 5e-10, finer than a float32 uniform), drawn
@@ -33,7 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_attention_with_dropout", "core_attention", "dropout_keep_mask"]
+__all__ = ["causal_attention_with_dropout", "core_attention", "dropout_keep_mask",
+           "padding_attention_with_dropout"]
 
 _BITS = 31
 _BLOCK = 128  # query rows per block: measured best of 64 / 128 / 256 at s = 1024 on CPU
@@ -154,3 +160,104 @@ def core_attention(q, k, v, mask, is_causal, dropout_p):
     probs = torch.softmax(scores, dim=-1).to(q.dtype)  # [b, np, r, r]
     probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v)  # [b, np, r, hn]
+
+
+class _PaddingAttentionWithDropout(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d) + padding mask) with dropout, times v, one sample at a time,
+    over that sample's unmasked keys only.
+
+    A key masked out for every query of a sample (padding) gets probability exactly 0, so it is
+    left out of the products instead of being scored, masked, normalised, dropped out and
+    stored: the work and memory scale with the sample's real length. Saved for backward per
+    sample: the key columns used, the probabilities ``P`` and the kept, unscaled probabilities
+    ``P * keep``; the backward is the causal kernel's (flash-attention's identity
+    sum_j P_ij dP_ij = dO_i . O_i).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p: float, mask):
+        b, heads, r, d = q.shape
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        scale = d ** -0.5
+        # contiguous [b, np, r, d] (bmm on the strided views of the QKV output is ~5x slower)
+        qs = q.to(dtype, memory_format=torch.contiguous_format, copy=True).mul_(scale)
+        kf = k.to(dtype, memory_format=torch.contiguous_format)
+        vf = v.to(dtype, memory_format=torch.contiguous_format)
+        out = torch.zeros(b, heads, r, d, dtype=dtype, device=q.device)
+        saved, columns = [], []
+        for i in range(b):
+            cols = _unmasked_columns(mask[i if mask.size(0) > 1 else 0, 0, 0])
+            columns.append(cols)
+            if cols is None:  # no key to attend to: zeros
+                continue
+            ki, vi = _columns(kf[i], cols), _columns(vf[i], cols)  # [np, L, d]
+            probs = torch.softmax(torch.bmm(qs[i], ki.transpose(1, 2)), dim=-1)  # [np, r, L]
+            kept = torch.where(dropout_keep_mask(probs.shape, dropout_p, q.device), probs, 0.0)
+            torch.bmm(kept, vi, out=out[i])
+            saved += [probs, kept]
+        out.mul_(1.0 / (1.0 - dropout_p))
+        ctx.save_for_backward(qs, kf, vf, out, *saved)
+        ctx.columns, ctx.dropout_p, ctx.scale, ctx.in_dtype = columns, dropout_p, scale, q.dtype
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qs, kf, vf, out, *saved = ctx.saved_tensors
+        grad_out = grad_out.to(qs.dtype)
+        rowdot = (grad_out * out).sum(-1, keepdim=True)  # [b, np, r, 1] = sum_j P_ij dP_ij
+        grad_out = grad_out * (1.0 / (1.0 - ctx.dropout_p))
+        dq, dk, dv = torch.zeros_like(qs), torch.zeros_like(kf), torch.zeros_like(vf)
+        it = iter(saved)
+        for i, cols in enumerate(ctx.columns):
+            if cols is None:
+                continue
+            probs, kept = next(it), next(it)
+            g = grad_out[i]  # [np, r, d]
+            # d scores = P * (keep * inv_keep * dO v^T - rowdot) = kept * (g v^T) - P * rowdot
+            dscores = torch.bmm(g, _columns(vf[i], cols).transpose(1, 2))  # [np, r, L]
+            dscores.mul_(kept).addcmul_(probs, rowdot[i], value=-1.0)
+            torch.bmm(dscores, _columns(kf[i], cols), out=dq[i])
+            if isinstance(cols, int):
+                torch.bmm(kept.transpose(1, 2), g, out=dv[i, :, :cols])
+                torch.bmm(dscores.transpose(1, 2), qs[i], out=dk[i, :, :cols])
+            else:
+                dv[i].index_copy_(1, cols, torch.bmm(kept.transpose(1, 2), g))
+                dk[i].index_copy_(1, cols, torch.bmm(dscores.transpose(1, 2), qs[i]))
+        dq.mul_(ctx.scale)
+        dtype = ctx.in_dtype
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
+
+
+def _unmasked_columns(masked: torch.Tensor):
+    """masked: bool [r], True = masked out -> None (every key masked), an int L (the first L
+    keys are the unmasked ones: padding at the end, the usual case), or the indices [L]."""
+    cols = (~masked).nonzero().view(-1)
+    n = cols.numel()
+    if n == 0:
+        return None
+    if int(cols[-1]) == n - 1:
+        return n
+    return cols
+
+
+def _columns(t: torch.Tensor, cols):
+    """t [np, r, d] -> the keys ``cols`` (see ``_unmasked_columns``) [np, L, d]."""
+    return t[:, :cols] if isinstance(cols, int) else t.index_select(1, cols)
+
+
+def padding_attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   dropout_p: float, mask: torch.Tensor) -> torch.Tensor:
+    """Bidirectional self-attention under a padding mask, with dropout on the probabilities;
+    q, k, v [b, np, r, hn] -> [b, np, r, hn] in q's dtype (compute in fp32, as SDPA's math
+    kernel on CPU). ``mask``: bool [b|1, 1, 1, r], True = masked out (BERT's padding, or
+    random-LTD's gathered columns of it). Equal to ``F.scaled_dot_product_attention(q, k, v,
+    attn_mask=~mask, dropout_p=dropout_p)`` up to the dropout mask's stream; a sample whose keys
+    are all masked gets zeros (SDPA: NaN)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    b, r = q.shape[0], q.shape[2]
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.size(1) != 1 or mask.size(2) != 1 \
+            or mask.size(0) not in (1, b) or mask.size(3) != r:
+        raise ValueError(f"mask must be bool [b|1, 1, 1, r] with b={b}, r={r}; got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    return _PaddingAttentionWithDropout.apply(q, k, v, dropout_p, mask)

@@ -3,7 +3,8 @@
 Activations are batch-first, ``[b, s, h]``, everywhere (Megatron uses [s, b, h]; we use
 ``torch.nn.functional.scaled_dot_product_attention``, whose layout is [b, heads, s, head_dim], so
 batch-first avoids transposes around it; on CPU with attention dropout, where SDPA has no
-fused kernel, ``megatron.model.attention``'s block-causal kernel takes its place). Every
+fused kernel, ``megatron.model.attention``'s block-causal kernel, or for BERT's padding masks
+its padding kernel, takes its place). Every
 projection is a Column/RowParallelLinear: under tensor parallelism each rank holds
 ``num_attention_heads / tp`` heads and ``ffn / tp`` MLP channels, and nothing here changes.
 
@@ -39,7 +40,8 @@ from megatron.errors import UserError
 from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_attention_mask,
                                    gather_position_ids, gather_tokens, kept_indices_by_layer,
                                    scatter_tokens)
-from megatron.model.attention import causal_attention_with_dropout, core_attention
+from megatron.model.attention import (causal_attention_with_dropout, core_attention,
+                                      padding_attention_with_dropout)
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import init_method_normal, scaled_init_method_normal, seeded_init
 from megatron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
@@ -164,6 +166,9 @@ class ParallelAttention(nn.Module):
                 # SDPA has no fused CPU kernel with dropout; this one skips the masked future
                 context = causal_attention_with_dropout(q, k, v, dropout_p,
                                                         mask=attention_mask)
+            elif cpu_dropout and _is_padding_mask(attention_mask):
+                # BERT's padding mask: no fused CPU kernel either; this one skips padded keys
+                context = padding_attention_with_dropout(q, k, v, dropout_p, attention_mask)
             elif cpu_dropout and q.dtype == torch.bfloat16:
                 context = core_attention(q, k, v, mask, is_causal, dropout_p)
             else:
@@ -185,6 +190,14 @@ def _masks_the_future(attention_mask: Optional[torch.Tensor], is_causal: bool) -
         return False  # a padding mask [b, 1, 1, s]: not causal
     future = torch.ones(r_q, r_k, dtype=torch.bool, device=attention_mask.device).triu_(1)
     return bool((attention_mask >= future).all())
+
+
+def _is_padding_mask(attention_mask: Optional[torch.Tensor]) -> bool:
+    """Whether the mask is a padding mask: bool [b|1, 1, 1, r] (True = masked out), one row of
+    key columns per sample, as BertModel (and random-LTD's gathered columns of it) pass."""
+    return attention_mask is not None and attention_mask.dtype == torch.bool \
+        and attention_mask.dim() == 4 and attention_mask.size(1) == 1 \
+        and attention_mask.size(2) == 1
 
 
 class ParallelMLP(nn.Module):
