@@ -70,9 +70,10 @@ def run(cmd, **kwargs):
     subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", default=os.path.join(ROOT, "demo_output"))
+def demo_args(description, default_dir):
+    """The demos' common flags -> (args, the output directory, created if missing)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--output-dir", default=os.path.join(ROOT, default_dir))
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--train-iters", type=int, default=200)
     parser.add_argument("--fresh", action="store_true", help="Delete earlier demo output first.")
@@ -81,21 +82,31 @@ def main():
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
     os.makedirs(out, exist_ok=True)
+    return args, out
+
+
+def build_corpus(out):
+    """``out/stdlib_docs.jsonl`` (written once, atomically); returns its path."""
+    corpus = os.path.join(out, "stdlib_docs.jsonl")
+    if os.path.exists(corpus):
+        print(f"[1/5] corpus: reusing {corpus}")
+        return corpus
+    n, size = 0, 0
+    with open(corpus + ".tmp", "w", encoding="utf-8") as f:
+        for doc in stdlib_documents():
+            line = json.dumps(doc, ensure_ascii=False)
+            f.write(line + "\n")
+            n, size = n + 1, size + len(line)
+    os.replace(corpus + ".tmp", corpus)
+    print(f"[1/5] corpus: {n} documents, {size / 1e6:.1f} MB of Python docstrings -> {corpus}")
+    return corpus
+
+
+def main():
+    args, out = demo_args(__doc__.splitlines()[0], "demo_output")
     py = sys.executable
     t0 = time.time()
-
-    corpus = os.path.join(out, "stdlib_docs.jsonl")
-    if not os.path.exists(corpus):
-        n, size = 0, 0
-        with open(corpus + ".tmp", "w", encoding="utf-8") as f:
-            for doc in stdlib_documents():
-                line = json.dumps(doc, ensure_ascii=False)
-                f.write(line + "\n")
-                n, size = n + 1, size + len(line)
-        os.replace(corpus + ".tmp", corpus)
-        print(f"[1/5] corpus: {n} documents, {size / 1e6:.1f} MB of Python docstrings -> {corpus}")
-    else:
-        print(f"[1/5] corpus: reusing {corpus}")
+    corpus = build_corpus(out)
 
     vocab_dir = os.path.join(out, "vocab")
     vocab, merges = os.path.join(vocab_dir, "vocab.json"), os.path.join(vocab_dir, "merges.txt")

@@ -43,14 +43,15 @@ def checkpoint_path(load_dir: str, iteration=None) -> str:
     raise UserError(f"--load {load_dir}: no {sub}/mp_rank_00/model_optim_rng.pt")
 
 
-def config_from_args(args) -> TransformerConfig:
+def config_from_args(args, **overrides) -> TransformerConfig:
     """The fp32, dropout-free TransformerConfig that a checkpoint's Megatron ``args`` describe
-    (``megatron.arguments.transformer_config_from_args``, the one flags -> model mapping)."""
+    (``megatron.arguments.transformer_config_from_args``, the one flags -> model mapping);
+    ``overrides``: the model family's own fields (BERT's ``num_tokentypes``)."""
     if getattr(args, "num_layers", None) is None or getattr(args, "padded_vocab_size", None) is None:
         raise UserError("checkpoint args lack num_layers / padded_vocab_size: not a GPT checkpoint")
     return transformer_config_from_args(
         args, hidden_dropout=0.0, attention_dropout=0.0, params_dtype=torch.float32,
-        recompute_granularity=None, sequence_parallel=False)
+        recompute_granularity=None, sequence_parallel=False, **overrides)
 
 
 def load_model(load_dir: str, iteration=None, device="cpu"):

@@ -64,10 +64,14 @@ def train_bpe(texts, vocab_size, output_dir, min_frequency=2):
     os.makedirs(output_dir, exist_ok=True)
     vocab_path = os.path.join(output_dir, "vocab.json")
     merges_path = os.path.join(output_dir, "merges.txt")
-    files = ((vocab_path, json.dumps(vocab, ensure_ascii=False)),
-             (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n"))
-    # Both files are written in full under temporary names before either replaces an existing
-    # one, so a failed write (disk full) never leaves a new vocab beside old merges.
+    write_files_together(((vocab_path, json.dumps(vocab, ensure_ascii=False)),
+                          (merges_path, "#version: 0.2\n" + "\n".join(merges) + "\n")))
+    return vocab_path, merges_path
+
+
+def write_files_together(files):
+    """Write ``(path, text)`` pairs: each in full under a temporary name before any replaces an
+    existing file, so a failed write (disk full) never leaves a new vocab beside old merges."""
     try:
         for path, content in files:
             with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -78,7 +82,6 @@ def train_bpe(texts, vocab_size, output_dir, min_frequency=2):
         for path, _ in files:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
-    return vocab_path, merges_path
 
 
 def main(argv=None):
