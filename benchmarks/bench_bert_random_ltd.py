@@ -1,6 +1,6 @@
 """random-LTD speed for BERT: forward+backward time at several kept lengths against the dense model.
 
-    python benchmarks/bench_bert_random_ltd.py                  # BERT-base, seq 512, batch 2, CPU, fp32
+    python benchmarks/bench_bert_random_ltd.py                  # BERT-base, s 512, b 2, fp32
     python benchmarks/bench_bert_random_ltd.py --device cuda --dtype bf16 --batch-size 16
     python benchmarks/bench_bert_random_ltd.py --repeats 3 --no-memory   # quicker
     python benchmarks/bench_bert_random_ltd.py --quick          # tiny shape, seconds (smoke)

@@ -1,6 +1,6 @@
 """Training-step time of our BERT against Hugging Face BertForPreTraining, same shape, side by side.
 
-    python benchmarks/bench_bert_train_step.py                     # BERT-base, seq 512, batch 2, CPU
+    python benchmarks/bench_bert_train_step.py                   # BERT-base, seq 512, batch 2
     python benchmarks/bench_bert_train_step.py --dtype fp32 --profile 25   # + per-op CPU time
     python benchmarks/bench_bert_train_step.py --device cuda --batch-size 16 --steps 20 --warmup 5
     python benchmarks/bench_bert_train_step.py --quick             # tiny shape, seconds (smoke)
