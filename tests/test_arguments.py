@@ -167,6 +167,7 @@ def test_loss_scale_applies_to_fp16_and_bf16(precision, loss_scale, expected):
     assert float(opt.scale_loss(torch.ones(())).float()) == expected
 
 
+@pytest.mark.slow
 def test_log_params_norm_and_num_zeros_reach_the_log(data_prefix):
     import math
 

@@ -61,6 +61,7 @@ def test_causal_attention_dropout_matches_a_dense_reference_with_the_same_masks(
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_causal_attention_dropout_backward_passes_gradcheck():
     q, k, v = qkv((2, 2, 19, 4), torch.float64)
 
@@ -174,6 +175,7 @@ def test_causal_attention_with_a_document_mask_matches_sdpa():
     assert all(torch.isfinite(g).all() for g in grads(out, (q, k, v)))
 
 
+@pytest.mark.slow
 def test_causal_attention_with_a_mask_and_dropout_passes_gradcheck():
     q, k, v = qkv((2, 2, 19, 4), torch.float64)
     mask = document_mask(2, 19, (6,))

@@ -225,6 +225,7 @@ def test_train_bpe_vocab_failed_write_keeps_the_previous_pair(tmp_path, monkeypa
 
 # -- pretrain_gpt.py ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["truncated-bin", "junk-idx"])
 def test_pretrain_corrupt_dataset(data_prefix, tmp_path, case):
     bin_bytes, idx_bytes, name, what = DATASETS[case]
@@ -242,6 +243,7 @@ PRETRAIN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", PRETRAIN)
 def test_pretrain_bad_files(data_prefix, bad, tmp_path, case):
     extra, needles = PRETRAIN[case]
@@ -251,6 +253,7 @@ def test_pretrain_bad_files(data_prefix, bad, tmp_path, case):
     assert files_under(tmp_path / "save") == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "not-a-dict"])
 def test_pretrain_load_corrupt_checkpoint(data_prefix, checkpoint, tmp_path, kind):
     load, path = broken_checkpoint(checkpoint, tmp_path / "ckpt", kind)
@@ -260,6 +263,7 @@ def test_pretrain_load_corrupt_checkpoint(data_prefix, checkpoint, tmp_path, kin
     assert files_under(load) == files_under(checkpoint)  # nothing new saved
 
 
+@pytest.mark.slow
 def test_pretrain_load_with_another_vocabulary_or_a_file(data_prefix, checkpoint, bad):
     proc = cli("pretrain_gpt.py", *gpt_argv(data_prefix, "--load", checkpoint, iters=4),
                "--tokenizer-type", "NullTokenizer", "--vocab-size", "100")
@@ -274,6 +278,7 @@ def test_pretrain_load_with_another_vocabulary_or_a_file(data_prefix, checkpoint
 GENERATE = ["--prompt", "hello", "--max-new-tokens", "2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", CHECKPOINTS)
 def test_generate_text_corrupt_checkpoint(checkpoint, tmp_path, kind):
     load, path = broken_checkpoint(checkpoint, tmp_path / "ckpt", kind)
@@ -281,6 +286,7 @@ def test_generate_text_corrupt_checkpoint(checkpoint, tmp_path, kind):
     assert_user_error(proc, path, CHECKPOINTS[kind][1])
 
 
+@pytest.mark.slow
 def test_generate_text_missing_checkpoint(bad):
     for load in (bad / "nope", bad / "ok.jsonl"):
         assert_user_error(cli("tools/generate_text.py", "--load", load, *GENERATE),
@@ -296,6 +302,7 @@ GENERATE_TOKENIZER = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", GENERATE_TOKENIZER)
 def test_generate_text_tokenizer_files(checkpoint, bad, case):
     extra, needles = GENERATE_TOKENIZER[case]
@@ -304,6 +311,7 @@ def test_generate_text_tokenizer_files(checkpoint, bad, case):
     assert_user_error(proc, *needles)
 
 
+@pytest.mark.slow
 def test_generate_text_vocab_path_stored_in_checkpoint_is_gone(checkpoint, tmp_path):
     load, path = broken_checkpoint(checkpoint, tmp_path / "ckpt", "truncated")
     ckpt = torch.load(os.path.join(checkpoint, os.path.relpath(path, load)), weights_only=False)
@@ -318,6 +326,7 @@ def test_generate_text_vocab_path_stored_in_checkpoint_is_gone(checkpoint, tmp_p
 CONVERT = ["--target-tensor-parallel-size", "1", "--target-pipeline-parallel-size", "1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["truncated", "junk", "not-a-dict"])
 def test_checkpoint_util_corrupt_checkpoint(checkpoint, tmp_path, kind):
     load, path = broken_checkpoint(checkpoint, tmp_path / "ckpt", kind)
@@ -326,6 +335,7 @@ def test_checkpoint_util_corrupt_checkpoint(checkpoint, tmp_path, kind):
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_checkpoint_util_missing_or_mismatched_checkpoint(checkpoint, tmp_path, bad):
     out = tmp_path / "out"
     proc = cli("tools/checkpoint_util.py", "--load", tmp_path / "nope", "--save", out, *CONVERT)
@@ -343,6 +353,7 @@ def test_checkpoint_util_missing_or_mismatched_checkpoint(checkpoint, tmp_path, 
     assert_user_error(proc, "cannot write", "ok.jsonl")
 
 
+@pytest.mark.slow
 def test_corrupt_tracker_file(data_prefix, checkpoint, tmp_path):
     """latest_checkpointed_iteration.txt holding binary garbage (not UTF-8) names the file."""
     load = str(tmp_path / "ckpt")

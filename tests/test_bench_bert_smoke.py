@@ -88,6 +88,7 @@ def test_padding_attention_dropout_matches_a_dense_reference_with_the_same_masks
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
 def test_padding_attention_dropout_backward_passes_gradcheck():
     q, k, v = qkv((2, 2, 9, 4), torch.float64)
     mask = torch.zeros(2, 1, 1, 9, dtype=torch.bool)

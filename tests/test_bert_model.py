@@ -316,6 +316,7 @@ def _assert_bit_identical(a, b):
         assert torch.equal(a[1][name], b[1][name]), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("post_ln", [False, True], ids=["pre-ln", "post-ln"])
 def test_keep_all_tokens_is_bit_identical_to_dense(post_ln):
     model = _randomise(_model(num_layers=4, apply_residual_connection_post_layernorm=post_ln))

@@ -227,6 +227,7 @@ def test_hand_split_shards_merge_to_the_original(tmp_path):
     assert "optimizer" not in out
 
 
+@pytest.mark.slow
 def test_optimizer_names_reconstructed_without_the_names_entry(tmp_path):
     src, a, b = (str(tmp_path / d) for d in ("src", "a", "b"))
     original = _make_checkpoint(src)
@@ -261,6 +262,7 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert not os.path.exists(os.path.join(str(tmp_path / "x"), TRACKER_FILENAME))
 
 
+@pytest.mark.slow
 def test_command_line(tmp_path):
     src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
     _make_checkpoint(src)
@@ -272,6 +274,7 @@ def test_command_line(tmp_path):
     assert os.path.isfile(checkpoint_file(dst, 3, 1, 0, 1))
 
 
+@pytest.mark.slow
 def test_split_gives_each_copied_rank_its_own_dropout_streams(tmp_path):
     """TP1 -> TP2 x PP2: without fresh streams, tensor rank 1 would copy rank 0's tracker state
     (the same attention-dropout masks) and stage 1 stage 0's default generator. Copies get

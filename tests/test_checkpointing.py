@@ -183,6 +183,7 @@ def test_other_runtime_errors_of_torch_save_keep_their_traceback(tmp_path, monke
     assert _no_leftovers(str(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_save_into_a_file_ends_in_one_line_on_the_command_line(data_prefix, tmp_path):
     target = tmp_path / "not_a_dir"
     target.write_text("x")

@@ -238,6 +238,7 @@ def test_gpt3_script_single_data_prefix_may_contain_spaces(tmp_path):
 
 @pytest.mark.parametrize("script,hidden", [("pretrain_gpt3_350M.sh", 1024),
                                            ("pretrain_gpt3_1.3B.sh", 2048)])
+@pytest.mark.slow
 def test_gpt3_script_dry_run_checks_the_64_gpu_layout(tmp_path, script, hidden):
     """DRY_RUN=1 outside a job (a login node): the srun command line on stdout, our parser's
     verdict for the 64 tasks of the #SBATCH lines on stderr; nothing is started, and missing
@@ -260,6 +261,7 @@ def test_gpt3_script_dry_run_checks_the_64_gpu_layout(tmp_path, script, hidden):
     assert done.returncode == 1 and "DRY_RUN: rejected for 64 processes" in done.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_dry_run_counts_visible_gpus(tmp_path):
     env = _clean_env(DRY_RUN=1, CUDA_VISIBLE_DEVICES="2,3", PYTHON=sys.executable)
     flags = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -293,6 +295,7 @@ def test_slurm_script_refuses_to_run_outside_a_job():
     assert done.returncode == 2 and "sbatch" in done.stderr
 
 
+@pytest.mark.slow
 def test_tiny_cpu_script_trains_with_two_processes(data_prefix, tmp_path):
     """examples/pretrain_gpt_tiny_cpu.sh under torchrun: 2 gloo processes, TP 2, random-LTD."""
     save = tmp_path / "ckpt"
@@ -334,6 +337,7 @@ exit $rc
 """
 
 
+@pytest.mark.slow
 def test_slurm_script_trains_without_torchrun(data_prefix, tmp_path):
     """examples/run_slurm.sbatch: ranks and the master address come from SLURM's variables."""
     bin_dir = tmp_path / "bin"
@@ -584,6 +588,7 @@ def _bert_dry_run(tmp_path, **env):
      "bert-ablation-6b): 256 -> 512 in layers 1-22 of 24, +16 every 11,444 iterations (6.0B "
      "tokens), full length from iteration 183,105 of 200,000; layer-token saving 22.3%"),
 ], ids=["dense", "ltd1", "ltd2", "ablation"])
+@pytest.mark.slow
 def test_bert_large_dry_run_checks_the_64_gpu_layout(tmp_path, env, preset, schedule):
     """DRY_RUN=1: the srun command on stdout; on stderr our parser's and pretrain_bert's verdict
     for 64 tasks (TP x PP x DP, micro-batches) and the kept-length schedule."""
@@ -606,6 +611,7 @@ def test_bert_large_dry_run_checks_the_64_gpu_layout(tmp_path, env, preset, sche
         assert "kept length" not in done.stderr
 
 
+@pytest.mark.slow
 def test_bert_large_dry_run_rejects_in_one_line(tmp_path):
     """A micro-batch that does not divide: the parser's one line, exit 1."""
     done = _bert_dry_run(tmp_path, MICRO_BATCH=24)
@@ -615,6 +621,7 @@ def test_bert_large_dry_run_rejects_in_one_line(tmp_path):
         "--micro-batch-size 24 x data-parallel size 64"]
 
 
+@pytest.mark.slow
 def test_bert_large_dry_run_ds_json_without_data(tmp_path):
     """The DS JSON variant on another layout; missing data is only a warning in a dry run."""
     done = _bert_dry_run(tmp_path, DS_CONFIG=BERT_JSON, TP=2, MICRO_BATCH=32,

@@ -128,6 +128,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_bf16_layout_matches_single_process(layout, data_prefix, bf16_reference):
     world, flags = LAYOUTS[layout]

@@ -255,6 +255,7 @@ def test_dropped_positions_skip_the_layer_and_pass_gradient():
     assert not torch.equal(gh[~dropped], g[~dropped])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", ["learned_absolute", "rope"])
 def test_keep_all_tokens_is_bit_identical(pos):
     model = _model(position_embedding_type=pos)
@@ -323,6 +324,7 @@ def test_causality_with_dropping():
     assert float(captured["x"].grad[:, :6].abs().max()) > 0.0
 
 
+@pytest.mark.slow
 def test_micro_batch_split_and_data_parallel_ranks():
     """The same sample draws the same tokens whatever batch it is computed in."""
     model = _model()

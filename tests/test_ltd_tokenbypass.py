@@ -350,6 +350,7 @@ def _resume_is_bitwise(data_prefix, tmp_path, flags, iters, stop):
     return mid, end_full, end_split
 
 
+@pytest.mark.slow
 def test_tokenbypass_trains_saves_its_table_and_resumes_bitwise(data_prefix, tmp_path):
     mid, end_full, end_split = _resume_is_bitwise(data_prefix, tmp_path, BYPASS, 6, 3)
     table = mid["token_importance"]["ema"]
@@ -361,6 +362,7 @@ def test_tokenbypass_trains_saves_its_table_and_resumes_bitwise(data_prefix, tmp
     assert end_full["consumed_layer_tokens"] == 6 * 4 * (3 * 32 + 16)
 
 
+@pytest.mark.slow
 def test_keep_special_tokens_trains_and_resumes_bitwise(data_prefix, tmp_path):
     mid, end_full, end_split = _resume_is_bitwise(data_prefix, tmp_path, SPECIAL, 4, 2)
     assert "token_importance" not in mid

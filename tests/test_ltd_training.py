@@ -17,6 +17,7 @@ def console_field(line, name):
     return line.split(f"{name}: ")[1].split(" |")[0].strip()
 
 
+@pytest.mark.slow
 def test_kept_length_grows_and_layer_tokens_are_counted(data_prefix, tmp_path):
     result, logs = run(gpt_argv(data_prefix, *LTD, "--log-interval", "1",
                                 "--tensorboard-dir", str(tmp_path / "tb"), iters=8))
@@ -40,6 +41,7 @@ def test_kept_length_grows_and_layer_tokens_are_counted(data_prefix, tmp_path):
     assert [e.value for e in events.Scalars("seqlen/random_ltd_reserved_length")] == kept
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_the_schedule_is_bitwise(data_prefix, tmp_path):
     full, _ = run(gpt_argv(data_prefix, *LTD, iters=8))
     ckpt = str(tmp_path / "ckpt")
@@ -113,6 +115,7 @@ def test_layer_token_lr_without_dropping_equals_the_iteration_schedule(data_pref
     assert any("LayerToken LR" in l for l in logs)
 
 
+@pytest.mark.slow
 def test_layer_token_lr_with_dropping_stretches_warmup(data_prefix):
     def lrs(*extra):
         _, logs = run(gpt_argv(data_prefix, *LTD, "--lr-warmup-iters", "2",
@@ -127,6 +130,7 @@ def test_layer_token_lr_with_dropping_stretches_warmup(data_prefix):
     assert layer_lr[1] < 3e-3 and layer_lr[0] == pytest.approx(3e-3 * 320 / 1024, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_deepspeed_config_drives_random_ltd(data_prefix, tmp_path):
     ds = {"train_batch_size": 4,
           "data_efficiency": {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {

@@ -15,6 +15,8 @@ import torch
 from distributed_harness import run_distributed
 from training_helpers import ROOT, gpt_argv, run
 
+pytestmark = pytest.mark.slow  # every test here runs several processes
+
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import checkpoint_util  # noqa: E402
 

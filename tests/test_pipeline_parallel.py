@@ -250,6 +250,7 @@ def test_pp2_1f1b_matches_single_process_and_follows_the_timeline():
     assert order(results[1]["events"]) == "F0 B0 F1 B1 F2 B2 F3 B3"
 
 
+@pytest.mark.slow
 def test_pp4_with_random_ltd_matches_single_process():
     steps = 2
     results = run_distributed(_pipeline_body, 4, args=(None, steps, True, False), timeout=90)
@@ -266,6 +267,7 @@ def test_pp4_with_random_ltd_matches_single_process():
     assert results[-1]["losses"][0] != pytest.approx(dense[0], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_pp2_uneven_split_with_random_ltd_matches_single_process():
     steps = 2
     results = run_distributed(_pipeline_body, 2, args=([3, 1], steps, True, False), timeout=90)

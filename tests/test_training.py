@@ -92,6 +92,7 @@ def _cli(*argv):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_end_in_one_line(data_prefix, tmp_path):
     cases = [
         (gpt_argv(data_prefix, "--data-path", "x", data_prefix), "--data-path"),
