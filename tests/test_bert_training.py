@@ -219,3 +219,54 @@ def test_bad_input_is_one_line(case):
     else:
         assert_one_line(cli(*argv, "--position-embedding-type", "rope"),
                         "position embeddings")
+
+
+def _sentence_dataset(path, sentences_per_doc, vocab_limit=100, docs=40, seed=0,
+                      length_range=(5, 13)):
+    """A sentence-level dataset of random ids below ``vocab_limit`` (the test vocabulary has
+    more): ``sentences_per_doc`` sequences of ``length_range`` ids per document."""
+    import numpy as np
+
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    prefix = str(path)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(docs):
+        lengths = rng.integers(*length_range, size=sentences_per_doc)
+        builder.add_document(rng.integers(10, vocab_limit, size=int(lengths.sum())), lengths)
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["sentence-level-trains", "document-level", "one-sentence-docs",
+                                  "ids-beyond-vocab", "missing-file"])
+def test_real_data_bad_input_is_one_line_and_nothing_is_written(tmp_path, case):
+    """pretrain_bert.py on real (non-mock) sentence-level data, and the data mistakes a user
+    makes: a GPT-style document dataset, documents of one sentence, a dataset made with another
+    (larger) vocabulary, a missing file. One error line, exit 2, no checkpoint written."""
+    save = tmp_path / "ckpt"
+    if case == "sentence-level-trains":
+        prefix = _sentence_dataset(tmp_path / "ok_text_sentence", 3)
+    elif case == "document-level":  # GPT-style: one long sequence per document
+        prefix = _sentence_dataset(tmp_path / "gpt_text_document", 1, length_range=(40, 120))
+    elif case == "one-sentence-docs":
+        prefix = _sentence_dataset(tmp_path / "short_text_sentence", 1)
+    elif case == "ids-beyond-vocab":
+        prefix = _sentence_dataset(tmp_path / "big_text_sentence", 3, vocab_limit=60000)
+    else:
+        prefix = str(tmp_path / "absent_text_sentence")
+    argv = [a for a in bert_argv(iters=2) if a != "--mock-data"]
+    proc = cli(*argv, "--data-path", prefix, "--split", "90,10,0", "--save", str(save),
+               "--data-cache-path", str(tmp_path / "cache"))
+    if case == "sentence-level-trains":
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "lm loss" in proc.stdout + proc.stderr
+        assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+        return
+    needles = {"document-level": ("--split-sentences",), "one-sentence-docs": ("2 sentences",),
+               "ids-beyond-vocab": ("vocab",), "missing-file": ("absent_text_sentence",)}[case]
+    assert_one_line(proc, *needles)
+    assert not (save / "latest_checkpointed_iteration.txt").exists()
+    assert not list(save.rglob("*.pt")) and not list(tmp_path.rglob("*.tmp*"))
