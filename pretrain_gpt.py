@@ -3,7 +3,7 @@
 import torch
 
 from megatron.arguments import transformer_config_from_args
-from megatron.errors import run_main
+from megatron.errors import UserError, run_main
 from megatron.ltd.config import check_model_type
 from megatron.ltd.driver import token_drop_for_batch
 from megatron.training import Provider, pretrain
@@ -81,6 +81,9 @@ def forward_step_provider(args, tokenizer):
 def check_args(args):
     """GPT-only flag checks (one line each)."""
     check_model_type(args, "decoder", "pretrain_gpt.py")
+    if getattr(args, "random_ltd_real_tokens_only", False):
+        raise UserError("--random-ltd-real-tokens-only: GPT samples have no padding (every "
+                        "token is real); the flag is for BERT (pretrain_bert.py)")
 
 
 PROVIDER = Provider(model=model_provider, datasets=datasets_provider,

@@ -270,3 +270,17 @@ def test_real_data_bad_input_is_one_line_and_nothing_is_written(tmp_path, case):
     assert_one_line(proc, *needles)
     assert not (save / "latest_checkpointed_iteration.txt").exists()
     assert not list(save.rglob("*.pt")) and not list(tmp_path.rglob("*.tmp*"))
+
+
+@pytest.mark.slow
+def test_real_tokens_only_matches_across_layouts(reference):
+    """--random-ltd-real-tokens-only (kept slots among real tokens; the mock samples are 50-100%
+    real) changes training, and TP2 and PP2 runs equal the single process with it."""
+    argv = bert_argv("--optimizer", "sgd", "--exit-interval", "3",
+                     "--random-ltd-real-tokens-only")
+    single = losses(run(argv)[0])
+    plain = reference[0][:3]
+    assert single[0] != plain[0]  # the first forward already keeps other tokens
+    for world, flags in (LAYOUTS["TP2"], LAYOUTS["PP2"]):
+        for got in run_distributed(_train, world, args=(argv + flags,), timeout=300):
+            assert _max_rel(got, single) < 2e-6, (flags, got, single)

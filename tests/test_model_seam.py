@@ -252,3 +252,50 @@ def test_deepspeed_model_type_must_fit_the_entry_point(tmp_path):
     with pytest.raises(UserError, match="model_type is 'decoder' but pretrain_bert.py trains an "
                                         "encoder"):
         pretrain_bert.check_args(args)
+
+
+# ------------------------------------------------------------------------- real tokens only
+
+def test_real_tokens_only_never_keeps_padding_while_real_tokens_remain():
+    from megatron.ltd.dropping import kept_indices_by_layer
+
+    _, plain = _dropper("random")
+    _, only_real = _dropper("random", "--random-ltd-real-tokens-only")
+    assert only_real.real_tokens_only and not plain.real_tokens_only
+    b, s = 6, 32
+    lengths = torch.tensor([32, 20, 9, 8, 3, 1])  # kept length is 8
+    padding = torch.arange(s)[None, :] >= lengths[:, None]  # [b, s] True = padding
+    ids = torch.arange(100, 100 + b)
+    state, _ = token_drop_for_batch(only_real, ids, padding_mask=padding)
+    kept = kept_indices_by_layer(state, [1, 2], s, torch.device("cpu"))
+    plain_kept = kept_indices_by_layer(token_drop_for_batch(plain, ids)[0], [1, 2], s,
+                                       torch.device("cpu"))
+    for layer in (1, 2):
+        rows = kept[layer]
+        assert rows.shape == (b, 8)
+        for i, n in enumerate(lengths.tolist()):
+            real = rows[i][rows[i] < n]
+            assert len(real) == min(n, 8)  # every slot a real token while they last
+            assert torch.equal(rows[i], torch.sort(rows[i]).values)
+        # a sample without padding draws exactly plain random-LTD's tokens
+        assert torch.equal(rows[0], plain_kept[layer][0])
+    # plain random-LTD does keep padding in the short samples (what the option changes)
+    assert (plain_kept[1][2] >= 9).any()
+    # the draw is uniform over the real tokens: every real position of sample 1 shows up
+    seen = set()
+    for it in range(40):
+        st = TokenDropState(1, it, {1: 8}, ids[1:2], priority=-padding[1:2].float())
+        seen.update(kept_indices_by_layer(st, [1], s, torch.device("cpu"))[1][0].tolist())
+    assert seen == set(range(20))
+
+
+def test_real_tokens_only_flag_checks():
+    with pytest.raises(UserError, match="needs --random-ltd"):
+        parse_args(argv("--train-iters", "2", "--random-ltd-real-tokens-only"), world_size=1)
+    import pretrain_gpt
+
+    args = parse_args(argv("--train-iters", "2", "--random-ltd", "--random-ltd-start", "8",
+                           "--random-ltd-schedule", "constant", "--random-ltd-real-tokens-only"),
+                      world_size=1)
+    with pytest.raises(UserError, match="GPT samples have no padding"):
+        pretrain_gpt.check_args(args)

@@ -78,6 +78,9 @@ class RandomLTDConfig:
     """Per-layer starts, one per layer id, or None (all layers start at ``start``)."""
     keep_special_tokens: bool
     """Ablation: always keep special tokens ([CLS]/[SEP]/first token) in dropping layers."""
+    real_tokens_only: bool
+    """Kept slots are drawn among real tokens only: padding is kept only when a sample has
+    fewer real tokens than the kept length (--random-ltd-real-tokens-only; not in DeepSpeed)."""
     model_type: Optional[str]
     """'decoder' (GPT) or 'encoder' (BERT) from the JSON; None: from the model."""
     hidden_state_order: str
@@ -239,6 +242,8 @@ def add_random_ltd_args(parser):
     g.add_argument("--random-ltd-preset", default=None, choices=list(PRESETS),
                    help="A published schedule (Yao et al. 2022, BERT-large), scaled to this "
                         "run's length; implies --random-ltd.")
+    g.add_argument("--random-ltd-real-tokens-only", action="store_true",
+                   help="Draw the kept tokens among real (non-padding) tokens only (BERT).")
     g.add_argument("--random-ltd-keep-special-tokens", action="store_true",
                    help="Ablation: dropping layers always keep the special tokens.")
     g.add_argument("--train-layer-tokens", type=int, default=None,
@@ -385,6 +390,8 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
             raise UserError(f"--random-ltd-method {g('random_ltd_method')} needs --random-ltd")
         if g("random_ltd_keep_special_tokens"):
             raise UserError("--random-ltd-keep-special-tokens needs --random-ltd")
+        if g("random_ltd_real_tokens_only"):
+            raise UserError("--random-ltd-real-tokens-only needs --random-ltd")
     if not enabled and not (layer_token_lr or train_lt is not None or lr_warmup_lt is not None
                             or lr_decay_lt is not None):
         for flag in ("random_ltd_start", "random_ltd_step", "random_ltd_schedule_steps",
@@ -417,6 +424,7 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     common = dict(
         method=g("random_ltd_method", "random") or "random", num_layers=num_layers,
         seq_length=seq_length, keep_special_tokens=bool(g("random_ltd_keep_special_tokens")),
+        real_tokens_only=bool(g("random_ltd_real_tokens_only")),
         train_layer_tokens=train_lt, layer_token_lr=layer_token_lr,
         lr_warmup_layer_tokens=lr_warmup_lt, lr_decay_layer_tokens=lr_decay_lt,
         deepspeed_config=js.where)

@@ -9,7 +9,9 @@ still counts layer tokens (``s * L`` per sample) so that the two compare at equa
 
 Methods (``--random-ltd-method``): ``random`` draws each dropping layer's kept tokens by the
 hash of ``megatron.ltd.dropping``; with ``--random-ltd-keep-special-tokens`` the special tokens
-the entry point marks (GPT: EOD) are always among them. ``tokenbypass`` keeps the most important
+the entry point marks (GPT: EOD) are always among them; with ``--random-ltd-real-tokens-only``
+they are drawn among the real tokens (BERT's padding is kept only where a sample has fewer real
+tokens than the kept length). ``tokenbypass`` keeps the most important
 tokens by a per-id loss EMA (``megatron.ltd.tokenbypass``), one kept set for all its layers,
 which default to ``L/2 .. L-2`` (``self.cfg.layer_ids``; layer-token accounting follows them);
 special tokens are always kept.
@@ -66,12 +68,14 @@ class TokenDropper:
     accepts_tokens = True
     """Entry points may pass ``special_mask``/``labels``/``tokens``/``padding_mask``."""
 
-    def __init__(self, seed, iteration, kept_lengths, *, keep_special=False, importance=None):
+    def __init__(self, seed, iteration, kept_lengths, *, keep_special=False, importance=None,
+                 real_tokens_only=False):
         self.seed = seed
         self.iteration = iteration
         self.kept_lengths = dict(kept_lengths)
         self.keep_special = keep_special
         self.importance = importance
+        self.real_tokens_only = real_tokens_only
 
     def __call__(self, sample_ids, *, special_mask=None, labels=None, tokens=None,
                  padding_mask=None):
@@ -80,6 +84,11 @@ class TokenDropper:
             priority = self.importance.position_importance(labels, tokens)
             if padding_mask is not None:
                 priority = priority.masked_fill(padding_mask.to(priority.device), -math.inf)
+        elif self.real_tokens_only and padding_mask is not None:
+            # Real tokens before padding, each group in hash order: a uniform subset of the
+            # real tokens, padding only where a sample has fewer real tokens than the kept
+            # length. Without padding the order, and so the draw, is plain random-LTD's.
+            priority = padding_mask.to(torch.float32).neg()  # 0 real, -1 padding
         keep = special_mask if self.keep_special else None
         return TokenDropState(self.seed, self.iteration, self.kept_lengths, sample_ids,
                               keep_mask=keep, priority=priority,
@@ -123,7 +132,8 @@ class TokenDroppingDriver:
             return None
         keep_special = self.method == "tokenbypass" or self.cfg.keep_special_tokens
         return TokenDropper(self.seed, iteration, self._kept, keep_special=keep_special,
-                            importance=self.importance)
+                            importance=self.importance,
+                            real_tokens_only=self.cfg.real_tokens_only)
 
     def observe_losses(self, labels, per_token_loss, loss_mask=None, tokens=None):
         """A training micro-batch's per-token losses (TokenBypass's table; else no-op)."""
