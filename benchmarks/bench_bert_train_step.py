@@ -35,11 +35,11 @@ state + the most one step adds (benchmarks/common.py).
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 import types
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,28 +47,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.common import (  # noqa: E402
-    MiB, StepMemory, interleaved_times, median, optimizer_state_tensors, synchronize,
-    tensor_bytes)
+    BERT_SPECIAL_IDS, add_shape_args, compare_train_steps, gpu_requested, hf_train_model,
+    mock_bert_batch, setup_device)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LR = 1e-3
 WEIGHT_DECAY = 0.01
 CLIP = 1.0
-SPECIAL = dict(cls=101, sep=102, pad=0, mask=103)  # bert-base-uncased's ids
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="micro-batch size (default 2 on CPU, 16 on GPU)")
-    p.add_argument("--seq-length", type=int, default=512)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=30522, help="tokenizer vocabulary (HF's size)")
-    p.add_argument("--dropout", type=float, default=0.1)
+    add_shape_args(p, dtype=["fp32", "bf16"],
+                   batch_help="micro-batch size (default 2 on CPU, 16 on GPU)", seq_length=512,
+                   vocab=30522, vocab_help="tokenizer vocabulary (HF's size)")
     p.add_argument("--mask-prob", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1 CPU, 5 GPU)")
@@ -86,9 +77,7 @@ def parse_args(argv=None):
                         "on a shared machine (no OpenMP threads waiting for a busy core)")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-    gpu = args.device == "cuda"
-    if gpu and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+    gpu = gpu_requested(p, args)
     if args.quick:
         args.layers, args.hidden, args.heads, args.seq_length, args.vocab = 2, 64, 4, 64, 1000
         args.steps = args.steps or 2
@@ -100,17 +89,11 @@ def parse_args(argv=None):
 
 
 def make_batch(args, device):
-    """A collated micro-batch of MockBertDataset samples (Megatron's keys), on ``device``."""
-    from megatron.data.mock_dataset import MockBertDataset
-
-    data = MockBertDataset(args.batch_size, args.seq_length, args.vocab, cls_id=SPECIAL["cls"],
-                           sep_id=SPECIAL["sep"], pad_id=SPECIAL["pad"],
-                           mask_id=SPECIAL["mask"], seed=args.seed, mask_prob=args.mask_prob)
-    samples = [data[i] for i in range(args.batch_size)]
-    batch = {key: torch.as_tensor(np.stack([np.asarray(x[key]) for x in samples]))
-             for key in samples[0]}
+    """A collated micro-batch of MockBertDataset samples (Megatron's keys), on ``device``, with
+    the sample indices the data loader adds (on the CPU)."""
+    batch = mock_bert_batch(args, device)
     batch["index"] = torch.arange(args.batch_size)
-    return {k: (v.to(device) if k != "index" else v) for k, v in batch.items()}
+    return batch
 
 
 def build_ours(args, dtype, device, batch):
@@ -138,7 +121,8 @@ def build_ours(args, dtype, device, batch):
         micro_batch_size=args.batch_size, seq_length=args.seq_length, hidden_size=args.hidden,
         tensor_model_parallel_size=1, sequence_parallel=False,
         params_dtype="bf16" if dtype == torch.bfloat16 else "fp32")
-    forward_step = pretrain_bert.forward_step_provider(flags, types.SimpleNamespace(**SPECIAL))
+    special_ids = types.SimpleNamespace(**BERT_SPECIAL_IDS)
+    forward_step = pretrain_bert.forward_step_provider(flags, special_ids)
     stepper = training.StepRunner(flags, parallel, model, model, optimizer, forward_step)
 
     def step():
@@ -159,13 +143,9 @@ def build_hf(args, dtype, device, batch):
                         intermediate_size=4 * args.hidden, hidden_dropout_prob=args.dropout,
                         attention_probs_dropout_prob=args.dropout,
                         max_position_embeddings=args.seq_length, type_vocab_size=2,
-                        pad_token_id=SPECIAL["pad"])
+                        pad_token_id=BERT_SPECIAL_IDS["pad"])
     config._attn_implementation = "sdpa"
-    model = BertForPreTraining(config).to(device)
-    if dtype != torch.float32:
-        model.to(dtype)
-    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
-    model.train()
+    model = hf_train_model(BertForPreTraining(config), dtype, device)
     if args.hf_optimizer == "same":
         decay, no_decay = [], []
         for name, param in model.named_parameters():
@@ -196,81 +176,11 @@ def build_hf(args, dtype, device, batch):
     return model, optimizer, step
 
 
-def persistent_bytes(model, optimizer):
-    """Parameters + what the optimizer keeps (fp32 masters, moments) between steps."""
-    return tensor_bytes(list(model.parameters()) + list(optimizer_state_tensors(optimizer)))
-
-
-def profile_step(name, step, device, rows):
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, record_shapes=True) as prof:
-        step()
-        synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n--- profile: {name} (one step, sorted by {sort}) ---")
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48))
-    print(f"\n--- profile: {name}, by input shapes ---")
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by=sort, row_limit=rows, max_name_column_width=32, max_shapes_column_width=60))
-
-
-def run_dtype(args, dtype_name, device, batch):
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(args.seed)
-    builders = {"ours": build_ours, "hf": build_hf}
-    if args.only:
-        builders = {args.only: builders[args.only]}
-    sides = {name: build(args, dtype, device, batch) for name, build in builders.items()}
-    steps = {name: side[2] for name, side in sides.items()}
-    print(f"\n[{dtype_name}] warmup {args.warmup}, {args.steps} timed steps, alternating")
-    times = interleaved_times(steps, args.steps, args.warmup, device, log=print)
-    if hasattr(os, "getloadavg"):
-        print("  load average after timing: %.1f %.1f %.1f" % os.getloadavg())
-
-    results = {}
-    for name, (model, optimizer, step) in sides.items():
-        optimizer.zero_grad()  # gradients are not kept between steps in the peak figure
-        with StepMemory(device) as mem:
-            loss = step()
-        wall = median(times[name]["wall"])
-        results[name] = dict(ms=wall * 1e3, cpu_ms=median(times[name]["cpu"]) * 1e3,
-                             ms_min=min(times[name]["wall"]) * 1e3,
-                             ms_max=max(times[name]["wall"]) * 1e3,
-                             tokens_s=args.batch_size * args.seq_length / wall,
-                             state_mib=persistent_bytes(model, optimizer) / MiB,
-                             step_mib=mem.peak_bytes / MiB, loss=loss,
-                             params=sum(p.numel() for p in model.parameters()))
-        method = mem.method
-    if args.profile:
-        for name, step in steps.items():
-            profile_step(f"{name} {dtype_name}", step, device, args.profile)
-    if len(times) == 2:
-        for kind in ("wall", "cpu"):
-            ratios = [h / o for h, o in zip(times["hf"][kind], times["ours"][kind])]
-            results["hf"][f"paired_{kind}"] = median(ratios)
-            results["hf"][f"paired_{kind}_range"] = (min(ratios), max(ratios))
-    del sides, steps
-    return results, method
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
-        torch.backends.cudnn.allow_tf32 = False
-        hw = torch.cuda.get_device_name(device)
-    else:
-        hw = f"CPU, {torch.get_num_threads()} threads"
-    import transformers
-
+    device, hw = setup_device(args)
     batch = make_batch(args, device)
     real = batch["padding_mask"].sum(1).tolist()
     pad_frac = 1.0 - sum(real) / (args.batch_size * args.seq_length)
@@ -279,36 +189,9 @@ def main(argv=None):
           f"multiple of 128), dropout {args.dropout}; real lengths {real} ({pad_frac:.1%} "
           f"padding), {int(batch['loss_mask'].sum())} masked tokens; HF optimizer: "
           f"{args.hf_optimizer}")
-    print(f"device: {hw}; torch {torch.__version__}, transformers {transformers.__version__}")
-
-    table = []
-    for dtype_name in args.dtype:
-        results, method = run_dtype(args, dtype_name, device, batch)
-        table.append((dtype_name, results))
-
-    print(f"\npeak = parameters + optimizer state + the most one step adds ({method})")
-    header = (f"{'dtype':<6}{'impl':<6}{'ms/step':>10}{'min-max':>14}{'cpu ms':>10}"
-              f"{'tokens/s':>11}{'state MiB':>11}{'step MiB':>10}{'peak MiB':>10}{'loss':>9}"
-              f"{'params':>13}")
-    print(header)
-    print("-" * len(header))
-    for dtype_name, results in table:
-        for name, r in results.items():
-            spread = f"{r['ms_min']:.0f}-{r['ms_max']:.0f}"
-            print(f"{dtype_name:<6}{name:<6}{r['ms']:>10.1f}{spread:>14}{r['cpu_ms']:>10.0f}"
-                  f"{r['tokens_s']:>11.1f}"
-                  f"{r['state_mib']:>11.0f}{r['step_mib']:>10.0f}"
-                  f"{r['state_mib'] + r['step_mib']:>10.0f}{r['loss']:>9.3f}{r['params']:>13,}")
-        if len(results) == 2:
-            ours, hf = results["ours"], results["hf"]
-            print(f"{dtype_name:<6}{'HF/ours':<6}{hf['ms'] / ours['ms']:>9.2f}x{'':>14}"
-                  f"{hf['cpu_ms'] / ours['cpu_ms']:>9.2f}x{'':>11}{'':>11}{'':>10}"
-                  f"{(hf['state_mib'] + hf['step_mib']) / (ours['state_mib'] + ours['step_mib']):>9.2f}x")
-            lo, hi = hf["paired_wall_range"]
-            print(f"{dtype_name:<6}{'paired':<6}{hf['paired_wall']:>9.2f}x"
-                  f"{f'{lo:.2f}-{hi:.2f}':>14}{hf['paired_cpu']:>9.2f}x   (median and range "
-                  f"over rounds of HF/ours)")
-    return table
+    builders = {"ours": functools.partial(build_ours, batch=batch),
+                "hf": functools.partial(build_hf, batch=batch)}
+    return compare_train_steps(args, device, hw, builders, spread=True)
 
 
 if __name__ == "__main__":

@@ -42,25 +42,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.common import (  # noqa: E402
-    MiB, StepMemory, interleaved_times, median, optimizer_state_tensors, synchronize,
-    tensor_bytes)
+    add_shape_args, compare_train_steps, gpu_requested, hf_train_model, setup_device)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LR = 1e-3  # torch AdamW's default, used by the HF side
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="micro-batch size (default 1 on CPU, 8 on GPU)")
-    p.add_argument("--seq-length", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=50257, help="tokenizer vocabulary (HF's size)")
-    p.add_argument("--dropout", type=float, default=0.1)
+    add_shape_args(p, dtype=["fp32", "bf16"],
+                   batch_help="micro-batch size (default 1 on CPU, 8 on GPU)", seq_length=1024,
+                   vocab=50257, vocab_help="tokenizer vocabulary (HF's size)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 1 CPU, 5 GPU)")
     p.add_argument("--only", choices=("ours", "hf"), default=None, help="run one side only")
@@ -70,9 +61,7 @@ def parse_args(argv=None):
                         "most self time")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
-    gpu = args.device == "cuda"
-    if gpu and not torch.cuda.is_available():
-        p.error("--device cuda but torch.cuda.is_available() is False")
+    gpu = gpu_requested(p, args)
     args.batch_size = args.batch_size or (8 if gpu else 1)
     args.steps = args.steps or (20 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
@@ -134,11 +123,7 @@ def build_hf(args, dtype, device):
                         embd_pdrop=args.dropout, attn_pdrop=args.dropout,
                         bos_token_id=args.vocab - 1, eos_token_id=args.vocab - 1)
     config._attn_implementation = "sdpa"
-    model = GPT2LMHeadModel(config).to(device)
-    if dtype != torch.float32:
-        model.to(dtype)
-    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
-    model.train()
+    model = hf_train_model(GPT2LMHeadModel(config), dtype, device)
     optimizer = torch.optim.AdamW(model.parameters())
     runner = torch.compile(model) if args.compile else model
     tokens = make_tokens(args, device, args.seq_length)
@@ -158,108 +143,14 @@ def make_tokens(args, device, length):
     return torch.randint(0, args.vocab, (args.batch_size, length), generator=gen).to(device)
 
 
-def persistent_bytes(model, optimizer):
-    """Parameters + what the optimizer keeps (fp32 masters, moments) between steps."""
-    return tensor_bytes(list(model.parameters()) + list(optimizer_state_tensors(optimizer)))
-
-
-def profile_step(name, step, device, rows):
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities, record_shapes=True) as prof:
-        step()
-        synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n--- profile: {name} (one step, sorted by {sort}) ---")
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48))
-    print(f"\n--- profile: {name}, by input shapes ---")
-    print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by=sort, row_limit=rows, max_name_column_width=32, max_shapes_column_width=60))
-
-
-def run_dtype(args, dtype_name, device):
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(args.seed)
-    builders = {"ours": build_ours, "hf": build_hf}
-    if args.only:
-        builders = {args.only: builders[args.only]}
-    sides = {name: build(args, dtype, device) for name, build in builders.items()}
-    steps = {name: side[2] for name, side in sides.items()}
-    print(f"\n[{dtype_name}] warmup {args.warmup}, {args.steps} timed steps, alternating")
-    times = interleaved_times(steps, args.steps, args.warmup, device, log=print)
-    if hasattr(os, "getloadavg"):
-        print("  load average after timing: %.1f %.1f %.1f" % os.getloadavg())
-
-    results = {}
-    for name, (model, optimizer, step) in sides.items():
-        optimizer.zero_grad()  # gradients are not kept between steps in the peak figure
-        with StepMemory(device) as mem:
-            loss = step()
-        wall = median(times[name]["wall"])
-        results[name] = dict(ms=wall * 1e3, cpu_ms=median(times[name]["cpu"]) * 1e3,
-                             tokens_s=args.batch_size * args.seq_length / wall,
-                             state_mib=persistent_bytes(model, optimizer) / MiB,
-                             step_mib=mem.peak_bytes / MiB, loss=loss,
-                             params=sum(p.numel() for p in model.parameters()))
-        method = mem.method
-    if args.profile:
-        for name, step in steps.items():
-            profile_step(f"{name} {dtype_name}", step, device, args.profile)
-    if len(times) == 2:
-        # Median of the per-round ratios: each round runs both sides back to back, so a
-        # slow phase of a shared machine cancels better than in the ratio of the medians.
-        for kind in ("wall", "cpu"):
-            ratios = [h / o for h, o in zip(times["hf"][kind], times["ours"][kind])]
-            results["hf"][f"paired_{kind}"] = median(ratios)
-    del sides, steps
-    return results, method
-
-
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on both sides
-        torch.backends.cudnn.allow_tf32 = False
-        hw = torch.cuda.get_device_name(device)
-    else:
-        hw = f"CPU, {torch.get_num_threads()} threads"
-    import transformers
-
+    device, hw = setup_device(args)
     print(f"GPT train step: {args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
           f"seq {args.seq_length}, batch {args.batch_size}, vocab {args.vocab} "
           f"(ours padded to a multiple of 128), dropout {args.dropout}"
           f"{', torch.compile' if args.compile else ''}")
-    print(f"device: {hw}; torch {torch.__version__}, transformers {transformers.__version__}")
-
-    table = []
-    for dtype_name in args.dtype:
-        results, method = run_dtype(args, dtype_name, device)
-        table.append((dtype_name, results))
-
-    print(f"\npeak = parameters + optimizer state + the most one step adds ({method})")
-    header = (f"{'dtype':<6}{'impl':<6}{'ms/step':>10}{'cpu ms':>10}{'tokens/s':>11}{'state MiB':>11}"
-              f"{'step MiB':>10}{'peak MiB':>10}{'loss':>9}{'params':>13}")
-    print(header)
-    print("-" * len(header))
-    for dtype_name, results in table:
-        for name, r in results.items():
-            print(f"{dtype_name:<6}{name:<6}{r['ms']:>10.1f}{r['cpu_ms']:>10.0f}"
-                  f"{r['tokens_s']:>11.1f}"
-                  f"{r['state_mib']:>11.0f}{r['step_mib']:>10.0f}"
-                  f"{r['state_mib'] + r['step_mib']:>10.0f}{r['loss']:>9.3f}{r['params']:>13,}")
-        if len(results) == 2:
-            ours, hf = results["ours"], results["hf"]
-            print(f"{dtype_name:<6}{'HF/ours':<6}{hf['ms'] / ours['ms']:>9.2f}x"
-                  f"{hf['cpu_ms'] / ours['cpu_ms']:>9.2f}x{'':>11}{'':>11}{'':>10}"
-                  f"{(hf['state_mib'] + hf['step_mib']) / (ours['state_mib'] + ours['step_mib']):>9.2f}x")
-            print(f"{dtype_name:<6}{'paired':<6}{hf['paired_wall']:>9.2f}x"
-                  f"{hf['paired_cpu']:>9.2f}x   (median over rounds of HF/ours)")
-    return table
+    return compare_train_steps(args, device, hw, {"ours": build_ours, "hf": build_hf})
 
 
 if __name__ == "__main__":

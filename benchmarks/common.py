@@ -1,4 +1,7 @@
-"""Timing and memory helpers shared by the side-by-side benchmarks.
+"""Helpers shared by the benchmarks: GPT and BERT run the same measurements, so the timing,
+memory, command-line, table and sweep code lives here and each script keeps its model.
+
+Timing and memory:
 
 - ``interleaved_times``: warm up, then time several implementations in alternating order
   (A B, B A, A B ...), so that slow phases of a shared, noisy machine hit all of them alike;
@@ -9,19 +12,44 @@
   handing freed heap pages back to the OS (glibc ``malloc_trim``). Where /proc cannot be reset,
   it falls back to ``tracemalloc`` (which sees only Python allocations, not tensor storage) and
   says so in ``method``.
+- ``run_memory_children``: one configuration per fresh subprocess of a script (its hidden
+  ``--memory-child`` mode), which prints its figures on a ``MEMORY {json}`` line.
+
+Command line and device: ``add_shape_args`` (device, dtype, batch, model shape, dropout),
+``add_sweep_args``, ``gpu_requested``, ``setup_device``, ``print_load_average``.
+
+Our model against Hugging Face's, one training step (bench_train_step.py, GPT-2;
+bench_bert_train_step.py, BERT): ``compare_train_steps`` builds both sides per dtype, times
+them interleaved, measures their memory and prints the table; ``profile_step``.
+
+random-LTD sweeps (bench_random_ltd.py, GPT; bench_bert_random_ltd.py, BERT): ``ltd_sweep``
+times the layer stack, the full model and one layer at every kept length against the dense
+model and prints the savings table; the script gives a ``Setup`` (bench_random_ltd.Setup or a
+subclass) that builds the model pieces and their steps. ``ltd_memory_child`` /
+``ltd_memory`` measure each configuration's peak in a fresh process.
+
+BERT inputs: ``mock_bert_batch`` (MockBertDataset samples, as ``pretrain_bert.py --mock-data``).
 """
 
+import argparse
 import ctypes
 import ctypes.util
 import gc
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
 from typing import Callable, Dict, List, Sequence
 
+import numpy as np
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 1024.0 * 1024.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def synchronize(device: torch.device) -> None:
@@ -162,3 +190,503 @@ def optimizer_state_tensors(optimizer):
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 yield value
+
+
+def run_memory_children(script: str, children: Sequence[str], flags: Sequence[str],
+                        label: Callable[[str], str]) -> Dict[str, dict]:
+    """``python script --memory-child NAME *flags`` for each NAME in a fresh process (so that no
+    allocator pool or high-water mark of an earlier configuration counts) -> ``{NAME: the dict
+    of its last "MEMORY {json}" line}``; a child that fails is reported and left out."""
+    results = {}
+    for child in children:
+        proc = subprocess.run([sys.executable, os.path.abspath(script), "--memory-child", child,
+                               *flags], capture_output=True, text=True, cwd=ROOT)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("MEMORY ")]
+        if proc.returncode or not line:
+            print(f"  memory child {child} failed:\n{proc.stderr[-2000:]}")
+            continue
+        results[child] = json.loads(line[-1][len("MEMORY "):])
+        print(f"  memory {label(child)}: " + ", ".join(
+            f"{k} {v:.0f} MiB" for k, v in results[child].items() if k != "method"))
+    return results
+
+
+# ---- command line and device --------------------------------------------------------------
+
+def add_shape_args(p: argparse.ArgumentParser, *, dtype, batch_help: str, seq_length: int,
+                   vocab: int, vocab_help: str) -> None:
+    """The flags every benchmark starts with, in this order: --device, --dtype (a list default
+    takes several), --batch-size (default None: the script's CPU/GPU default), --seq-length,
+    --layers / --hidden / --heads (12 / 768 / 12: the -small/-base shape), --vocab, --dropout."""
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    if isinstance(dtype, list):
+        p.add_argument("--dtype", nargs="+", default=dtype, choices=sorted(DTYPES))
+    else:
+        p.add_argument("--dtype", default=dtype, choices=sorted(DTYPES))
+    p.add_argument("--batch-size", type=int, default=None, help=batch_help)
+    p.add_argument("--seq-length", type=int, default=seq_length)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=vocab, help=vocab_help)
+    p.add_argument("--dropout", type=float, default=0.1)
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """The random-LTD sweeps' flags after --kept: rounds, what to skip, profile, JSON, threads."""
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5 CPU, 20 GPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1 CPU, 3 GPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--no-e2e", action="store_true", help="time the layer stack only")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile one stack step (smallest r, and dense); print the top N ops")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
+
+
+def finish_sweep_args(p: argparse.ArgumentParser, args, batch_cpu: int, batch_gpu: int):
+    """The sweeps' defaults that depend on the device (batch, 5/20 rounds, 1/3 warm-up) and the
+    check of --kept; returns ``args``."""
+    gpu = gpu_requested(p, args)
+    args.batch_size = args.batch_size or (batch_gpu if gpu else batch_cpu)
+    args.repeats = args.repeats or (20 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    if any(not 1 <= r <= args.seq_length for r in args.kept):
+        p.error(f"--kept values must be in [1, {args.seq_length}]")
+    return args
+
+
+def gpu_requested(p: argparse.ArgumentParser, args) -> bool:
+    """Whether --device is cuda; a parser error if torch sees no GPU."""
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda but torch.cuda.is_available() is False")
+    return gpu
+
+
+def setup_device(args):
+    """Seed torch with --seed -> (the device, a description of the hardware). On GPU, TF32 is
+    turned off: fp32 means fp32 (on both sides of a comparison)."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        hw = torch.cuda.get_device_name(device)
+    else:
+        hw = f"CPU, {torch.get_num_threads()} threads"
+    return device, hw
+
+
+def print_load_average() -> None:
+    """The machine's load after timing: a busy machine explains a noisy run."""
+    if hasattr(os, "getloadavg"):
+        print("  load average after timing: %.1f %.1f %.1f" % os.getloadavg())
+
+
+# ---- our model against Hugging Face's: one training step ----------------------------------
+
+def persistent_bytes(model, optimizer) -> int:
+    """Parameters + what the optimizer keeps (fp32 masters, moments) between steps."""
+    return tensor_bytes(list(model.parameters()) + list(optimizer_state_tensors(optimizer)))
+
+
+def hf_train_model(model, dtype, device):
+    """A Hugging Face model (its config asking for SDPA attention) on ``device`` in ``dtype``
+    (pure low-precision weights when not fp32), in training mode; fails if HF fell back from
+    SDPA, which would compare another attention kernel."""
+    model = model.to(device)
+    if dtype != torch.float32:
+        model.to(dtype)
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    model.train()
+    return model
+
+
+def profile_step(name, step, device, rows):
+    """Profile one call of ``step``; print the ``rows`` ops with the most self time, overall
+    and by input shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=True) as prof:
+        step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {name} (one step, sorted by {sort}) ---")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48))
+    print(f"\n--- profile: {name}, by input shapes ---")
+    print(prof.key_averages(group_by_input_shape=True).table(
+        sort_by=sort, row_limit=rows, max_name_column_width=32, max_shapes_column_width=60))
+
+
+def compare_one_dtype(args, dtype_name, device, builders):
+    """Build each side (``builders``: name -> ``build(args, dtype, device)`` returning (model,
+    optimizer, step)), time their steps interleaved, then measure one more step's memory of
+    each -> ({name: figures}, how memory was measured). With both sides, ``results["hf"]``
+    also holds the paired HF/ours ratios."""
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(args.seed)
+    if args.only:
+        builders = {args.only: builders[args.only]}
+    sides = {name: build(args, dtype, device) for name, build in builders.items()}
+    steps = {name: side[2] for name, side in sides.items()}
+    print(f"\n[{dtype_name}] warmup {args.warmup}, {args.steps} timed steps, alternating")
+    times = interleaved_times(steps, args.steps, args.warmup, device, log=print)
+    print_load_average()
+
+    results = {}
+    for name, (model, optimizer, step) in sides.items():
+        optimizer.zero_grad()  # gradients are not kept between steps in the peak figure
+        with StepMemory(device) as mem:
+            loss = step()
+        wall = median(times[name]["wall"])
+        results[name] = dict(ms=wall * 1e3, cpu_ms=median(times[name]["cpu"]) * 1e3,
+                             ms_min=min(times[name]["wall"]) * 1e3,
+                             ms_max=max(times[name]["wall"]) * 1e3,
+                             tokens_s=args.batch_size * args.seq_length / wall,
+                             state_mib=persistent_bytes(model, optimizer) / MiB,
+                             step_mib=mem.peak_bytes / MiB, loss=loss,
+                             params=sum(p.numel() for p in model.parameters()))
+        method = mem.method
+    if args.profile:
+        for name, step in steps.items():
+            profile_step(f"{name} {dtype_name}", step, device, args.profile)
+    if len(times) == 2:
+        # Median of the per-round ratios: each round runs both sides back to back, so a
+        # slow phase of a shared machine cancels better than in the ratio of the medians.
+        for kind in ("wall", "cpu"):
+            ratios = [h / o for h, o in zip(times["hf"][kind], times["ours"][kind])]
+            results["hf"][f"paired_{kind}"] = median(ratios)
+            results["hf"][f"paired_{kind}_range"] = (min(ratios), max(ratios))
+    del sides, steps
+    return results, method
+
+
+def compare_train_steps(args, device, hw, builders, spread=False):
+    """For each --dtype: ``compare_one_dtype``; then the table of both sides (time, tokens/s,
+    memory, loss, parameters), their ratios and the paired ratio. ``spread``: also the min-max
+    of the step times and of the paired ratio. Returns [(dtype, results)]."""
+    import transformers
+
+    print(f"device: {hw}; torch {torch.__version__}, transformers {transformers.__version__}")
+    table = []
+    for dtype_name in args.dtype:
+        results, method = compare_one_dtype(args, dtype_name, device, builders)
+        table.append((dtype_name, results))
+
+    gap = f"{'':>14}" if spread else ""  # the min-max column, empty in the ratio row
+    print(f"\npeak = parameters + optimizer state + the most one step adds ({method})")
+    header = (f"{'dtype':<6}{'impl':<6}{'ms/step':>10}" + (f"{'min-max':>14}" if spread else "")
+              + f"{'cpu ms':>10}{'tokens/s':>11}{'state MiB':>11}{'step MiB':>10}"
+              f"{'peak MiB':>10}{'loss':>9}{'params':>13}")
+    print(header)
+    print("-" * len(header))
+    for dtype_name, results in table:
+        for name, r in results.items():
+            span = format(f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", ">14") if spread else ""
+            print(f"{dtype_name:<6}{name:<6}{r['ms']:>10.1f}{span}{r['cpu_ms']:>10.0f}"
+                  f"{r['tokens_s']:>11.1f}"
+                  f"{r['state_mib']:>11.0f}{r['step_mib']:>10.0f}"
+                  f"{r['state_mib'] + r['step_mib']:>10.0f}{r['loss']:>9.3f}{r['params']:>13,}")
+        if len(results) == 2:
+            ours, hf = results["ours"], results["hf"]
+            peak_ratio = ((hf['state_mib'] + hf['step_mib'])
+                          / (ours['state_mib'] + ours['step_mib']))
+            print(f"{dtype_name:<6}{'HF/ours':<6}{hf['ms'] / ours['ms']:>9.2f}x{gap}"
+                  f"{hf['cpu_ms'] / ours['cpu_ms']:>9.2f}x{'':>11}{'':>11}{'':>10}"
+                  f"{peak_ratio:>9.2f}x")
+            if spread:
+                lo, hi = hf["paired_wall_range"]
+                paired_span, what = f"{f'{lo:.2f}-{hi:.2f}':>14}", "median and range"
+            else:
+                paired_span, what = "", "median"
+            print(f"{dtype_name:<6}{'paired':<6}{hf['paired_wall']:>9.2f}x{paired_span}"
+                  f"{hf['paired_cpu']:>9.2f}x   ({what} over rounds of HF/ours)")
+    return table
+
+
+# ---- random-LTD sweeps: layer stack, full model and one layer at each kept length ---------
+
+DENSE = "dense"
+
+
+def theoretical_saving(layers: int, s: int, r: int) -> float:
+    """SPEC 2b: 1 - (2s + (l-2)r) / (l s), the layer-token saving (r capped at s)."""
+    return 1.0 - (2 * s + (layers - 2) * min(r, s)) / (layers * s)
+
+
+def config_name(kept, s):
+    return DENSE if kept is None else (f"r={kept}" if kept < s else f"r={kept} (=s)")
+
+
+def paired_saving(times, name, base, kind):
+    """Median over rounds of 1 - t(name)/t(base) within the round."""
+    return median([1.0 - t / b for t, b in zip(times[name][kind], times[base][kind])])
+
+
+def time_pieces(setup, kept, repeats=15):
+    """Median seconds of (index sampling for all dropping layers, gather+scatter fwd+bwd for all
+    dropping layers) at kept length ``kept``, each alone."""
+    from megatron.ltd.dropping import (flat_token_indices, gather_tokens, kept_indices_by_layer,
+                                       scatter_tokens)
+
+    args, device = setup.args, setup.device
+    s = args.seq_length
+    layer_ids = list(range(args.layers))
+
+    def sample():
+        return kept_indices_by_layer(setup.token_drop(kept), layer_ids, s, device)
+
+    drops = sample()
+    x = setup.hidden.detach().requires_grad_(True)
+
+    def move():
+        hidden = x
+        for indices in drops.values():
+            flat = flat_token_indices(indices, s)
+            hidden = scatter_tokens(hidden, indices, gather_tokens(hidden, indices, flat), flat)
+        hidden.backward(setup.out_grad)
+        x.grad = None
+
+    out = []
+    for fn in (sample, move):
+        fn()
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        out.append(median(times))
+    return out
+
+
+def profile_stack(setup, stack, kept, rows):
+    """Profile one forward+backward of the layer stack at ``kept`` (None: dense); print the
+    ``rows`` ops with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = setup.device
+    step = setup.stack_step(stack, kept)
+    step()
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    name = config_name(kept, setup.args.seq_length)
+    print(f"\n--- profile: layer stack, {name} (one forward+backward, sorted by {sort}) ---")
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=52))
+
+
+def ltd_memory_child(setup):
+    """--memory-child: one configuration in this fresh process: the peak of one stack step and
+    of one e2e step, printed on a ``MEMORY {json}`` line."""
+    args = setup.args
+    kept = None if args.memory_child == DENSE else int(args.memory_child)
+    out = {}
+    for what, build, make in (("stack", setup.build_stack, setup.stack_step),
+                              ("e2e", setup.build_e2e, setup.e2e_step)):
+        if what == "e2e" and args.no_e2e:
+            continue
+        module = build()
+        step = make(module, kept)
+        step()  # warm-up: lazy initialisation, allocator pools
+        module.zero_grad(set_to_none=True)
+        with StepMemory(setup.device) as mem:
+            step()
+        out[what] = mem.peak_bytes / MiB
+        out["method"] = mem.method
+        del module, step
+    print("MEMORY " + json.dumps(out))
+
+
+def ltd_memory(args, configs, script, extra_flags=()):
+    """``ltd_memory_child`` for each configuration in a fresh subprocess of ``script``, which
+    gets the shape flags of ``args`` plus ``extra_flags`` -> {kept: figures}."""
+    flags = ["--device", args.device, "--dtype", args.dtype,
+             "--batch-size", str(args.batch_size), "--seq-length", str(args.seq_length),
+             "--layers", str(args.layers), "--hidden", str(args.hidden),
+             "--heads", str(args.heads), "--vocab", str(args.vocab),
+             "--dropout", str(args.dropout), *extra_flags, "--seed", str(args.seed),
+             "--kept", *map(str, args.kept)]
+    if args.no_e2e:
+        flags.append("--no-e2e")
+    if args.threads:
+        flags += ["--threads", str(args.threads)]
+    by_name = {DENSE if kept is None else str(kept): kept for kept in configs}
+    results = run_memory_children(
+        script, list(by_name), flags,
+        label=lambda child: config_name(by_name[child], args.seq_length))
+    return {by_name[child]: figures for child, figures in results.items()}
+
+
+def ltd_sweep(args, setup, hw, script, e2e_text, outside_text, memory_flags=(), spread=False):
+    """Time every configuration (dense, then each kept length) interleaved, measure the method's
+    own pieces and (unless --no-memory) each configuration's peak memory in a subprocess of
+    ``script``; print the savings table -> its rows.
+
+    ``setup`` builds the pieces (``build_stack``, ``build_e2e``, ``stack_step``, ``e2e_step``,
+    ``layer_step``); ``e2e_text`` says what the e2e step is and ``outside_text`` what of it lies
+    outside the layers; ``spread``: also report the range over rounds of the stack time and
+    saving.
+    """
+    l, s, device = args.layers, args.seq_length, setup.device
+    print(f"device: {hw}; torch {torch.__version__}; {args.repeats} rounds after "
+          f"{args.warmup} warm-up, interleaved")
+
+    configs = [None] + sorted(set(args.kept))
+    stack = setup.build_stack()
+    steps = {}
+    for kept in configs:
+        steps[("stack", kept)] = setup.stack_step(stack, kept)
+    e2e = None
+    if not args.no_e2e:
+        e2e = setup.build_e2e()
+        for kept in configs:
+            steps[("e2e", kept)] = setup.e2e_step(e2e, kept)
+    layer = stack.layers[min(1, l - 1)]
+    lengths = sorted({min(r, s) for r in args.kept} | {s})
+    for r in lengths:
+        steps[("layer", r)] = setup.layer_step(layer, r)
+    named = {f"{k[0]}:{k[1] if k[1] is not None else DENSE}": v for k, v in steps.items()}
+    start = time.perf_counter()
+    times = interleaved_times(  # a round's line is long with many items: cut at 400
+        named, args.repeats, args.warmup, device,
+        log=lambda line: print(line[:400] + ("..." if len(line) > 400 else "")))
+    print(f"  timing took {time.perf_counter() - start:.0f} s")
+    print_load_average()
+
+    pieces = {kept: time_pieces(setup, kept) for kept in configs if kept is not None and kept < s}
+
+    if args.profile:
+        profile_stack(setup, stack, min(args.kept), args.profile)
+        profile_stack(setup, stack, None, args.profile)
+    del stack, e2e, steps, named
+
+    memory = {}
+    if not args.no_memory:
+        print("peak memory, one fresh subprocess per configuration:")
+        memory = ltd_memory(args, configs, script, memory_flags)
+
+    def med(key, kind="wall"):
+        return median(times[key][kind]) * 1e3
+
+    t_layer_s = med(f"layer:{s}")
+    rows = []
+    for kept in configs:
+        key = DENSE if kept is None else kept
+        row = {"config": config_name(kept, s), "kept": kept,
+               "theory": 0.0 if kept is None else theoretical_saving(l, s, kept),
+               "stack_ms": med(f"stack:{key}"), "stack_cpu_ms": med(f"stack:{key}", "cpu")}
+        if spread:
+            wall = times[f"stack:{key}"]["wall"]
+            row["stack_ms_range"] = (min(wall) * 1e3, max(wall) * 1e3)
+        for kind in ("wall", "cpu"):
+            row[f"stack_saving_{kind}"] = paired_saving(times, f"stack:{key}", f"stack:{DENSE}",
+                                                        kind)
+        if spread:
+            per_round = [1.0 - t / d for t, d in zip(times[f"stack:{key}"]["wall"],
+                                                     times[f"stack:{DENSE}"]["wall"])]
+            row["stack_saving_range"] = (min(per_round), max(per_round))
+        if kept is not None:
+            r = min(kept, s)
+            row["layer_ms"] = med(f"layer:{r}")
+            row["predicted"] = 1.0 - (2 * t_layer_s + (l - 2) * row["layer_ms"]) / (l * t_layer_s)
+        if kept is not None and kept < s:
+            row["sample_ms"], row["move_ms"] = (x * 1e3 for x in pieces[kept])
+        if not args.no_e2e:
+            row["e2e_ms"] = med(f"e2e:{key}")
+            row["e2e_cpu_ms"] = med(f"e2e:{key}", "cpu")
+            for kind in ("wall", "cpu"):
+                row[f"e2e_saving_{kind}"] = paired_saving(times, f"e2e:{key}", f"e2e:{DENSE}",
+                                                          kind)
+        if kept in memory:
+            row.update({f"mem_{k}": v for k, v in memory[kept].items()})
+        rows.append(row)
+
+    dense = rows[0]
+    layer_share = dense["stack_ms"] / dense["e2e_ms"] if "e2e_ms" in dense else None
+    method = next((m["method"] for m in memory.values()), None)
+    print()
+    if layer_share is not None:
+        print(f"dense step: layer stack {dense['stack_ms']:.0f} ms of the e2e step "
+              f"{dense['e2e_ms']:.0f} ms = {layer_share:.1%} (layers 1..{l - 2}: "
+              f"{layer_share * (l - 2) / l:.1%}); outside the layers ({outside_text}): "
+              f"{1 - layer_share:.1%}")
+    print(f"single layer fwd+bwd at s={s}: {t_layer_s:.1f} ms")
+    head = (f"{'config':<14}{'theory':>8}{'stack ms':>10}{'saving':>8}{'ratio':>7}{'cpu sav':>8}"
+            f"{'cpu rat':>8}{'pred':>7}{'e2e ms':>9}{'e2e sav':>8}{'ceiling':>8}{'cpu sav':>8}"
+            f"{'stackMiB':>9}{'e2eMiB':>8}")
+    print(head)
+    print("-" * len(head))
+    for row in rows:
+        th = row["theory"]
+
+        def ratio(x):
+            return f"{x / th:>7.2f}" if th > 0 else f"{'-':>7}"
+        line = (f"{row['config']:<14}{th:>8.1%}{row['stack_ms']:>10.0f}"
+                f"{row['stack_saving_wall']:>8.1%}{ratio(row['stack_saving_wall'])}"
+                f"{row['stack_saving_cpu']:>8.1%}{ratio(row['stack_saving_cpu']):>8}"
+                f"{row['predicted'] if 'predicted' in row else 0:>7.1%}")
+        if "e2e_ms" in row:
+            ceiling = th * layer_share
+            line += (f"{row['e2e_ms']:>9.0f}{row['e2e_saving_wall']:>8.1%}{ceiling:>8.1%}"
+                     f"{row['e2e_saving_cpu']:>8.1%}")
+        else:
+            line += f"{'':>33}"
+        line += (f"{row.get('mem_stack', float('nan')):>9.0f}"
+                 f"{row.get('mem_e2e', float('nan')):>8.0f}")
+        print(line)
+    print("\ntheory: layer-token saving 1-(2s+(l-2)r)/(ls); saving: 1 - T(r)/T(dense) of the "
+          "layer stack fwd+bwd, wall, median of per-round pairs; ratio = saving/theory; cpu: "
+          "the same in process CPU time; pred: the stack saving predicted from one layer's "
+          f"time at r and s (no sampling/gather/scatter); e2e: {e2e_text}; ceiling: theory x "
+          "the layers' share of the dense e2e step; MiB: peak added by one step "
+          f"({method or 'not measured'})")
+    if spread:
+        print("\nspread (wall, over rounds): " + "; ".join(
+            f"{row['config']}: stack {row['stack_ms_range'][0]:.0f}-"
+            f"{row['stack_ms_range'][1]:.0f} ms"
+            + (f", saving {row['stack_saving_range'][0]:.1%}-{row['stack_saving_range'][1]:.1%}"
+               if row["kept"] is not None else "") for row in rows))
+    print("\nthe method's own pieces alone (all dropping layers, median of 15 calls):")
+    for row in rows:
+        if "sample_ms" in row:
+            print(f"  {row['config']:<8} index sampling {row['sample_ms']:6.2f} ms, "
+                  f"gather+scatter fwd+bwd {row['move_ms']:6.2f} ms = "
+                  f"{(row['sample_ms'] + row['move_ms']) / dense['stack_ms']:.1%} of the dense "
+                  f"stack; one layer at r: {row['layer_ms']:.1f} ms "
+                  f"({row['layer_ms'] / t_layer_s:.3f} of s, r/s = {row['kept'] / s:.3f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "layer_share": layer_share,
+                       "memory_method": method, "times": times}, f, indent=1)
+    return rows
+
+
+# ---- BERT inputs ---------------------------------------------------------------------------
+
+BERT_SPECIAL_IDS = dict(cls=101, sep=102, pad=0, mask=103)  # bert-base-uncased's ids
+
+
+def mock_bert_batch(args, device):
+    """A collated batch of ``args.batch_size`` MockBertDataset samples (what ``pretrain_bert.py
+    --mock-data`` trains on; Megatron's keys: text, types, labels, loss_mask, padding_mask,
+    is_random ...) on ``device``."""
+    from megatron.data.mock_dataset import MockBertDataset
+
+    data = MockBertDataset(args.batch_size, args.seq_length, args.vocab,
+                           cls_id=BERT_SPECIAL_IDS["cls"], sep_id=BERT_SPECIAL_IDS["sep"],
+                           pad_id=BERT_SPECIAL_IDS["pad"], mask_id=BERT_SPECIAL_IDS["mask"],
+                           seed=args.seed, mask_prob=args.mask_prob)
+    samples = [data[i] for i in range(args.batch_size)]
+    return {key: torch.as_tensor(np.stack([np.asarray(x[key]) for x in samples])).to(device)
+            for key in samples[0]}

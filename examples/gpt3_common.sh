@@ -1,7 +1,8 @@
 #!/bin/bash
 # The part of the GPT-3 random-LTD scripts (examples/pretrain_gpt3_350M.sh,
 # examples/pretrain_gpt3_1.3B.sh) that does not depend on the model: data, random-LTD /
-# DeepSpeed-JSON / layer-token switches, precision, the flag list and the launcher. Not run on
+# DeepSpeed-JSON / layer-token switches, precision, the flag list and the launcher (with the
+# pieces BERT-large shares, from examples/launch_common.sh). Not run on
 # its own: a model script finds the repository root (ROOT), sets its model variables and then
 # sources this file from "$ROOT/examples" (not from its own directory: under sbatch the model
 # script runs as a spooled copy elsewhere) with its command-line arguments, which pass through
@@ -54,34 +55,17 @@ MIN_LR=1.0e-6
 WARMUP_TOKENS=3000000000
 
 # ---- data --------------------------------------------------------------------------------
+# shellcheck source=examples/launch_common.sh
+source "$ROOT/examples/launch_common.sh"
+SCRIPT_NAME="pretrain_gpt3_${MODEL}.sh"
 DATA_PATH=${DATA_PATH:-/data/pile-gpt2/pile_all}
-if [[ -f "$DATA_PATH.idx" ]]; then  # one prefix (its path may contain spaces)
-    DATA_ARGS=("$DATA_PATH")
-else                                # a blend "w1 prefix1 w2 prefix2 ...": split on spaces
-    read -r -a DATA_ARGS <<< "$DATA_PATH"
-fi
+split_data_path
 DATA_DIR=$(dirname "${DATA_ARGS[${#DATA_ARGS[@]} - 1]:-.}")
 VOCAB_FILE=${VOCAB_FILE:-$DATA_DIR/gpt2-vocab.json}
 MERGE_FILE=${MERGE_FILE:-$DATA_DIR/gpt2-merges.txt}
-
-SCRIPT_NAME="pretrain_gpt3_${MODEL}.sh"
-MISSING=()
-for ITEM in "${DATA_ARGS[@]}"; do
-    if [[ "$ITEM" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then continue; fi  # a blend weight
-    for f in "$ITEM.bin" "$ITEM.idx"; do [[ -f "$f" ]] || MISSING+=("$f"); done
-done
-for f in "$VOCAB_FILE" "$MERGE_FILE"; do [[ -f "$f" ]] || MISSING+=("$f"); done
-if [[ ${#MISSING[@]} -gt 0 ]]; then
-    MESSAGE="$SCRIPT_NAME: not found: ${MISSING[*]} (set DATA_PATH to the prefix of the"
-    MESSAGE="$MESSAGE preprocessed PILE, without .bin/.idx, and VOCAB_FILE / MERGE_FILE to the"
-    MESSAGE="$MESSAGE GPT-2 BPE files; see README, Usage 1)"
-    if [[ "${DRY_RUN:-0}" == 1 ]]; then
-        echo "warning: $MESSAGE" >&2
-    else
-        echo "$MESSAGE" >&2
-        exit 2
-    fi
-fi
+HINT="set DATA_PATH to the prefix of the preprocessed PILE, without .bin/.idx, and"
+HINT="$HINT VOCAB_FILE / MERGE_FILE to the GPT-2 BPE files; see README, Usage 1"
+require_inputs "$HINT" "$VOCAB_FILE" "$MERGE_FILE"
 
 # ---- random-LTD --------------------------------------------------------------------------
 RANDOM_LTD=${RANDOM_LTD:-1}
@@ -113,21 +97,13 @@ else
     BUDGET_ARGS=(--train-tokens "$TRAIN_TOKENS")
 fi
 
-case "${PRECISION:-fp16}" in
-    fp16) PRECISION_ARGS=(--fp16 --initial-loss-scale 2048 --loss-scale-window 500
-                          --hysteresis 2 --min-loss-scale 1) ;;
-    bf16) PRECISION_ARGS=(--bf16) ;;
-    *) echo "PRECISION must be fp16 or bf16" >&2; exit 2 ;;
-esac
+precision_args || { echo "PRECISION must be fp16 or bf16" >&2; exit 2; }
 
 NAME="gpt3-${MODEL}-${TAG}-$((TRAIN_TOKENS / 1000000000))B"
 NAME="$NAME-lr${LR}-gbs${GLOBAL_BATCH}-tp${TP}-pp${PP}"
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-$ROOT/checkpoints/$NAME}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$ROOT/tensorboard/$NAME}
-CACHE_ARGS=()
-if [[ -n "${DATA_CACHE_PATH:-}" ]]; then
-    CACHE_ARGS=(--data-cache-path "$DATA_CACHE_PATH")
-fi
+cache_args
 
 ARGS=(
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS"
@@ -152,9 +128,5 @@ ARGS=(
     "$@"
 )
 
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then DEFAULT_LAUNCHER=slurm; else DEFAULT_LAUNCHER=torchrun; fi
-case "${LAUNCHER:-$DEFAULT_LAUNCHER}" in
-    slurm) exec bash "$ROOT/examples/run_slurm.sbatch" "$ROOT/pretrain_gpt.py" "${ARGS[@]}" ;;
-    torchrun) exec bash "$ROOT/examples/run_torchrun.sh" "$ROOT/pretrain_gpt.py" "${ARGS[@]}" ;;
-    *) echo "LAUNCHER must be slurm or torchrun" >&2; exit 2 ;;
-esac
+launch "${LAUNCHER:-$(default_launcher)}" "$ROOT/pretrain_gpt.py" "${ARGS[@]}" ||
+    { echo "LAUNCHER must be slurm or torchrun" >&2; exit 2; }

@@ -89,6 +89,9 @@ if [[ ! -f "$ENTRY" ]]; then
     exit 2
 fi
 die() { echo "$SCRIPT_NAME: $*" >&2; exit 2; }
+# data path, input checks, precision and launcher, shared with the GPT-3 scripts
+# shellcheck source=examples/launch_common.sh
+source "$ROOT/examples/launch_common.sh"
 
 # ---- model (BERT-large) and batch ---------------------------------------------------------
 NUM_LAYERS=24
@@ -117,8 +120,7 @@ done
 # ---- parallel layout: refuse a micro-batch / layout that does not divide the global batch --
 # (the launcher's process count: SLURM's tasks, or GPUS_PER_NODE for torchrun; unknown ones are
 # checked by every rank at start-up, and DRY_RUN=1 lets the flag parser give its verdict)
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then DEFAULT_LAUNCHER=slurm; else DEFAULT_LAUNCHER=torchrun; fi
-LAUNCHER=${LAUNCHER:-$DEFAULT_LAUNCHER}
+LAUNCHER=${LAUNCHER:-$(default_launcher)}
 case "$LAUNCHER" in
     slurm) WORLD=${SLURM_NTASKS:-}; [[ -n "${SLURM_JOB_ID:-}" ]] || WORLD=${SLURM_NTASKS:-64} ;;
     torchrun) WORLD=${GPUS_PER_NODE:-} ;;
@@ -134,40 +136,25 @@ fi
 
 # ---- data ----------------------------------------------------------------------------------
 DATA_PATH=${DATA_PATH:-/data/pile-bert/pile_bert_train_text_sentence}
-if [[ -f "$DATA_PATH.idx" ]]; then  # one prefix (its path may contain spaces)
-    DATA_ARGS=("$DATA_PATH")
-else                                # a blend "w1 prefix1 w2 prefix2 ...": split on spaces
-    read -r -a DATA_ARGS <<< "$DATA_PATH"
-fi
+split_data_path
 [[ ${#DATA_ARGS[@]} -gt 0 ]] || die "DATA_PATH is empty"
 DATA_DIR=$(dirname "${DATA_ARGS[${#DATA_ARGS[@]} - 1]}")
 VOCAB_FILE=${VOCAB_FILE:-$DATA_DIR/bert-large-uncased-vocab.txt}
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-BertWordPieceLowerCase}
 
-MISSING=()
 DOCUMENT_LEVEL=()
-for ITEM in "${DATA_ARGS[@]}"; do
-    if [[ "$ITEM" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]]; then continue; fi  # a blend weight
-    for f in "$ITEM.bin" "$ITEM.idx"; do [[ -f "$f" ]] || MISSING+=("$f"); done
+for ITEM in "${DATA_PREFIXES[@]}"; do
     [[ "$ITEM" != *_document ]] || DOCUMENT_LEVEL+=("$ITEM")
 done
-[[ -f "$VOCAB_FILE" ]] || MISSING+=("$VOCAB_FILE")
 if [[ ${#DOCUMENT_LEVEL[@]} -gt 0 ]]; then  # a GPT-style prefix: no sentence boundaries
     die "${DOCUMENT_LEVEL[*]}: BERT needs sentence-level data; preprocess with" \
         "tools/preprocess_data.py --split-sentences and set DATA_PATH to the" \
         "<prefix>_text_sentence it writes"
 fi
-if [[ ${#MISSING[@]} -gt 0 ]]; then
-    MESSAGE="$SCRIPT_NAME: not found: ${MISSING[*]} (set DATA_PATH to the prefix of the"
-    MESSAGE="$MESSAGE sentence-level PILE (tools/preprocess_data.py --split-sentences), without"
-    MESSAGE="$MESSAGE .bin/.idx, and VOCAB_FILE to the BERT WordPiece vocabulary; see README)"
-    if [[ "${DRY_RUN:-0}" == 1 ]]; then
-        echo "warning: $MESSAGE" >&2
-    else
-        echo "$MESSAGE" >&2
-        exit 2
-    fi
-fi
+HINT="set DATA_PATH to the prefix of the sentence-level PILE (tools/preprocess_data.py"
+HINT="$HINT --split-sentences), without .bin/.idx, and VOCAB_FILE to the BERT WordPiece"
+HINT="$HINT vocabulary; see README"
+require_inputs "$HINT" "$VOCAB_FILE"
 
 # ---- random-LTD: a paper preset, or the DeepSpeed JSON's section ---------------------------
 RANDOM_LTD=${RANDOM_LTD:-1}
@@ -207,12 +194,7 @@ else
     TAG="$LTD_PRESET"
 fi
 
-case "${PRECISION:-fp16}" in
-    fp16) PRECISION_ARGS=(--fp16 --initial-loss-scale 2048 --loss-scale-window 500
-                          --hysteresis 2 --min-loss-scale 1) ;;
-    bf16) PRECISION_ARGS=(--bf16) ;;
-    *) die "PRECISION must be fp16 or bf16, got '${PRECISION}'" ;;
-esac
+precision_args || die "PRECISION must be fp16 or bf16, got '${PRECISION}'"
 
 if (( ITERS % 1000000 == 0 )); then ITERS_LABEL="$((ITERS / 1000000))M"
 elif (( ITERS % 1000 == 0 )); then ITERS_LABEL="$((ITERS / 1000))k"
@@ -220,10 +202,7 @@ else ITERS_LABEL="$ITERS"; fi
 NAME="bert-large-${TAG}-${ITERS_LABEL}-lr${LR}-gbs${GLOBAL_BATCH}-mbs${MICRO_BATCH}-tp${TP}-pp${PP}"
 CHECKPOINT_PATH=${CHECKPOINT_PATH:-${CHECKPOINT_DIR:-$ROOT/checkpoints/$NAME}}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-$ROOT/tensorboard/$NAME}
-CACHE_ARGS=()
-if [[ -n "${DATA_CACHE_PATH:-}" ]]; then
-    CACHE_ARGS=(--data-cache-path "$DATA_CACHE_PATH")
-fi
+cache_args
 
 ARGS=(
     --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS"
@@ -248,7 +227,4 @@ ARGS=(
     "$@"
 )
 
-case "$LAUNCHER" in
-    slurm) exec bash "$ROOT/examples/run_slurm.sbatch" "$ENTRY" "${ARGS[@]}" ;;
-    torchrun) exec bash "$ROOT/examples/run_torchrun.sh" "$ENTRY" "${ARGS[@]}" ;;
-esac
+launch "$LAUNCHER" "$ENTRY" "${ARGS[@]}"  # LAUNCHER was checked above
