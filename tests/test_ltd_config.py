@@ -311,7 +311,7 @@ def test_bad_json_values(tmp_path, keys, value, argv_extra, must_name):
     (["--layer-token-lr", "--lr-warmup-layer-tokens", "10", "--lr-decay-layer-tokens", "10"],
      "--lr-decay-layer-tokens"),
     (["--train-layer-tokens", "0"], "--train-layer-tokens"),
-    (["--random-ltd", "--random-ltd-method", "sctd"], "--random-ltd-method"),
+    (["--random-ltd", "--sctd-interval", "5"], "--sctd-interval"),  # sctd is a method now
     # dropping options without --random-ltd used to give a dense run silently
     (["--random-ltd-method", "tokenbypass"], "--random-ltd"),
     (["--random-ltd-method", "tokenbypass", "--train-layer-tokens", "100"], "--random-ltd"),
@@ -390,3 +390,23 @@ def test_sequence_parallel_kept_lengths_multiple_of_tp():
     assert all(v % 4 == 0 for t in range(12) for v in sched.kept_lengths(t).values())
     cfg_of(gpt("--random-ltd", "--random-ltd-start", "64", "--random-ltd-step", "6",
                "--random-ltd-schedule-steps", "10", layers=6, seq=256))
+
+
+def test_edge_layers_only_with_the_ablation_flag():
+    """The first/last layer never drop (random-LTD keeps them full; paper Tab. 5) unless the
+    ablation flag --random-ltd-allow-edge-layers says so; the flag alone needs --random-ltd."""
+    base = ["--random-ltd", "--random-ltd-start", "64", "--random-ltd-schedule-steps", "10"]
+    for ids in (["0", "1"], ["10", "11"]):
+        with pytest.raises(UserError, match="--random-ltd-allow-edge-layers"):
+            cfg_of(gpt(*base, "--random-ltd-layer-ids", *ids, layers=12, seq=128))
+    cfg = cfg_of(gpt(*base, "--random-ltd-allow-edge-layers", "--random-ltd-layer-ids",
+                     *map(str, range(12)), layers=12, seq=128))
+    assert cfg.layer_ids == tuple(range(12))
+    cfg = cfg_of(gpt(*base, "--random-ltd-allow-edge-layers", "--random-ltd-layer-ids", "0",
+                     layers=12, seq=128))
+    assert cfg.layer_ids == (0,)
+    # without the flag's use the default stays the middle layers
+    cfg = cfg_of(gpt(*base, "--random-ltd-allow-edge-layers", layers=12, seq=128))
+    assert cfg.layer_ids == tuple(range(1, 11))
+    with pytest.raises(UserError, match="--random-ltd-allow-edge-layers needs --random-ltd"):
+        cfg_of(gpt("--random-ltd-allow-edge-layers", layers=12, seq=128))

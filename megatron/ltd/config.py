@@ -232,6 +232,10 @@ def add_random_ltd_args(parser):
                    help="Raw consumed tokens (samples x seq length) to grow to --seq-length.")
     g.add_argument("--random-ltd-layer-ids", type=int, nargs="+", default=None,
                    help="0-based dropping layers (default 1 .. num_layers-2).")
+    g.add_argument("--random-ltd-allow-edge-layers", action="store_true",
+                   help="Ablation only (Yao et al. 2022, Tab. 5): let --random-ltd-layer-ids "
+                        "name the first and/or last layer. Off by default: random-LTD keeps "
+                        "them at full length, which the paper finds matters for quality.")
     g.add_argument("--random-ltd-schedule", default=None, choices=list(SCHEDULE_TYPES),
                    help="Kept-length schedule (default fixed_linear).")
     g.add_argument("--random-ltd-root-degree", type=float, default=None,
@@ -392,6 +396,8 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
             raise UserError("--random-ltd-keep-special-tokens needs --random-ltd")
         if g("random_ltd_real_tokens_only"):
             raise UserError("--random-ltd-real-tokens-only needs --random-ltd")
+        if g("random_ltd_allow_edge_layers"):
+            raise UserError("--random-ltd-allow-edge-layers needs --random-ltd")
     if not enabled and not (layer_token_lr or train_lt is not None or lr_warmup_lt is not None
                             or lr_decay_lt is not None):
         for flag in ("random_ltd_start", "random_ltd_step", "random_ltd_schedule_steps",
@@ -469,9 +475,12 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     if len(set(ids)) != len(ids):
         raise UserError(f"{ids_flag}: duplicate layer ids in {ids}")
     edge = [i for i in ids if i in (0, num_layers - 1)]
-    if edge:
+    if edge and not g("random_ltd_allow_edge_layers"):
+        # The first and last layers see the full sequence in random-LTD (the paper's Tab. 5:
+        # dropping there too costs quality); only the ablation flag lifts this.
         raise UserError(f"{ids_flag}: layer(s) {edge} are the first/last layer, which never "
-                        f"drop tokens (random-LTD keeps them at full length)")
+                        f"drop tokens (random-LTD keeps them at full length; "
+                        f"--random-ltd-allow-edge-layers lifts this for the ablation)")
     ids = sorted(ids)
     n_json = jget("random_ltd_layer_num", "int")
     if n_json is not None and n_json != len(ids):
