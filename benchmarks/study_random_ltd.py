@@ -40,15 +40,11 @@ table.
 """
 
 import argparse
-import contextlib
 import csv
 import importlib.util
-import io
 import json
-import math
 import os
 import platform
-import re
 import shlex
 import subprocess
 import sys
@@ -60,8 +56,9 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import pretrain_gpt  # noqa: E402
-from megatron.training import pretrain  # noqa: E402
+from benchmarks.common import (FixedSamples, Probe, console_fields,  # noqa: E402,F401
+                               interpolate)
+from benchmarks.common import train_run as common_train_run  # noqa: E402
 
 RUN_LABELS = {
     "baseline": "baseline (dense)",
@@ -111,162 +108,14 @@ def ensure_demo_data(data_dir, vocab_size=4096, log=print):
     return data, vocab, merges
 
 
-class FixedSamples(torch.utils.data.Dataset):
-    """``base[i % k]``: every evaluation (``k`` samples each) reads the same ``k`` samples."""
-
-    def __init__(self, base, k, length):
-        if len(base) < k:
-            raise ValueError(f"the validation split has {len(base)} samples, fewer than the "
-                             f"{k} one evaluation needs: lower --eval-batches or widen --split")
-        self.base, self.k, self.length = base, k, max(length, k)
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, idx):
-        return self.base[idx % self.k]
-
-
 # ----------------------------------------------------------------------------------------------
 # one run, measured
 
 
-class Probe:
-    """Wraps the GPT providers of one run: counts the layer tokens the layers actually process,
-    times training with evaluation subtracted, and records every evaluation."""
-
-    def __init__(self, eval_batches):
-        self.eval_batches = eval_batches
-        self.layer_tokens = 0
-        self.train_calls = 0
-        self.num_micro = None
-        self.t0 = self.c0 = None
-        self.eval_wall = self.eval_cpu = 0.0
-        self.current = None
-        self.evals = []  # dicts: iteration, layer_tokens, wall_s, cpu_s, loss
-
-    def _count(self, module, inputs, output):
-        if module.training and torch.is_grad_enabled():
-            hidden = inputs[0]  # [b, r, h]: r tokens per sample reach this layer
-            self.layer_tokens += int(hidden.shape[0]) * int(hidden.shape[1])
-
-    def model_provider(self, args, parallel):
-        from megatron.model.transformer import ParallelTransformerLayer
-
-        model = pretrain_gpt.model_provider(args, parallel)
-        layers = [m for m in model.modules() if isinstance(m, ParallelTransformerLayer)]
-        if len(layers) != args.num_layers:
-            raise RuntimeError(f"found {len(layers)} transformer layers, expected "
-                               f"{args.num_layers}")
-        for layer in layers:
-            layer.register_forward_hook(self._count)
-        return model
-
-    def datasets_provider(self, args, tokenizer, num_samples):
-        k = self.eval_batches * args.global_batch_size
-        train, valid, test = pretrain_gpt.datasets_provider(
-            args, tokenizer, (num_samples[0], k, num_samples[2]))
-        return train, FixedSamples(valid, k, num_samples[1]), test
-
-    def forward_step_provider(self, args, tokenizer):
-        inner = pretrain_gpt.forward_step_provider(args, tokenizer)
-        self.num_micro = args.num_micro_batches
-        per_eval = self.eval_batches * self.num_micro
-
-        def forward_step(data_iterator, model, token_drop=None):
-            if model.training:
-                if self.t0 is None:
-                    self.t0, self.c0 = time.perf_counter(), time.process_time()
-                self.train_calls += 1
-                return inner(data_iterator, model, token_drop)
-            if self.current is None:  # an evaluation starts
-                wall, cpu = time.perf_counter(), time.process_time()
-                self.current = {
-                    "iteration": self.train_calls // self.num_micro,
-                    "layer_tokens": self.layer_tokens,
-                    "wall_s": (wall - self.t0 - self.eval_wall) if self.t0 else 0.0,
-                    "cpu_s": (cpu - self.c0 - self.eval_cpu) if self.c0 else 0.0,
-                    "_wall": wall, "_cpu": cpu, "_sum": 0.0, "_n": 0}
-            output, loss_func = inner(data_iterator, model, token_drop)
-
-            def measured_loss(out):
-                loss, reported = loss_func(out)
-                cur = self.current
-                cur["_sum"] += float(reported["lm loss"])
-                cur["_n"] += 1
-                if cur["_n"] == per_eval:  # the evaluation is complete
-                    self.eval_wall += time.perf_counter() - cur.pop("_wall")
-                    self.eval_cpu += time.process_time() - cur.pop("_cpu")
-                    cur["loss"] = cur.pop("_sum") / cur.pop("_n")
-                    if not self.evals or self.evals[-1]["iteration"] != cur["iteration"]:
-                        self.evals.append(cur)
-                    self.current = None
-                return loss, reported
-
-            return output, measured_loss
-
-        return forward_step
-
-
-def console_fields(line):
-    """Selected fields of a training log line (None where absent)."""
-    out = {}
-    for key, pattern in (("iteration", r"iteration\s+(\d+)/"),
-                         ("lr", r"learning rate: ([0-9.E+-]+)"),
-                         ("layer_tokens", r"consumed layer tokens:\s+(\d+)"),
-                         ("kept", r"random ltd reserved length:\s+(\d+)")):
-        m = re.search(pattern, line)
-        out[key] = None if m is None else (int(m.group(1)) if key != "lr"
-                                           else float(m.group(1)))
-    return out
-
-
 def train_run(name, argv, eval_batches, log=print):
-    """Train one configuration in-process; returns its measured record."""
-    probe = Probe(eval_batches)
-    logs = []
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # dataset-building chatter
-        result = pretrain(probe.datasets_provider, probe.model_provider,
-                          probe.forward_step_provider, argv=argv, log=logs.append)
-    total = time.perf_counter() - start
-    logged = {}
-    for line in logs:
-        if line.startswith(" iteration"):
-            fields = console_fields(line)
-            logged[fields["iteration"]] = fields
-    # The framework's own layer-token count must agree with what the layers processed.
-    for ev in probe.evals:
-        fields = logged.get(ev["iteration"])
-        ev["lr"] = fields["lr"] if fields else None
-        ev["kept"] = fields["kept"] if fields else None
-        if fields and fields["layer_tokens"] is not None \
-                and fields["layer_tokens"] != ev["layer_tokens"]:
-            raise RuntimeError(f"{name}: layers processed {ev['layer_tokens']} layer tokens by "
-                               f"iteration {ev['iteration']}, the log says "
-                               f"{fields['layer_tokens']}")
-    final = probe.evals[-1]
-    if final["iteration"] != result.state.iteration:
-        raise RuntimeError(f"{name}: no evaluation after the last iteration")
-    valid_hist = dict(result.valid_losses)
-    for ev in probe.evals:  # our evaluation is the framework's evaluation
-        reported = valid_hist.get(ev["iteration"])
-        if reported is not None and not math.isclose(reported["lm loss"], ev["loss"],
-                                                      rel_tol=1e-5):
-            raise RuntimeError(f"{name}: evaluation mismatch at iteration {ev['iteration']}")
-    record = {
-        "name": name, "label": RUN_LABELS.get(name.split("@")[0], name),
-        "argv": argv, "iterations": result.state.iteration,
-        "layer_tokens": probe.layer_tokens, "final_valid_loss": final["loss"],
-        "train_wall_s": final["wall_s"], "train_cpu_s": final["cpu_s"],
-        "eval_wall_s": probe.eval_wall, "total_wall_s": total,
-        "evals": probe.evals,
-        "train_losses": [(it, d["lm loss"]) for it, d in result.train_losses],
-    }
-    log(f"  {name:24s} {record['iterations']:5d} it  {probe.layer_tokens / 1e6:8.2f}M layer "
-        f"tokens  valid {final['loss']:.4f}  train {final['wall_s']:6.1f} s wall "
-        f"{final['cpu_s']:6.1f} s cpu  ({total:.0f} s with setup/eval)")
-    return record
+    """Train one GPT configuration in-process; returns its measured record
+    (``benchmarks.common.train_run``)."""
+    return common_train_run(name, argv, eval_batches, log=log, labels=RUN_LABELS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,19 +209,6 @@ def plan(opts):
             "planned_constant_saving": 1 - (2 * s + n * kept_const) / (L * s)
             if L > 2 else 0.0}
     return runs, info
-
-
-def interpolate(evals, key, x):
-    """The validation loss of a curve at ``x`` (linear between evaluations; its last value for
-    an ``x`` at most 1% past its end, as a layer-token budget overshoots by part of a step;
-    None further outside)."""
-    pts = [(e[key], e["loss"]) for e in evals]
-    if pts and pts[-1][0] < x <= 1.01 * pts[-1][0]:
-        return pts[-1][1]
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return None
 
 
 def summarize(records, baseline):
