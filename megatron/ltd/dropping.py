@@ -105,6 +105,10 @@ class TokenDropState:
     of the smallest layer id in ``kept_lengths`` breaks ties), instead of one per layer. The
     dropped tokens then skip the whole range (TokenBypass); the block still gathers and scatters
     around each layer, which gives exactly the values of gathering once and merging back once.
+    ``query_layers``: dropping layers (ids in ``kept_lengths``) that run their kept tokens as
+    queries over ALL tokens as keys/values (BERT TokenBypass's layer L/2-1); the block gives the
+    layer the full sequence and the kept positions, and scatters its output for the kept tokens
+    back (the dropped ones skip it, as in any dropping layer).
     """
 
     seed: int
@@ -114,8 +118,10 @@ class TokenDropState:
     keep_mask: Optional[torch.Tensor] = None
     priority: Optional[torch.Tensor] = None
     shared_layers: bool = False
+    query_layers: frozenset = frozenset()
 
     def __post_init__(self):
+        object.__setattr__(self, "query_layers", frozenset(int(i) for i in self.query_layers))
         lengths = {int(k): int(v) for k, v in dict(self.kept_lengths).items()}
         bad = {k: v for k, v in lengths.items() if v < 1 or k < 0}
         if bad:

@@ -1,4 +1,4 @@
-"""TokenBypass (Hou et al. 2022, "Token Dropping for Efficient BERT Pretraining") for GPT.
+"""TokenBypass (Hou et al. 2022, "Token Dropping for Efficient BERT Pretraining") for GPT and BERT.
 
 What is kept
     Every vocabulary id has an importance: the running average (EMA, ``beta = 0.995``, initial
@@ -22,6 +22,27 @@ Which id a loss belongs to (GPT)
     "input")`` attributes the loss to the input id ``tokens[i]`` instead (causal: no future
     information), for the comparison.
 
+BERT (encoders, ``encoder=True``; Hou et al.'s setting)
+    The loss of a masked position is attributed to its ORIGINAL id (``labels``), the positions
+    are ranked by the importance of their INPUT id (``tokens``): ``attribute_to="mlm"``.
+    Special ids ([CLS], [SEP], [MASK], [UNK]) are always kept (the entry point marks them),
+    padding never while real tokens remain (priority -inf; a sample with fewer real tokens than
+    the kept length fills the rest with padding, which no token attends to and no loss reads).
+    Layers: the dropping layers are ``L/2-1 .. L-2`` (``bypass_layer_ids(L, encoder=True)``)
+    and the FIRST of them (``query_layer_ids``) is the *query layer*: the kept tokens are its
+    queries and ALL tokens its keys and values (the padding mask as usual); its output replaces
+    the kept tokens, the dropped ones skip it. Layers ``L/2 .. L-2`` then run on the kept tokens
+    only (the same kept set: one selection for all the layers), the dropped tokens are merged
+    back before the last layer, which is full. With ``--random-ltd-layer-ids`` the smallest
+    given id is the query layer.
+
+    Layer tokens: the query layer is counted at the KEPT length. Layer tokens count the tokens a
+    layer produces (its queries), and what it spends on the dropped tokens (their key/value
+    projection, about 1/6 of a layer's linear FLOPs per token at ffn = 4h, plus the wasted query
+    rows of the fused QKV projection) is of the same kind as attention's quadratic term, which
+    the random-LTD paper's LayerToken also leaves out; counting it at full length would charge
+    the layer's MLP (2/3 of its FLOPs) for tokens it never runs.
+
 When the table changes
     ``observe`` accumulates per-id loss sums and counts for every training micro-batch of an
     optimizer step (positions with a zero loss mask or a non-finite loss are left out); ``step``
@@ -32,11 +53,11 @@ When the table changes
     table independent of the micro-batch split (like the kept lengths, which are per iteration).
     Evaluation passes no token_drop, so it never updates the table.
 
-Parallelism (single process now)
-    Under data parallelism the per-id sums and counts of a step must be all-reduced over the
-    data-parallel group before ``step`` (``pending`` / ``set_pending`` expose them), so that every
-    rank holds the same table; under pipeline parallelism only the last stage sees the losses,
-    so the reduction must span the pipeline group too (other stages contribute zeros). Tensor
+Parallelism
+    Under data parallelism the per-id sums and counts of a step are all-reduced over the
+    data-parallel group before ``step`` (``pending`` / ``set_pending`` expose them; the driver's
+    ``_share_importance_update``), so that every rank holds the same table; under pipeline
+    parallelism only the last stage sees the losses and broadcasts them along the pipeline. Tensor
     parallel ranks compute identical per-token losses and need nothing. Per-id sums use
     ``index_put_(accumulate=True)``, whose CUDA path is deterministic under
     ``torch.use_deterministic_algorithms``.
@@ -49,30 +70,44 @@ import torch
 
 from megatron.errors import UserError
 
-__all__ = ["TokenImportance", "bypass_layer_ids", "tokenbypass_config", "BETA",
-           "INITIAL_IMPORTANCE"]
+__all__ = ["TokenImportance", "bypass_layer_ids", "query_layer_ids", "tokenbypass_config",
+           "BETA", "INITIAL_IMPORTANCE"]
 
 BETA = 0.995
 INITIAL_IMPORTANCE = 10.0
-ATTRIBUTIONS = ("target", "input")
+ATTRIBUTIONS = ("target", "input", "mlm")
+METHODS = ("tokenbypass", "sctd")  # the methods that select by importance (SCTD drops as this)
 
 
-def bypass_layer_ids(num_layers: int) -> Tuple[int, ...]:
-    """TokenBypass's dropping layers, 0-based: ``L//2 .. L-2`` (empty for ``L < 3``)."""
-    return tuple(range(num_layers // 2, num_layers - 1))
+def bypass_layer_ids(num_layers: int, encoder: bool = False) -> Tuple[int, ...]:
+    """TokenBypass's dropping layers, 0-based: ``L//2 .. L-2`` (empty for ``L < 3``); for an
+    encoder (BERT) ``L//2-1 .. L-2``, the first of them the query layer."""
+    if num_layers < 3:
+        return ()
+    return tuple(range(num_layers // 2 - (1 if encoder else 0), num_layers - 1))
 
 
-def tokenbypass_config(cfg):
+def query_layer_ids(cfg, encoder: bool) -> Tuple[int, ...]:
+    """The layers that run the kept tokens as queries over all tokens as keys/values: for an
+    encoder with TokenBypass (or SCTD) the smallest dropping layer; else none."""
+    if not encoder or cfg is None or not cfg.enabled or cfg.method not in METHODS \
+            or not cfg.layer_ids:
+        return ()
+    return (min(cfg.layer_ids),)
+
+
+def tokenbypass_config(cfg, encoder: bool = False):
     """``cfg`` with TokenBypass's layers: the default random-LTD layers ``1 .. L-2`` become
-    ``L/2 .. L-2``; layer ids given explicitly (any other list) are kept as given."""
-    if cfg is None or not cfg.enabled or cfg.method != "tokenbypass":
+    ``L/2 .. L-2`` (encoder: ``L/2-1 .. L-2``); layer ids given explicitly (any other list) are
+    kept as given. Idempotent; also for SCTD, which drops as TokenBypass."""
+    if cfg is None or not cfg.enabled or cfg.method not in METHODS:
         return cfg
     if tuple(cfg.layer_ids) != tuple(range(1, cfg.num_layers - 1)):
         return cfg
     if cfg.layer_starts is not None:
         raise UserError("--random-ltd-layer-starts with --random-ltd-method tokenbypass needs "
                         "--random-ltd-layer-ids (the default bypass layers are L/2 .. L-2)")
-    return replace(cfg, layer_ids=bypass_layer_ids(cfg.num_layers))
+    return replace(cfg, layer_ids=bypass_layer_ids(cfg.num_layers, encoder))
 
 
 class TokenImportance:
@@ -118,11 +153,12 @@ class TokenImportance:
     def position_importance(self, labels: torch.Tensor,
                             tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[b, s] importance of each position: of its target id (``labels``) or, with
-        ``attribute_to='input'``, of its input id (``tokens``)."""
-        return self.importance(self._ids(labels, tokens))
+        ``attribute_to='input'`` or ``'mlm'`` (BERT), of its input id (``tokens``)."""
+        return self.importance(self._ids(labels, tokens, rank=True))
 
-    def _ids(self, labels, tokens):
-        if self.attribute_to == "input":
+    def _ids(self, labels, tokens, rank=False):
+        """The ids losses are attributed to (``rank=False``) or positions ranked by."""
+        if self.attribute_to == "input" or (rank and self.attribute_to == "mlm"):
             if tokens is None:
                 raise ValueError("TokenImportance(attribute_to='input') needs the input tokens")
             return tokens

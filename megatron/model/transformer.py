@@ -130,7 +130,12 @@ class ParallelAttention(nn.Module):
             sequence_parallel=sp)
 
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                query_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [b, r, h] -> [b, r, h]. ``query_indices`` [b, r_q] (ascending positions of
+        the sequence): only those tokens are queries, every token a key/value; the output is
+        [b, r_q, h] (TokenBypass's query layer). The fused QKV projection still runs on all r
+        tokens (one projection; the dropped tokens' query rows are discarded)."""
         np_, hn = self.heads_per_partition, self.head_dim
         # Under sequence parallelism hidden is [b, r / tp, h]; the projection all-gathers it.
         mixed = self.query_key_value(hidden)  # [b, r, np * 3 * hn]
@@ -147,6 +152,8 @@ class ParallelAttention(nn.Module):
                                       torch.promote_types(q.dtype, torch.float32))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
+        if query_indices is not None:
+            q, attention_mask = _query_rows(q, attention_mask, query_indices, self.causal)
         if attention_mask is not None:
             mask, is_causal = ~attention_mask, False  # SDPA's boolean mask: True = attend
         else:
@@ -166,7 +173,7 @@ class ParallelAttention(nn.Module):
                 # SDPA has no fused CPU kernel with dropout; this one skips the masked future
                 context = causal_attention_with_dropout(q, k, v, dropout_p,
                                                         mask=attention_mask)
-            elif cpu_dropout and _is_padding_mask(attention_mask):
+            elif cpu_dropout and _is_padding_mask(attention_mask) and query_indices is None:
                 # BERT's padding mask: no fused CPU kernel either; this one skips padded keys
                 context = padding_attention_with_dropout(q, k, v, dropout_p, attention_mask)
             elif cpu_dropout and q.dtype == torch.bfloat16:
@@ -175,8 +182,29 @@ class ParallelAttention(nn.Module):
                 context = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=mask, dropout_p=dropout_p,
                     is_causal=is_causal)  # [b, np, r, hn]
-        context = context.transpose(1, 2).reshape(b, r, np_ * hn)  # [b, r, np * hn]
-        return self.dense(context)  # [b, r, h] ([b, r / tp, h] sequence-parallel)
+        r_q = q.size(2)
+        context = context.transpose(1, 2).reshape(b, r_q, np_ * hn)  # [b, r_q, np * hn]
+        return self.dense(context)  # [b, r_q, h] ([b, r_q / tp, h] sequence-parallel)
+
+
+def _query_rows(q: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                query_indices: torch.Tensor, causal: bool):
+    """The query rows ``q[:, :, query_indices]`` [b, np, r_q, hn] and the mask of those queries
+    over all keys: a padding mask [b|1, 1, 1, s] as is, the rows of an explicit [b|1, 1, s, s]
+    mask, or for causal attention without a mask the explicit [b, 1, r_q, s] "key after query"
+    mask (SDPA's is_causal would align the r_q queries with the first r_q keys)."""
+    b, heads, s, hn = q.shape
+    r_q = query_indices.size(1)
+    q = q.gather(2, query_indices.view(b, 1, r_q, 1).expand(b, heads, r_q, hn))
+    if attention_mask is None:
+        if causal:
+            keys = torch.arange(s, device=q.device)
+            attention_mask = (keys.view(1, 1, 1, s) > query_indices.view(b, 1, r_q, 1))
+    elif attention_mask.size(-2) == s and s > 1:
+        attention_mask = attention_mask.expand(b, *attention_mask.shape[1:])
+        attention_mask = attention_mask.gather(
+            2, query_indices.view(b, 1, r_q, 1).expand(b, attention_mask.size(1), r_q, s))
+    return q, attention_mask
 
 
 def _masks_the_future(attention_mask: Optional[torch.Tensor], is_causal: bool) -> bool:
@@ -252,18 +280,38 @@ class ParallelTransformerLayer(nn.Module):
         self.self_attention = ParallelAttention(config, layer_number, parallel, causal)
         self.post_attention_layernorm = _layer_norm(config)
         self.mlp = ParallelMLP(config, parallel)
+        self._config, self._parallel = config, parallel
+
+    def _kept_rows(self, x, indices):
+        return _kept_rows_of(x, indices, self._config, self._parallel)
 
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden [b, r, h], position_ids [b, r] | None, attention_mask [b|1, 1, r, r] | None."""
+                attention_mask: Optional[torch.Tensor] = None,
+                query_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [b, r, h], position_ids [b, r] | None, attention_mask [b|1, 1, r, r] | None.
+        ``query_indices`` [b, r_q]: the query-layer mode (TokenBypass's layer L/2-1): those
+        tokens are the queries, all r tokens the keys/values, and the output is theirs only,
+        [b, r_q, h] (the residual stream and the MLP run on them only)."""
         normed = self.input_layernorm(hidden)
-        attn = self.self_attention(normed, position_ids, attention_mask)
-        hidden = (normed if self.post_ln else hidden) + F.dropout(attn, self.hidden_dropout,
-                                                                  self.training)
+        attn = self.self_attention(normed, position_ids, attention_mask, query_indices)
+        residual = normed if self.post_ln else hidden
+        if query_indices is not None:
+            residual = self._kept_rows(residual, query_indices)
+        hidden = residual + F.dropout(attn, self.hidden_dropout, self.training)
         normed = self.post_attention_layernorm(hidden)
         mlp = self.mlp(normed)
         return (normed if self.post_ln else hidden) + F.dropout(mlp, self.hidden_dropout,
                                                                 self.training)
+
+
+def _kept_rows_of(x: torch.Tensor, indices: torch.Tensor, config, parallel) -> torch.Tensor:
+    """The rows ``indices [b, r]`` of ``x`` [b, s, h]; under sequence parallelism ``x`` is this
+    rank's chunk [b, s / tp, h] and so is the result, [b, r / tp, h] (all-gather, gather, split:
+    everything between is replicated, so the backwards split the complete gradients)."""
+    if config.sequence_parallel and parallel.tp_size > 1:
+        full = gather_from_sequence_parallel_region(x, parallel, output_grad_is_partial=False)
+        return scatter_to_sequence_parallel_region(gather_tokens(full, indices), parallel)
+    return gather_tokens(x, indices)
 
 
 class ParallelTransformer(nn.Module):
@@ -292,6 +340,12 @@ class ParallelTransformer(nn.Module):
     tokens); and scatters the outputs back out of place. Dropped tokens pass unchanged, their
     gradient straight through. Eval mode, ``token_drop=None`` and r >= s run the dense layer, so
     keeping every token is bit-identical to the dense model.
+
+    Query layers (``token_drop.query_layers``, BERT TokenBypass's layer L/2-1): the layer gets
+    the whole sequence and the kept positions (``layer(..., query_indices)``); its attention
+    takes the kept tokens' query rows over all keys/values, its residual stream and MLP run on
+    the kept tokens only, and the block scatters its [b, r, h] output back. Same seam, no
+    second copy of the layer.
     """
 
     _always_gather = False
@@ -312,15 +366,39 @@ class ParallelTransformer(nn.Module):
                 layers.append(ParallelTransformerLayer(config, i, parallel, causal))
         self.layers = nn.ModuleList(layers)
         self.post_process = post_process
+        self.causal = causal
         if post_process:
             self.final_layernorm = _layer_norm(config)
 
-    def _forward_layer(self, layer, hidden, position_ids, attention_mask):
+    def _forward_layer(self, layer, hidden, position_ids, attention_mask, *extra):
+        """``extra``: the query layer's ``query_indices`` (none for an ordinary layer)."""
         recompute = self.config.recompute_granularity == "full"
         if recompute and self.training and torch.is_grad_enabled():
             return _checkpointed(layer, self.parallel.rng_tracker, hidden, position_ids,
-                                 attention_mask)
-        return layer(hidden, position_ids, attention_mask)
+                                 attention_mask, *extra)
+        return layer(hidden, position_ids, attention_mask, *extra)
+
+    def _forward_query_layer(self, layer, hidden, position_ids, attention_mask, indices):
+        """TokenBypass's query layer: the tokens ``indices [b, r]`` of each sample are the
+        queries, all tokens the keys/values (with the full position ids and mask); the layer's
+        output for the kept tokens is scattered back, the dropped tokens skip it. Under
+        sequence parallelism r must be divisible by tp."""
+        if self._sequence_parallel and indices.size(1) % self.parallel.tp_size:
+            raise UserError(f"TokenBypass with --sequence-parallel: kept length "
+                            f"{indices.size(1)} of layer {layer.layer_number} is not divisible "
+                            f"by --tensor-model-parallel-size ({self.parallel.tp_size})")
+        kept = self._forward_layer(layer, hidden, position_ids, attention_mask, indices)
+        if not self._sequence_parallel:
+            return scatter_tokens(hidden, indices, kept)
+        # hidden is this rank's chunk [b, s/tp, h], kept [b, r/tp, h] (the layer's queries are
+        # the kept rows of the all-gathered sequence; its dense projection reduce-scatters them)
+        parallel = self.parallel
+        kept = gather_from_sequence_parallel_region(kept, parallel,
+                                                    output_grad_is_partial=False)  # [b, r, h]
+        full = gather_from_sequence_parallel_region(hidden, parallel,
+                                                    output_grad_is_partial=False)  # [b, s, h]
+        return scatter_to_sequence_parallel_region(scatter_tokens(full, indices, kept),
+                                                   parallel)  # [b, s / tp, h]
 
     def _forward_dropped(self, layer, hidden, position_ids, attention_mask, indices):
         """Run ``layer`` on the tokens ``indices [b, r]`` of each sample; the rest skip it."""
@@ -392,6 +470,9 @@ class ParallelTransformer(nn.Module):
                 indices = drops.get(layer_id)
                 if indices is None:
                     hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
+                elif layer_id in token_drop.query_layers:
+                    hidden = self._forward_query_layer(layer, hidden, position_ids,
+                                                       attention_mask, indices)
                 else:
                     hidden = self._forward_dropped(layer, hidden, position_ids,
                                                    attention_mask, indices)
@@ -427,3 +508,9 @@ def _checkpointed(layer, tracker, *args):
 
     return checkpoint(layer, *args, use_reentrant=False,
                       context_fn=lambda: (forward_ctx(), recompute_ctx()))
+
+
+def is_encoder_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds a bidirectional (encoder, BERT) transformer block: TokenBypass
+    then uses its encoder variant (a query layer, MLM attribution)."""
+    return any(isinstance(m, ParallelTransformer) and not m.causal for m in model.modules())
