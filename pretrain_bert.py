@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from megatron.arguments import transformer_config_from_args
 from megatron.errors import NotImplementedYet, UserError, run_main
-from megatron.ltd.config import check_model_type
+from megatron.ltd.config import check_model_type, sctd_settings_from_args
 from megatron.ltd.driver import token_drop_for_batch
+from megatron.ltd.sctd import SCTDOutput, sctd_loss
 from megatron.training import Provider, pretrain
 from megatron.utils import print_rank_0
 
@@ -77,6 +78,8 @@ def forward_step_provider(args, tokenizer):
     device = torch.device(args.device)
     special = _special_ids(tokenizer)
     binary_head = args.bert_binary_head
+    sctd = sctd_settings_from_args(args)
+    sctd_weights = (sctd["sctd_mlm_weight"], sctd["sctd_kl_weight"])
 
     def get_batch(data_iterator):
         batch = next(data_iterator)
@@ -91,6 +94,9 @@ def forward_step_provider(args, tokenizer):
                          sample_ids=batch["index"])
 
     def loss_func(loss_mask, sentence_order, output):
+        if isinstance(output, SCTDOutput):  # SCTD's dual step: both passes and the KL terms
+            return sctd_loss(output, loss_mask, sentence_order, mlm_weight=sctd_weights[0],
+                             kl_weight=sctd_weights[1])
         lm_loss_, sop_logits = output
         lm_loss = (lm_loss_.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
         if sop_logits is None:
@@ -129,10 +135,10 @@ def check_args(args):
         raise UserError("pretrain_bert.py: BERT uses learned absolute position embeddings; "
                         "leave out --position-embedding-type/--use-rotary-position-embeddings")
     check_model_type(args, "encoder", "pretrain_bert.py")
-    if getattr(args, "random_ltd", False) and args.random_ltd_method != "random":
+    if getattr(args, "random_ltd", False) and args.random_ltd_method not in ("random", "sctd"):
         raise NotImplementedYet(
             f"--random-ltd-method {args.random_ltd_method} for BERT is not implemented yet (the "
-            "BERT baselines TokenBypass and SCTD are a separate issue); use the default random")
+            "BERT TokenBypass baseline is a separate change); use random or sctd")
 
 
 PROVIDER = Provider(model=model_provider, datasets=datasets_provider,

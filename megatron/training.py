@@ -159,6 +159,9 @@ def _run_pretraining(args, provider, log, start_time):
     optimizer = build_optimizer(model, args=args, log=log, model_parallel_group=parallel.mp_group,
                                 tp_rank=parallel.tp_rank, data_parallel_group=parallel.dp_group)
     ltd = build_token_dropping(args, log)
+    if ltd.method == "sctd" and not getattr(model, "supports_sctd", False):
+        raise UserError("--random-ltd-method sctd is a BERT method (a KL between [CLS] hidden "
+                        "states): use pretrain_bert.py")
     resolve_train_iters(args, ltd)
     scheduler = build_scheduler(args, optimizer, ltd)
     state, ckpt = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker,
@@ -360,10 +363,12 @@ class StepRunner:
         args = self.args
         seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel
                                   else 1)
+        # SCTD's dual step sends both passes between pipeline stages as one doubled batch.
+        batch = args.micro_batch_size * getattr(token_drop, "batch_multiplier", 1)
         reported = forward_backward(
             forward_step=self.forward_step, data_iterator=data_iterator, model=self.wrapped,
             parallel=self.parallel, num_microbatches=args.num_micro_batches,
-            tensor_shape=(args.micro_batch_size, seq, args.hidden_size),
+            tensor_shape=(batch, seq, args.hidden_size),
             dtype=params_torch_dtype(args),
             scale_loss=self.optimizer.scale_loss, token_drop=token_drop,
             forward_only=forward_only,
@@ -521,6 +526,7 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             log(f"training budget reached at iteration {state.iteration}: {spent}")
             break
         token_drop = ltd.begin_iteration(state.iteration)
+        dual = getattr(token_drop, "dual", False)  # SCTD: the full-sequence pass runs too
         kept = ltd.reserved_length
         losses, ok, grad_norm = step.train_step(train_iter, token_drop)
         # As Megatron-DeepSpeed: "consumed tokens" grow by the layer-averaged sequence length
@@ -556,6 +562,8 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
                           ltd.consumed_layer_tokens)
         flops = flops_per_iteration(args, ltd.kept_lengths if ltd.enabled else None,
                                     flops_per_sample)
+        if dual:
+            flops += flops_per_iteration(args, None, flops_per_sample)
         logger.training_step(state, losses, optimizer.param_groups[0]["lr"], grad_norm,
                              float(optimizer.get_loss_scale()), skipped=not ok, extra=extra,
                              flops=flops,

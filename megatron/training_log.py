@@ -86,6 +86,7 @@ class TrainingLogger:
     def _reset(self):
         self.loss_sums = {}
         self.loss_counts = 0
+        self.loss_key_counts = {}  # a name reported on some iterations only (SCTD's dual steps)
         self.skipped = 0
         self.nan = 0
         self.interval_start = time.time()
@@ -125,6 +126,7 @@ class TrainingLogger:
         else:
             for key, value in loss_dict.items():
                 self.loss_sums[key] = self.loss_sums.get(key, 0.0) + float(value)
+                self.loss_key_counts[key] = self.loss_key_counts.get(key, 0) + 1
             self.loss_counts += 1
 
         it, samples, tokens = (state.iteration, state.consumed_train_samples,
@@ -164,7 +166,7 @@ class TrainingLogger:
             f"global batch size: {args.global_batch_size:5d}",
         ]
         for key, total in self.loss_sums.items():
-            parts.append(f"{key}: {total / max(self.loss_counts, 1):.6E}")
+            parts.append(f"{key}: {total / max(self.loss_key_counts.get(key, 0), 1):.6E}")
         parts.append(f"loss scale: {loss_scale:.1f}")
         if grad_norm is not None:
             parts.append(f"grad norm: {grad_norm:.3f}")

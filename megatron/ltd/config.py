@@ -37,10 +37,10 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from megatron.errors import UserError
+from megatron.errors import NotImplementedYet, UserError
 from megatron.ltd.schedule import SCHEDULE_TYPES, linear_layer_starts
 
-METHODS = ("random", "tokenbypass")
+METHODS = ("random", "tokenbypass", "sctd")
 MODEL_TYPES = ("decoder", "encoder")
 HIDDEN_STATE_ORDERS = ("seq_batch_dim", "batch_seq_dim")
 DS_PATH = "data_efficiency.data_routing.random_ltd"
@@ -55,7 +55,8 @@ class RandomLTDConfig:
     enabled: bool
     """Tokens are dropped (False: only the layer-token budget/LR options are in use)."""
     method: str
-    """'random' (random-LTD) or 'tokenbypass' (Hou et al. 2022)."""
+    """'random' (random-LTD), 'tokenbypass' (Hou et al. 2022) or 'sctd' (Zhong et al. 2023:
+    TokenBypass dropping plus a periodic full-sequence pass; ``megatron.ltd.sctd``)."""
     num_layers: int
     """Total transformer layers (--num-layers; DeepSpeed total_layer_num)."""
     seq_length: int
@@ -97,6 +98,12 @@ class RandomLTDConfig:
     """LayerToken LR decay horizon in layer tokens (None: the run's total layer tokens)."""
     deepspeed_config: Optional[str]
     """Path of the DeepSpeed JSON read, if any."""
+    sctd_interval: int = 10
+    """SCTD: every this many iterations a step runs the full-sequence pass too (--sctd-interval)."""
+    sctd_kl_weight: float = 0.05
+    """SCTD: lambda, the weight of KL_last + KL_penultimate on dual steps (--sctd-kl-weight)."""
+    sctd_mlm_weight: float = 0.5
+    """SCTD: the weight of each pass's MLM (and SOP) loss on dual steps (--sctd-mlm-weight)."""
 
     def deepspeed_section(self) -> dict:
         """This config as DeepSpeed's ``data_efficiency.data_routing.random_ltd`` dict."""
@@ -250,6 +257,14 @@ def add_random_ltd_args(parser):
                    help="Draw the kept tokens among real (non-padding) tokens only (BERT).")
     g.add_argument("--random-ltd-keep-special-tokens", action="store_true",
                    help="Ablation: dropping layers always keep the special tokens.")
+    g.add_argument("--sctd-interval", type=int, default=None,
+                   help="SCTD: run the full-sequence pass too every this many iterations "
+                        "(default 10, Zhong et al. 2023).")
+    g.add_argument("--sctd-kl-weight", type=float, default=None,
+                   help="SCTD: lambda, the weight of the two [CLS] KL terms (default 0.05).")
+    g.add_argument("--sctd-mlm-weight", type=float, default=None,
+                   help="SCTD: the weight of each pass's MLM/SOP loss on dual steps "
+                        "(default 0.5).")
     g.add_argument("--train-layer-tokens", type=int, default=None,
                    help="Stop after this many layer tokens (tokens summed over layers).")
     g.add_argument("--layer-token-lr", action="store_true",
@@ -347,6 +362,32 @@ def _merge(flag, flag_value, js, path, json_value):
 # args -> config
 
 
+def _sctd_settings(g) -> dict:
+    """--sctd-interval / --sctd-kl-weight / --sctd-mlm-weight (published defaults where not
+    given); giving one without --random-ltd-method sctd is a UserError naming it."""
+    given = {"interval": g("sctd_interval"), "kl-weight": g("sctd_kl_weight"),
+             "mlm-weight": g("sctd_mlm_weight")}
+    if (g("random_ltd_method") or "random") != "sctd":
+        for name, value in given.items():
+            if value is not None:
+                raise UserError(f"--sctd-{name} needs --random-ltd --random-ltd-method sctd")
+    interval = 10 if given["interval"] is None else given["interval"]
+    kl_weight = 0.05 if given["kl-weight"] is None else given["kl-weight"]
+    mlm_weight = 0.5 if given["mlm-weight"] is None else given["mlm-weight"]
+    if interval < 1:
+        raise UserError(f"--sctd-interval must be at least 1, got {interval}")
+    if kl_weight < 0 or mlm_weight < 0:
+        raise UserError(f"--sctd-kl-weight ({kl_weight}) and --sctd-mlm-weight ({mlm_weight}) "
+                        f"must not be negative")
+    return dict(sctd_interval=int(interval), sctd_kl_weight=float(kl_weight),
+                sctd_mlm_weight=float(mlm_weight))
+
+
+def sctd_settings_from_args(args) -> dict:
+    """{sctd_interval, sctd_kl_weight, sctd_mlm_weight} from the flags (defaults filled in)."""
+    return _sctd_settings(lambda name, default=None: getattr(args, name, default))
+
+
 def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     """Validated config from the flags (and the DeepSpeed JSON), or None when neither random-LTD
     nor any layer-token option is asked for. With only layer-token options (a baseline keyed on
@@ -405,6 +446,7 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
                      "random_ltd_root_degree", "random_ltd_layer_starts"):
             if g(flag) is not None:
                 raise UserError(f"--{flag.replace('_', '-')} needs --random-ltd")
+        _sctd_settings(g)  # --sctd-* flags without SCTD: one line
         return None
 
     for value, flag in ((lr_warmup_lt, "--lr-warmup-layer-tokens"),
@@ -428,6 +470,7 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
         raise UserError("--seq-length is required (and positive) for random-LTD/layer tokens")
 
     common = dict(
+        **_sctd_settings(g),
         method=g("random_ltd_method", "random") or "random", num_layers=num_layers,
         seq_length=seq_length, keep_special_tokens=bool(g("random_ltd_keep_special_tokens")),
         real_tokens_only=bool(g("random_ltd_real_tokens_only")),
@@ -443,6 +486,12 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     if common["method"] not in METHODS:
         raise UserError(f"--random-ltd-method must be one of {', '.join(METHODS)}, "
                         f"got {common['method']!r}")
+    if common["method"] == "sctd" and (layer_token_lr or train_lt is not None):
+        raise NotImplementedYet(
+            "--random-ltd-method sctd with --layer-token-lr/--train-layer-tokens is not "
+            "implemented yet: the layer-token horizons are computed from the kept-length "
+            "schedule alone and do not include SCTD's periodic full-sequence pass (the consumed "
+            "layer tokens do count it)")
 
     # -- model shape
     total = jget("total_layer_num", "int")
@@ -488,7 +537,7 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
                         f"{n_json} but {ids_flag} lists {len(ids)} layers")
 
     # -- schedule (TokenBypass defaults: a constant half of the sequence, as Hou et al.)
-    tokenbypass = g("random_ltd_method") == "tokenbypass"
+    tokenbypass = g("random_ltd_method") in ("tokenbypass", "sctd")  # SCTD drops as TokenBypass
     schedule = _merge("--random-ltd-schedule", g("random_ltd_schedule"), js,
                       jpath("random_ltd_schedule.schedule_type"),
                       jget("random_ltd_schedule.schedule_type", "str")) or \

@@ -14,7 +14,10 @@ they are drawn among the real tokens (BERT's padding is kept only where a sample
 tokens than the kept length). ``tokenbypass`` keeps the most important
 tokens by a per-id loss EMA (``megatron.ltd.tokenbypass``), one kept set for all its layers,
 which default to ``L/2 .. L-2`` (``self.cfg.layer_ids``; layer-token accounting follows them);
-special tokens are always kept.
+special tokens are always kept. ``sctd`` (``megatron.ltd.sctd``) drops as ``tokenbypass``
+(same layers, table and selection) and every ``--sctd-interval`` iterations also runs the
+full-sequence pass in the same forward (``SCTDDropper.dual``); ``end_iteration`` then adds its
+``s * L`` layer tokens per sample.
 
 The ``token_drop`` callable (``TokenDropper``) takes the micro-batch's sample ids and, as keyword
 arguments, what the entry point knows per position: ``special_mask`` [b, s] (always kept when
@@ -111,10 +114,14 @@ class TokenDroppingDriver:
 
     def __init__(self, cfg, *, num_layers, seq_length, global_batch_size, seed):
         cfg = tokenbypass_config(cfg)
+        if cfg is not None and cfg.enabled and cfg.method == "sctd":  # drops as TokenBypass
+            from dataclasses import replace
+            cfg = replace(tokenbypass_config(replace(cfg, method="tokenbypass")), method="sctd")
         self.cfg = cfg
         self.enabled = cfg is not None and cfg.enabled
         self.method = cfg.method if self.enabled else None
-        self.importance = TokenImportance() if self.method == "tokenbypass" else None
+        self.importance = TokenImportance() if self.method in ("tokenbypass", "sctd") else None
+        self._dual = False  # SCTD: this iteration runs the full-sequence pass too
         self.num_layers = num_layers
         self.seq_length = seq_length
         self.global_batch_size = global_batch_size
@@ -128,9 +135,16 @@ class TokenDroppingDriver:
         """Kept lengths for this iteration's forward; returns the ``token_drop`` callable
         (a ``TokenDropper``: micro-batch sample ids -> TokenDropState) or None for a dense step."""
         self._kept = self.scheduler.kept_lengths(iteration) if self.enabled else {}
+        self._dual = False
         if not self._kept:
             return None
-        keep_special = self.method == "tokenbypass" or self.cfg.keep_special_tokens
+        keep_special = self.method in ("tokenbypass", "sctd") or self.cfg.keep_special_tokens
+        if self.method == "sctd":
+            from megatron.ltd.sctd import SCTDDropper, is_dual_step
+
+            self._dual = is_dual_step(iteration, self.cfg.sctd_interval)
+            return SCTDDropper(self.seed, iteration, self._kept, keep_special=keep_special,
+                               importance=self.importance, dual=self._dual)
         return TokenDropper(self.seed, iteration, self._kept, keep_special=keep_special,
                             importance=self.importance,
                             real_tokens_only=self.cfg.real_tokens_only)
@@ -148,7 +162,10 @@ class TokenDroppingDriver:
             if parallel is not None and parallel.world_size > 1:
                 self._share_importance_update(parallel)
             self.importance.step()
-        return self.scheduler.step(self.global_batch_size)
+        # SCTD's dual step: the extra full-sequence pass, s * L layer tokens per sample.
+        extra = self.seq_length * self.num_layers if self._dual else 0
+        self._dual = False
+        return self.scheduler.step(self.global_batch_size, extra_layer_tokens_per_sample=extra)
 
     def _share_importance_update(self, parallel):
         """Make TokenBypass's table update the same on every rank: the last pipeline stage (the

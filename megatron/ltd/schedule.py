@@ -233,15 +233,17 @@ class RandomLTDScheduler:
         dropping = sum(min(v, self.max_length) for v in self.current_values.values())
         return dropping + self.max_length * (self.num_layers - self.num_ltd_layers)
 
-    def step(self, global_batch_size: int) -> int:
+    def step(self, global_batch_size: int, extra_layer_tokens_per_sample: int = 0) -> int:
         """Account one optimizer step of ``global_batch_size`` samples; returns its layer tokens.
 
         DeepSpeed's formula: ``global_batch * (kept * n_ltd + max * (L - n_ltd))`` (summed per
-        layer when the layers keep different lengths).
+        layer when the layers keep different lengths). ``extra_layer_tokens_per_sample``: layer
+        tokens of passes beyond the dropped one (SCTD's full-sequence pass: ``s * L``).
         """
         if self._pending is None:
             self.kept_lengths()
-        layer_tokens = int(global_batch_size) * self.layer_tokens_per_sample()
+        layer_tokens = int(global_batch_size) * (self.layer_tokens_per_sample()
+                                                 + int(extra_layer_tokens_per_sample))
         self.consumed_layer_tokens += layer_tokens
         self.consumed_tokens += int(global_batch_size) * self.max_length
         self.iteration = self._pending + 1
