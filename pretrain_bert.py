@@ -78,6 +78,11 @@ def forward_step_provider(args, tokenizer):
     device = torch.device(args.device)
     special = _special_ids(tokenizer)
     binary_head = args.bert_binary_head
+    # TokenBypass (and SCTD, which drops as it) always keeps [MASK] and [UNK] too (Hou et al.)
+    always_kept = [special["cls"], special["sep"]]
+    if getattr(args, "random_ltd_method", None) in ("tokenbypass", "sctd"):
+        always_kept += [special["mask"], getattr(tokenizer, "unk", None)]
+    always_kept = [i for i in always_kept if i is not None]
     sctd = sctd_settings_from_args(args)
     sctd_weights = (sctd["sctd_mlm_weight"], sctd["sctd_kl_weight"])
 
@@ -107,10 +112,10 @@ def forward_step_provider(args, tokenizer):
 
     def forward_step(data_iterator, model, token_drop=None):
         """One micro-batch: Megatron's BERT forward and its 'lm loss' / 'sop loss'.
-        ``token_drop``: see ``token_drop_for_batch``; [CLS]/[SEP] are the special tokens,
-        padding is never a special token."""
+        ``token_drop``: see ``token_drop_for_batch``; [CLS]/[SEP] are the special tokens
+        (TokenBypass/SCTD: also [MASK]/[UNK]), padding is never a special token."""
         b = get_batch(data_iterator)
-        special_mask = (b.tokens == special["cls"]) | (b.tokens == special["sep"])
+        special_mask = torch.isin(b.tokens, torch.tensor(always_kept, device=b.tokens.device))
         drop, observe = token_drop_for_batch(
             token_drop, b.sample_ids, tokens=b.tokens, labels=b.lm_labels,
             loss_mask=b.loss_mask, special_mask=special_mask & (b.padding_mask > 0),
@@ -135,10 +140,11 @@ def check_args(args):
         raise UserError("pretrain_bert.py: BERT uses learned absolute position embeddings; "
                         "leave out --position-embedding-type/--use-rotary-position-embeddings")
     check_model_type(args, "encoder", "pretrain_bert.py")
-    if getattr(args, "random_ltd", False) and args.random_ltd_method not in ("random", "sctd"):
+    bert_methods = ("random", "tokenbypass", "sctd")
+    if getattr(args, "random_ltd", False) and args.random_ltd_method not in bert_methods:
         raise NotImplementedYet(
-            f"--random-ltd-method {args.random_ltd_method} for BERT is not implemented yet (the "
-            "BERT TokenBypass baseline is a separate change); use random or sctd")
+            f"--random-ltd-method {args.random_ltd_method} for BERT is not implemented yet; use "
+            f"one of {', '.join(bert_methods)}")
 
 
 PROVIDER = Provider(model=model_provider, datasets=datasets_provider,

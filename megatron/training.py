@@ -158,7 +158,9 @@ def _run_pretraining(args, provider, log, start_time):
         f"({parallel.tp_rank}, {parallel.pp_rank}): {n_params}")
     optimizer = build_optimizer(model, args=args, log=log, model_parallel_group=parallel.mp_group,
                                 tp_rank=parallel.tp_rank, data_parallel_group=parallel.dp_group)
-    ltd = build_token_dropping(args, log)
+    from megatron.model.transformer import is_encoder_model
+
+    ltd = build_token_dropping(args, log, encoder=is_encoder_model(model))
     if ltd.method == "sctd" and not getattr(model, "supports_sctd", False):
         raise UserError("--random-ltd-method sctd is a BERT method (a KL between [CLS] hidden "
                         "states): use pretrain_bert.py")
@@ -202,14 +204,16 @@ def _run_pretraining(args, provider, log, start_time):
                           logger.test_history)
 
 
-def build_token_dropping(args, log=print_rank_0):
-    """The run's random-LTD driver (also counts layer tokens when random-LTD is off)."""
+def build_token_dropping(args, log=print_rank_0, encoder=False):
+    """The run's random-LTD driver (also counts layer tokens when random-LTD is off).
+    ``encoder``: the model is bidirectional (BERT): TokenBypass's encoder variant."""
     from megatron.ltd.config import random_ltd_config_from_args
     from megatron.ltd.driver import TokenDroppingDriver
 
     cfg = random_ltd_config_from_args(args)
     driver = TokenDroppingDriver(cfg, num_layers=args.num_layers, seq_length=args.seq_length,
-                                 global_batch_size=args.global_batch_size, seed=args.seed)
+                                 global_batch_size=args.global_batch_size, seed=args.seed,
+                                 encoder=encoder)
     if driver.enabled:
         log(f" > random-LTD ({cfg.method}): layers {list(driver.cfg.layer_ids)} drop tokens, kept "
             f"length {cfg.start} -> {cfg.seq_length} ({cfg.schedule}, step {cfg.step}, over "

@@ -206,16 +206,13 @@ def _with(argv, **replace):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["gpt2-tokenizer", "tokenbypass", "rope"])
+@pytest.mark.parametrize("case", ["gpt2-tokenizer", "rope"])
 def test_bad_input_is_one_line(case):
     argv = bert_argv(iters=2)
     if case == "gpt2-tokenizer":
         argv = _with(argv, **{"--tokenizer-type": ["GPT2BPETokenizer"],
                               "--vocab-file": [VOCAB, "--merge-file", MERGES]})
         assert_one_line(cli(*argv), "--tokenizer-type", "[CLS]")
-    elif case == "tokenbypass":
-        assert_one_line(cli(*argv, "--random-ltd-method", "tokenbypass"),
-                        "--random-ltd-method tokenbypass", "not implemented")
     else:
         assert_one_line(cli(*argv, "--position-embedding-type", "rope"),
                         "position embeddings")

@@ -35,7 +35,7 @@ import torch
 from megatron.ltd.dropping import TokenDropState
 from megatron.ltd.layer_tokens import iterations_for_layer_tokens
 from megatron.ltd.schedule import RandomLTDScheduler
-from megatron.ltd.tokenbypass import TokenImportance, tokenbypass_config
+from megatron.ltd.tokenbypass import TokenImportance, query_layer_ids, tokenbypass_config
 
 
 def token_drop_for_batch(token_drop, sample_ids, *, tokens=None, labels=None, loss_mask=None,
@@ -72,13 +72,14 @@ class TokenDropper:
     """Entry points may pass ``special_mask``/``labels``/``tokens``/``padding_mask``."""
 
     def __init__(self, seed, iteration, kept_lengths, *, keep_special=False, importance=None,
-                 real_tokens_only=False):
+                 real_tokens_only=False, query_layers=()):
         self.seed = seed
         self.iteration = iteration
         self.kept_lengths = dict(kept_lengths)
         self.keep_special = keep_special
         self.importance = importance
         self.real_tokens_only = real_tokens_only
+        self.query_layers = tuple(query_layers)  # BERT TokenBypass: kept queries, all keys
 
     def __call__(self, sample_ids, *, special_mask=None, labels=None, tokens=None,
                  padding_mask=None):
@@ -95,7 +96,13 @@ class TokenDropper:
         keep = special_mask if self.keep_special else None
         return TokenDropState(self.seed, self.iteration, self.kept_lengths, sample_ids,
                               keep_mask=keep, priority=priority,
-                              shared_layers=self.importance is not None)
+                              shared_layers=self.importance is not None,
+                              query_layers=self.query_layers)
+
+    @property
+    def uses_importance(self):
+        """True when the kept set is TokenBypass's importance selection (TokenBypass, SCTD)."""
+        return self.importance is not None
 
     @property
     def wants_losses(self):
@@ -112,15 +119,19 @@ class TokenDropper:
 class TokenDroppingDriver:
     """Owns the ``RandomLTDScheduler`` of a run; one ``begin``/``end`` pair per iteration."""
 
-    def __init__(self, cfg, *, num_layers, seq_length, global_batch_size, seed):
-        cfg = tokenbypass_config(cfg)
+    def __init__(self, cfg, *, num_layers, seq_length, global_batch_size, seed, encoder=False):
+        # encoder (BERT): TokenBypass's encoder variant, layers L/2-1 .. L-2 with L/2-1 the
+        # query layer, MLM losses attributed to the original id, positions ranked by input id.
+        cfg = tokenbypass_config(cfg, encoder)
         if cfg is not None and cfg.enabled and cfg.method == "sctd":  # drops as TokenBypass
             from dataclasses import replace
             cfg = replace(tokenbypass_config(replace(cfg, method="tokenbypass")), method="sctd")
         self.cfg = cfg
         self.enabled = cfg is not None and cfg.enabled
         self.method = cfg.method if self.enabled else None
-        self.importance = TokenImportance() if self.method in ("tokenbypass", "sctd") else None
+        self.importance = TokenImportance(attribute_to="mlm" if encoder else "target") \
+            if self.method in ("tokenbypass", "sctd") else None
+        self.query_layers = query_layer_ids(cfg, encoder)
         self._dual = False  # SCTD: this iteration runs the full-sequence pass too
         self.num_layers = num_layers
         self.seq_length = seq_length
@@ -144,10 +155,12 @@ class TokenDroppingDriver:
 
             self._dual = is_dual_step(iteration, self.cfg.sctd_interval)
             return SCTDDropper(self.seed, iteration, self._kept, keep_special=keep_special,
-                               importance=self.importance, dual=self._dual)
+                               importance=self.importance, dual=self._dual,
+                               query_layers=self.query_layers)
         return TokenDropper(self.seed, iteration, self._kept, keep_special=keep_special,
                             importance=self.importance,
-                            real_tokens_only=self.cfg.real_tokens_only)
+                            real_tokens_only=self.cfg.real_tokens_only,
+                            query_layers=self.query_layers)
 
     def observe_losses(self, labels, per_token_loss, loss_mask=None, tokens=None):
         """A training micro-batch's per-token losses (TokenBypass's table; else no-op)."""
@@ -192,6 +205,11 @@ class TokenDroppingDriver:
             dist.broadcast(full_sums, src=parallel.pp_ranks[-1], group=parallel.pp_group)
             dist.broadcast(full_counts, src=parallel.pp_ranks[-1], group=parallel.pp_group)
         self.importance.set_pending(full_sums, full_counts)
+
+    @property
+    def uses_importance(self):
+        """True when dropping selects by TokenBypass's importance table (TokenBypass, SCTD)."""
+        return self.importance is not None
 
     @property
     def kept_lengths(self):
