@@ -20,7 +20,7 @@ from megatron.ltd.dropping import TokenDropState, kept_indices_by_layer
 from megatron.ltd.tokenbypass import bypass_layer_ids
 from megatron.model import BertModel, TransformerConfig
 from megatron.model.transformer import is_encoder_model
-from test_bert_training import BERT_VOCAB
+from training_helpers import tiny_bert_argv
 
 V, H, HEADS, S, B, L = 96, 32, 4, 16, 3, 4
 CLS, SEP, MASK, UNK, PAD = 2, 3, 4, 1, 0
@@ -249,16 +249,7 @@ ATOL = 1e-8
 
 
 def bert_argv(*extra, iters=ITERS):
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--max-position-embeddings", "32",
-            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(iters),
-            "--lr", "0.05", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",
-            "--min-lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--mock-data", "--tokenizer-type", "BertWordPieceLowerCase",
-            "--vocab-file", BERT_VOCAB, "--make-vocab-size-divisible-by", "64",
-            "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "0",
-            "--num-workers", "0", "--device", "cpu", "--seed", "7", "--optimizer", "sgd",
-            *TB, *extra]
+    return tiny_bert_argv("--optimizer", "sgd", *TB, *extra, iters=iters)
 
 
 def _run(argv):

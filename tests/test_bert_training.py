@@ -19,12 +19,11 @@ import torch
 import pretrain_bert
 from distributed_harness import run_distributed
 from megatron.checkpointing import checkpoint_file, flat_model_state
-from training_helpers import MERGES, ROOT, VOCAB
+from training_helpers import MERGES, ROOT, VOCAB, tiny_bert_argv
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import checkpoint_util  # noqa: E402
 
-BERT_VOCAB = os.path.join(ROOT, "tests", "assets", "tokenizers", "bert-vocab.txt")
 # kept length 8, 16, 24 over iterations 1..3, then full: random-LTD is mid-schedule throughout
 LTD = ["--random-ltd", "--random-ltd-start", "8", "--random-ltd-step", "8",
        "--random-ltd-schedule-steps", "3"]
@@ -32,15 +31,7 @@ ITERS = 4
 
 
 def bert_argv(*extra, iters=ITERS):
-    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
-            "--seq-length", "32", "--max-position-embeddings", "32",
-            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(iters),
-            "--lr", "0.05", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",
-            "--min-lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--mock-data", "--tokenizer-type", "BertWordPieceLowerCase",
-            "--vocab-file", BERT_VOCAB, "--make-vocab-size-divisible-by", "64",
-            "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "0",
-            "--num-workers", "0", "--device", "cpu", "--seed", "7", *LTD, *extra]
+    return tiny_bert_argv(*LTD, *extra, iters=iters)
 
 
 def run(argv):

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "tests", "assets", "tokenizers")
 VOCAB = os.path.join(ASSETS, "gpt2-vocab.json")
 MERGES = os.path.join(ASSETS, "gpt2-merges.txt")
+BERT_VOCAB = os.path.join(ASSETS, "bert-vocab.txt")
 
 
 def make_corpus(out):
@@ -36,6 +37,19 @@ def gpt_argv(data_prefix, *extra, iters=8):
             "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", VOCAB,
             "--merge-file", MERGES, "--make-vocab-size-divisible-by", "64",
             "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1",
+            "--num-workers", "0", "--device", "cpu", "--seed", "7", *extra]
+
+
+def tiny_bert_argv(*extra, iters=4):
+    """A 4-layer BERT (seq 32, global batch 4 of micro-batch 1) on --mock-data, dropout 0."""
+    return ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--max-position-embeddings", "32",
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(iters),
+            "--lr", "0.05", "--lr-warmup-iters", "1", "--lr-decay-style", "cosine",
+            "--min-lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--mock-data", "--tokenizer-type", "BertWordPieceLowerCase",
+            "--vocab-file", BERT_VOCAB, "--make-vocab-size-divisible-by", "64",
+            "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "0",
             "--num-workers", "0", "--device", "cpu", "--seed", "7", *extra]
 
 
