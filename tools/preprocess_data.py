@@ -571,6 +571,23 @@ def output_prefixes(output_prefix, json_keys, split_sentences):
     return {key: f"{output_prefix}_{key}_{level}" for key in json_keys}
 
 
+def _start_pool(ctx, workers, cfg):
+    """The worker pool, its processes forked with SIGTERM's default action. Workers forked with
+    main's Python-level handler (which raises in the interpreter) and SIGTERMed by
+    ``pool.terminate()`` before ``_init_worker`` restored the default could survive, blocked
+    on the pool's queue lock, and hang the parent's ``join`` (seen in CI on a corrupt input
+    that fails right after the pool starts)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        return ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -629,7 +646,7 @@ def _main(argv):
         else:
             ctx = multiprocessing.get_context(
                 "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(cfg,))
+            pool = _start_pool(ctx, args.workers, cfg)
             results = _in_order(pool, chunks, 4 * args.workers)
         print(f"Time to startup: {time.time() - startup}")
         start = time.time()
