@@ -738,8 +738,9 @@ class Probe:
 
     def _count(self, module, inputs, output):
         if module.training and torch.is_grad_enabled():
-            hidden = inputs[0]  # [b, r, h]: r tokens per sample reach this layer
-            self.layer_tokens += int(hidden.shape[0]) * int(hidden.shape[1])
+            # [b, r, h]: the layer produces r tokens per sample (TokenBypass's query layer reads
+            # all s as keys/values and produces its r kept queries: r, as the framework counts)
+            self.layer_tokens += int(output.shape[0]) * int(output.shape[1])
 
     def provider(self):
         """A ``megatron.training.Provider`` with the family's flag checks and these hooks."""
@@ -833,11 +834,10 @@ def console_fields(line):
 
 
 def train_run(name, argv, eval_batches, log=print, labels=None, family=None,
-              loss_key="lm loss", eval_seed=None, strict_layer_tokens=True):
+              loss_key="lm loss", eval_seed=None):
     """Train one configuration in-process through ``family``'s providers (default
-    pretrain_gpt); returns its measured record. With ``strict_layer_tokens`` a disagreement
-    between the hooks' layer-token count and the log's is an error; otherwise it is recorded
-    (``layer_token_mismatch``) and printed."""
+    pretrain_gpt); returns its measured record. A disagreement between the hooks' layer-token
+    count and the log's is an error."""
     import contextlib
     import io
     import math
@@ -856,20 +856,15 @@ def train_run(name, argv, eval_batches, log=print, labels=None, family=None,
             fields = console_fields(line)
             logged[fields["iteration"]] = fields
     # The framework's own layer-token count must agree with what the layers processed.
-    mismatch = None
     for ev in probe.evals:
         fields = logged.get(ev["iteration"])
         ev["lr"] = fields["lr"] if fields else None
         ev["kept"] = fields["kept"] if fields else None
         if fields and fields["layer_tokens"] is not None \
                 and fields["layer_tokens"] != ev["layer_tokens"]:
-            msg = (f"{name}: layers processed {ev['layer_tokens']} layer tokens by iteration "
-                   f"{ev['iteration']}, the log says {fields['layer_tokens']}")
-            if strict_layer_tokens:
-                raise RuntimeError(msg)
-            if mismatch is None:
-                mismatch = msg
-                log(f"  WARNING {msg}")
+            raise RuntimeError(f"{name}: layers processed {ev['layer_tokens']} layer tokens by "
+                               f"iteration {ev['iteration']}, the log says "
+                               f"{fields['layer_tokens']}")
     final = probe.evals[-1]
     if final["iteration"] != result.state.iteration:
         raise RuntimeError(f"{name}: no evaluation after the last iteration")
@@ -888,8 +883,6 @@ def train_run(name, argv, eval_batches, log=print, labels=None, family=None,
         "evals": probe.evals,
         "train_losses": [(it, d[loss_key]) for it, d in result.train_losses],
     }
-    if not strict_layer_tokens:
-        record["layer_token_mismatch"] = mismatch
     log(f"  {name:24s} {record['iterations']:5d} it  {probe.layer_tokens / 1e6:8.2f}M layer "
         f"tokens  valid {final['loss']:.4f}  train {final['wall_s']:6.1f} s wall "
         f"{final['cpu_s']:6.1f} s cpu  ({total:.0f} s with setup/eval)")

@@ -530,8 +530,9 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             log(f"training budget reached at iteration {state.iteration}: {spent}")
             break
         token_drop = ltd.begin_iteration(state.iteration)
-        dual = getattr(token_drop, "dual", False)  # SCTD: the full-sequence pass runs too
+        dual = ltd.full_pass  # SCTD: the full-sequence pass runs too
         kept = ltd.reserved_length
+        per_layer = ltd.tokens_per_layer() if ltd.enabled else None
         losses, ok, grad_norm = step.train_step(train_iter, token_drop)
         # As Megatron-DeepSpeed: "consumed tokens" grow by the layer-averaged sequence length
         # (the full length when nothing is dropped), and the token-based LR sees the count
@@ -552,6 +553,11 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         extra = {}
         if ltd.enabled:  # Megatron-DeepSpeed's names
             extra["seqlen/random_ltd_reserved_length"] = ("random ltd reserved length", kept)
+            # TensorBoard only: what each layer processed (per sample) under this method
+            for layer, n in per_layer.items():
+                extra[f"random-ltd/kept-tokens/layer-{layer:02d}"] = (None, n)
+            if ltd.method == "sctd":
+                extra["random-ltd/sctd-full-pass"] = (None, int(dual))
         extra["seqlen/actual_seq_length"] = ("actual seqlen", ltd.effective_seq_length())
         extra["layer-tokens/consumed-layer-tokens"] = ("consumed layer tokens",
                                                        ltd.consumed_layer_tokens)

@@ -110,7 +110,8 @@ class TrainingLogger:
                       flops=None, layer_tokens=None):
         """Record one iteration; print a line every --log-interval iterations.
 
-        ``extra``: {tensorboard tag: (console label, value)}; ``flops``: model FLOPs of this iteration; ``layer_tokens``: consumed so far.
+        ``extra``: {tensorboard tag: (console label or None for TensorBoard only, value)};
+        ``flops``: model FLOPs of this iteration; ``layer_tokens``: consumed so far.
         """
         args = self.args
         self.interval_iters += 1
@@ -171,6 +172,8 @@ class TrainingLogger:
         if grad_norm is not None:
             parts.append(f"grad norm: {grad_norm:.3f}")
         for label, value in (extra or {}).values():
+            if label is None:  # TensorBoard only
+                continue
             spec = "5d" if isinstance(value, int) else _FLOAT_FORMATS.get(label, ".1f")
             parts.append(f"{label}: {value:{spec}}")
         parts.append(f"number of skipped iterations: {self.skipped:3d}")

@@ -11,10 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron.errors import NotImplementedYet, UserError
+from megatron.errors import UserError
 from megatron.ltd.config import random_ltd_config_from_args
 from megatron.ltd.driver import TokenDropper, TokenDroppingDriver, token_drop_for_batch
 from megatron.ltd.dropping import kept_indices_by_layer
+from megatron.ltd.layer_tokens import (cumulative_layer_tokens, layer_token_lr_horizons,
+                                      total_layer_tokens)
+from megatron.ltd.schedule import RandomLTDScheduler
 from megatron.ltd.sctd import SCTDDrop, SCTDDropper, SCTDOutput, is_dual_step, sctd_loss
 from megatron.ltd.tokenbypass import TokenImportance
 from megatron.model import BertModel, TransformerConfig
@@ -233,6 +236,18 @@ def test_driver_dual_steps_layer_tokens_and_importance():
     assert "token_importance" in driver.state_dict()
 
 
+def test_encoder_driver_drops_as_bert_tokenbypass():
+    """SCTD on an encoder takes BERT TokenBypass's layers L/2-1 .. L-2 with L/2-1 the query
+    layer, also at L = 4, where those ids equal random-LTD's default 1 .. L-2."""
+    cfg = random_ltd_config_from_args(_args())
+    driver = TokenDroppingDriver(cfg, num_layers=L, seq_length=S, global_batch_size=4, seed=1,
+                                 encoder=True)
+    assert driver.cfg.layer_ids == (1, 2) and driver.query_layers == (1,)
+    driver.begin_iteration(0)
+    assert driver.tokens_per_layer() == {0: S, 1: S // 2, 2: S // 2, 3: S}
+    assert driver.end_iteration() == 4 * (2 * S + 2 * (S // 2))
+
+
 def test_flags():
     assert random_ltd_config_from_args(_args()).sctd_interval == 10
     with pytest.raises(UserError, match="--sctd-interval needs"):
@@ -245,9 +260,28 @@ def test_flags():
                                           sctd_mlm_weight=0.1))
     with pytest.raises(UserError, match="--sctd-interval must be at least 1"):
         random_ltd_config_from_args(_args(sctd_interval=0))
-    for flag in ({"layer_token_lr": True}, {"train_layer_tokens": 10 ** 6}):
-        with pytest.raises(NotImplementedYet, match="periodic full-sequence pass"):
-            random_ltd_config_from_args(_args(**flag))
+
+
+def test_layer_token_horizons_count_the_full_pass():
+    """The whole-run tables (LayerToken LR horizons, --train-layer-tokens' iteration count)
+    count SCTD's full-sequence pass exactly as the per-step accounting does."""
+    budget = 7 * 4 * (3 * S + S // 2) + 2 * 4 * S * L  # the 7 steps of the test above
+    cfg = random_ltd_config_from_args(_args(sctd_interval=3, layer_token_lr=True,
+                                            train_layer_tokens=budget))
+    driver = TokenDroppingDriver(cfg, num_layers=L, seq_length=S, global_batch_size=4, seed=1)
+    table = cumulative_layer_tokens(driver.scheduler, 12, 4)
+    for it in range(12):
+        driver.begin_iteration(it)
+        driver.end_iteration()
+        assert driver.consumed_layer_tokens == table[it + 1]
+        assert driver.budget_reached() == (it + 1 >= 7)
+    assert driver.iteration_bound() == 7
+    _, decay = layer_token_lr_horizons(global_batch_size=4, seq_length=S, num_layers=L,
+                                       scheduler=driver.scheduler, train_iters=7)
+    assert decay == budget
+    # without dropping there is no dual step, so nothing extra
+    dense = RandomLTDScheduler.from_config(None, L, S)
+    assert total_layer_tokens(dense, 10, 4) == 10 * 4 * S * L
 
 
 # ------------------------------------------------------------------ pretrain_bert end to end
@@ -294,6 +328,36 @@ def test_pretrain_bert_sctd_reports_and_layer_tokens(single):
     # the dual step adds one full pass: s * L per sample
     assert consumed == [dropped, 2 * dropped + 4 * 32 * 4, 3 * dropped + 4 * 32 * 4]
     assert "sctd kl loss" in lines[1] and "sctd kl loss" not in lines[0]
+
+
+def test_pretrain_bert_sctd_layer_token_budget(single):
+    """--train-layer-tokens stops SCTD where its consumed layer tokens (full passes included)
+    reach the budget, and the LayerToken LR decays to the minimum exactly there."""
+    consumed = _layer_tokens(single[1])
+    argv = _sctd_argv("--optimizer", "sgd", "--layer-token-lr", "--lr-decay-style", "linear",
+                      "--min-lr", "0.0", "--train-layer-tokens", str(consumed[2]))
+    del argv[argv.index("--train-iters"):argv.index("--train-iters") + 2]
+    _, logs = _run(argv)
+    assert _layer_tokens(logs) == consumed
+    lrs = [float(l.split("learning rate: ")[1].split(" |")[0]) for l in logs
+           if l.startswith(" iteration")]
+    assert lrs[0] > lrs[1] > lrs[2] == 0.0
+
+
+def test_tensorboard_shows_tokens_per_layer_and_the_full_pass(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run(_sctd_argv("--optimizer", "sgd", "--exit-interval", "3",
+                    "--tensorboard-dir", str(tmp_path / "tb")))
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    kept = [e.value for e in events.Scalars("seqlen/random_ltd_reserved_length")]
+    assert len(kept) == 3 and all(k < 32 for k in kept)
+    per_layer = {layer: [e.value for e in events.Scalars(f"random-ltd/kept-tokens/layer-0{layer}")]
+                 for layer in range(4)}
+    # 4 layers: 0 full, 1 = L/2-1 the query layer (kept queries), 2 = L-2 kept, 3 full
+    assert per_layer == {0: [32] * 3, 1: kept, 2: kept, 3: [32] * 3}
+    assert [e.value for e in events.Scalars("random-ltd/sctd-full-pass")] == [0, 1, 0]
 
 
 @pytest.mark.slow

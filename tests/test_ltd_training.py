@@ -39,6 +39,11 @@ def test_kept_length_grows_and_layer_tokens_are_counted(data_prefix, tmp_path):
     assert "seqlen/random_ltd_reserved_length" in tags
     assert "lm-loss-training/lm loss vs layer tokens" in tags
     assert [e.value for e in events.Scalars("seqlen/random_ltd_reserved_length")] == kept
+    # what each layer processed: the first and last full, the middle two the kept length
+    per_layer = {layer: [e.value for e in events.Scalars(f"random-ltd/kept-tokens/layer-0{layer}")]
+                 for layer in range(4)}
+    assert per_layer == {0: [32] * 8, 1: kept, 2: kept, 3: [32] * 8}
+    assert "random-ltd/sctd-full-pass" not in tags
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from megatron.errors import NotImplementedYet, UserError
+from megatron.errors import UserError
 from megatron.ltd.schedule import SCHEDULE_TYPES, linear_layer_starts
 
 METHODS = ("random", "tokenbypass", "sctd")
@@ -486,13 +486,6 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     if common["method"] not in METHODS:
         raise UserError(f"--random-ltd-method must be one of {', '.join(METHODS)}, "
                         f"got {common['method']!r}")
-    if common["method"] == "sctd" and (layer_token_lr or train_lt is not None):
-        raise NotImplementedYet(
-            "--random-ltd-method sctd with --layer-token-lr/--train-layer-tokens is not "
-            "implemented yet: the layer-token horizons are computed from the kept-length "
-            "schedule alone and do not include SCTD's periodic full-sequence pass (the consumed "
-            "layer tokens do count it)")
-
     # -- model shape
     total = jget("total_layer_num", "int")
     if total is not None and total != num_layers:

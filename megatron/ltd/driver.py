@@ -122,10 +122,8 @@ class TokenDroppingDriver:
     def __init__(self, cfg, *, num_layers, seq_length, global_batch_size, seed, encoder=False):
         # encoder (BERT): TokenBypass's encoder variant, layers L/2-1 .. L-2 with L/2-1 the
         # query layer, MLM losses attributed to the original id, positions ranked by input id.
+        # (SCTD drops as TokenBypass: tokenbypass_config covers both methods.)
         cfg = tokenbypass_config(cfg, encoder)
-        if cfg is not None and cfg.enabled and cfg.method == "sctd":  # drops as TokenBypass
-            from dataclasses import replace
-            cfg = replace(tokenbypass_config(replace(cfg, method="tokenbypass")), method="sctd")
         self.cfg = cfg
         self.enabled = cfg is not None and cfg.enabled
         self.method = cfg.method if self.enabled else None
@@ -151,9 +149,9 @@ class TokenDroppingDriver:
             return None
         keep_special = self.method in ("tokenbypass", "sctd") or self.cfg.keep_special_tokens
         if self.method == "sctd":
-            from megatron.ltd.sctd import SCTDDropper, is_dual_step
+            from megatron.ltd.sctd import SCTDDropper
 
-            self._dual = is_dual_step(iteration, self.cfg.sctd_interval)
+            self._dual = self.scheduler.runs_full_pass(iteration)
             return SCTDDropper(self.seed, iteration, self._kept, keep_special=keep_special,
                                importance=self.importance, dual=self._dual,
                                query_layers=self.query_layers)
@@ -175,10 +173,9 @@ class TokenDroppingDriver:
             if parallel is not None and parallel.world_size > 1:
                 self._share_importance_update(parallel)
             self.importance.step()
-        # SCTD's dual step: the extra full-sequence pass, s * L layer tokens per sample.
-        extra = self.seq_length * self.num_layers if self._dual else 0
+        # (SCTD's dual step: the scheduler counts the full-sequence pass, s * L per sample.)
         self._dual = False
-        return self.scheduler.step(self.global_batch_size, extra_layer_tokens_per_sample=extra)
+        return self.scheduler.step(self.global_batch_size)
 
     def _share_importance_update(self, parallel):
         """Make TokenBypass's table update the same on every rank: the last pipeline stage (the
@@ -214,6 +211,19 @@ class TokenDroppingDriver:
     @property
     def kept_lengths(self):
         return dict(self._kept)
+
+    def tokens_per_layer(self):
+        """{layer: tokens per sample it produces this iteration}, every layer of the model (the
+        sequence length where nothing drops; TokenBypass's query layer: its kept queries); an
+        SCTD dual step's full-sequence pass is not included (``full_pass`` says whether one
+        runs)."""
+        return {layer: min(self._kept.get(layer, self.seq_length), self.seq_length)
+                for layer in range(self.num_layers)}
+
+    @property
+    def full_pass(self):
+        """True while an SCTD dual step (begun, not yet ended) also runs the full sequence."""
+        return self._dual
 
     @property
     def consumed_layer_tokens(self):

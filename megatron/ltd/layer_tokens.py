@@ -71,11 +71,18 @@ def theoretical_saving(kept, *, seq_length, num_layers, num_ltd_layers=None):
 
 
 def layer_tokens_per_sample_table(scheduler, num_iters, global_batch_size) -> np.ndarray:
-    """int64 [num_iters]: layer tokens of one sample at each iteration 0..num_iters-1."""
+    """int64 [num_iters]: layer tokens of one sample at each iteration 0..num_iters-1 (SCTD's
+    periodic full-sequence pass included, as ``RandomLTDScheduler.step`` counts it)."""
     kept = scheduler.kept_length_table(num_iters, global_batch_size)
     dropping = np.minimum(kept, scheduler.max_length).sum(axis=1)
     full = scheduler.max_length * (scheduler.num_layers - scheduler.num_ltd_layers)
-    return dropping + full
+    out = dropping + full
+    interval = getattr(scheduler, "full_pass_interval", None)
+    if interval is not None:
+        steps = np.arange(int(num_iters), dtype=np.int64)
+        dual = ((steps + 1) % interval == 0) & (kept < scheduler.max_length).any(axis=1)
+        out = out + np.where(dual, scheduler.max_length * scheduler.num_layers, 0)
+    return out
 
 
 def cumulative_layer_tokens(scheduler, num_iters, global_batch_size) -> np.ndarray:

@@ -147,7 +147,8 @@ class RandomLTDScheduler:
 
     def __init__(self, num_layers: int, max_length: int,
                  schedules: Union[KeptLengthSchedule, Mapping[int, KeptLengthSchedule]],
-                 layer_ids: Optional[Sequence[int]] = None):
+                 layer_ids: Optional[Sequence[int]] = None,
+                 full_pass_interval: Optional[int] = None):
         if num_layers <= 0 or max_length <= 0:
             raise ValueError("num_layers and max_length must be positive")
         if layer_ids is None:
@@ -174,6 +175,10 @@ class RandomLTDScheduler:
         self.schedules: Dict[int, KeptLengthSchedule] = schedules
         self.min_value = min((s.min_value for s in schedules.values()), default=self.max_length)
         self.max_value = self.max_length
+        if full_pass_interval is not None and int(full_pass_interval) <= 0:
+            raise ValueError(f"full_pass_interval must be positive, got {full_pass_interval}")
+        # SCTD: every ``full_pass_interval``-th dropping iteration also runs the full sequence.
+        self.full_pass_interval = None if full_pass_interval is None else int(full_pass_interval)
         self.reset()
 
     # -- construction ----------------------------------------------------------------------------
@@ -194,7 +199,9 @@ class RandomLTDScheduler:
                 seq_per_step=cfg.step, require_steps=cfg.schedule_steps,
                 require_tokens=cfg.schedule_tokens, root_degree=cfg.root_degree)
             for layer, start in zip(cfg.layer_ids, starts)}
-        return cls(num_layers, seq_length, schedules, layer_ids=cfg.layer_ids)
+        interval = cfg.sctd_interval if cfg.method == "sctd" else None
+        return cls(num_layers, seq_length, schedules, layer_ids=cfg.layer_ids,
+                   full_pass_interval=interval)
 
     def reset(self):
         """Back to the state before the first iteration (DeepSpeed's ``reset_to_init``)."""
@@ -233,17 +240,26 @@ class RandomLTDScheduler:
         dropping = sum(min(v, self.max_length) for v in self.current_values.values())
         return dropping + self.max_length * (self.num_layers - self.num_ltd_layers)
 
-    def step(self, global_batch_size: int, extra_layer_tokens_per_sample: int = 0) -> int:
+    def runs_full_pass(self, iteration: int) -> bool:
+        """SCTD's dual step: with ``full_pass_interval`` F, a dropping iteration t with
+        ``(t + 1) % F == 0`` runs the full-sequence pass besides the dropped one."""
+        return (self.full_pass_interval is not None
+                and (int(iteration) + 1) % self.full_pass_interval == 0)
+
+    def step(self, global_batch_size: int) -> int:
         """Account one optimizer step of ``global_batch_size`` samples; returns its layer tokens.
 
         DeepSpeed's formula: ``global_batch * (kept * n_ltd + max * (L - n_ltd))`` (summed per
-        layer when the layers keep different lengths). ``extra_layer_tokens_per_sample``: layer
-        tokens of passes beyond the dropped one (SCTD's full-sequence pass: ``s * L``).
+        layer when the layers keep different lengths), plus ``global_batch * s * L`` on an SCTD
+        dual step (its full-sequence pass; only steps that drop run one).
         """
         if self._pending is None:
             self.kept_lengths()
-        layer_tokens = int(global_batch_size) * (self.layer_tokens_per_sample()
-                                                 + int(extra_layer_tokens_per_sample))
+        per_sample = self.layer_tokens_per_sample()
+        dropping = any(v < self.max_length for v in self.current_values.values())
+        if dropping and self.runs_full_pass(self._pending):
+            per_sample += self.max_length * self.num_layers
+        layer_tokens = int(global_batch_size) * per_sample
         self.consumed_layer_tokens += layer_tokens
         self.consumed_tokens += int(global_batch_size) * self.max_length
         self.iteration = self._pending + 1

@@ -60,7 +60,8 @@ __all__ = ["is_dual_step", "SCTDDropper", "SCTDDrop", "SCTDOutput", "cls_kl", "s
 
 
 def is_dual_step(iteration: int, interval: int) -> bool:
-    """True when ``iteration`` (0-based) runs the full-sequence pass too."""
+    """True when ``iteration`` (0-based) runs the full-sequence pass too (the rule of
+    ``RandomLTDScheduler.runs_full_pass``, which the driver and the layer-token tables use)."""
     return (int(iteration) + 1) % int(interval) == 0
 
 
