@@ -183,7 +183,8 @@ def validate_args(args, world_size=1):
         args.recompute_method, args.recompute_num_layers = "uniform", 1
 
     # -- data
-    if not args.skip_train and not args.mock_data:
+    if not args.skip_train and not args.mock_data and getattr(args, "task", None) is None:
+        # (tasks/main.py reads --train-data / --valid-data instead)
         _require(args.data_path or args.train_data_path,
                  "--data-path (or --train-data-path) is required unless --mock-data is given")
     _require(args.data_impl in ("mmap", "infer"),

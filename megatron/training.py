@@ -77,6 +77,17 @@ class Provider:
     """A ``megatron.model.LoadPolicy`` for --load (None: the checkpoint must match exactly)."""
     check_args: object = None
     """(args) -> None: the family's own flag checks (a UserError naming the flag)."""
+    prepare: object = None
+    """(args, tokenizer, log) -> None, after the tokenizer and before the model: e.g. a
+    finetuning task reads its data and sets --train-iters from --epochs."""
+    after_iteration: object = None
+    """(args, state, step, log) -> bool, after each training iteration (logged, evaluated):
+    e.g. the end-of-epoch accuracy of a finetuning task; True asks for a checkpoint now."""
+    after_training: object = None
+    """(args, state, step, log) -> None, once training ends (also with nothing to train, e.g.
+    evaluation only), unless an --exit-* condition ended the program."""
+    rows_per_sample: int = 1
+    """Sequences per sample between pipeline stages (a 4-choice sample: 4)."""
 
 
 @dataclasses.dataclass
@@ -148,6 +159,8 @@ def _run_pretraining(args, provider, log, start_time):
                                    rng_tracker=build_rng_tracker(stage_seed, parallel.tp_rank))
     set_random_seed(stage_seed)
     tokenizer = build_tokenizer_from_args(args, log)
+    if provider.prepare is not None:
+        provider.prepare(args, tokenizer, log)
     if args.save is not None:
         check_save_dir(args.save)
 
@@ -170,14 +183,24 @@ def _run_pretraining(args, provider, log, start_time):
                                   log=log, parallel=parallel, policy=provider.load_policy)
     if ckpt is not None and state.iteration > 0 and "random_ltd_scheduler" in ckpt:
         ltd.load_state_dict(ckpt["random_ltd_scheduler"])
-    if args.load is not None and (args.no_load_optim or args.finetune):
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    if pretrained is not None and state.iteration == 0:
+        # tasks/ (Megatron's --pretrained-checkpoint): weights only, from any TP/PP layout,
+        # when the run does not resume from its own --load checkpoint
+        from megatron.checkpointing import load_pretrained_weights
+
+        load_pretrained_weights(pretrained, model, parallel, policy=provider.load_policy,
+                                log=log)
+    if (args.load is not None and (args.no_load_optim or args.finetune)) \
+            or (pretrained is not None and state.iteration == 0):
         optimizer.reload_model_params()
 
     train_iter, valid_iter, test_iter = build_data_iterators(args, state, tokenizer,
                                                              provider.datasets, parallel, log)
     step = StepRunner(args, parallel, model,
                       wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
-                      optimizer, provider.forward_step(args, tokenizer))
+                      optimizer, provider.forward_step(args, tokenizer),
+                      rows_per_sample=provider.rows_per_sample)
     # As Megatron: the last rank (the last pipeline stage, which computes the loss) writes
     # TensorBoard.
     logger = TrainingLogger(args, log=log, write=torch_rank() == torch_world_size() - 1)
@@ -188,7 +211,10 @@ def _run_pretraining(args, provider, log, start_time):
         exited = False
         if not args.skip_train and state.iteration < args.train_iters:
             exited = train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger,
-                           start_time, log, flops_per_sample=provider.flops_per_sample)
+                           start_time, log, flops_per_sample=provider.flops_per_sample,
+                           after_iteration=provider.after_iteration)
+        if not exited and provider.after_training is not None:
+            provider.after_training(args, state, step, log)
         # As Megatron: --exit-interval / --exit-duration-in-mins end the program after the
         # checkpoint, without the end-of-training evaluations (a job about to hit its time limit
         # must not start a full validation and test pass).
@@ -363,21 +389,32 @@ class StepRunner:
                                  "it with wrap_data_parallel(..., main_grads=True)")
             attach_main_grads(self.model)
 
-    def _schedule(self, data_iterator, token_drop, forward_only):
+    rows_per_sample: int = 1
+    """Sequences per sample in the activations between pipeline stages (a multiple-choice
+    sample of 4 choices travels as 4 rows)."""
+
+    def _run_schedule(self, data_iterator, token_drop, forward_only, micro_batch_size=None,
+                      num_microbatches=None, forward_step=None):
+        """forward_backward over this step's micro-batches -> the last stage's report dicts."""
         args = self.args
         seq = args.seq_length // (args.tensor_model_parallel_size if args.sequence_parallel
                                   else 1)
         # SCTD's dual step sends both passes between pipeline stages as one doubled batch.
-        batch = args.micro_batch_size * getattr(token_drop, "batch_multiplier", 1)
-        reported = forward_backward(
-            forward_step=self.forward_step, data_iterator=data_iterator, model=self.wrapped,
-            parallel=self.parallel, num_microbatches=args.num_micro_batches,
+        batch = (micro_batch_size or args.micro_batch_size) * self.rows_per_sample \
+            * getattr(token_drop, "batch_multiplier", 1)
+        return forward_backward(
+            forward_step=forward_step or self.forward_step, data_iterator=data_iterator,
+            model=self.wrapped, parallel=self.parallel,
+            num_microbatches=num_microbatches or args.num_micro_batches,
             tensor_shape=(batch, seq, args.hidden_size),
             dtype=params_torch_dtype(args),
-            scale_loss=self.optimizer.scale_loss, token_drop=token_drop,
-            forward_only=forward_only,
+            scale_loss=None if forward_only else self.optimizer.scale_loss,
+            token_drop=token_drop, forward_only=forward_only,
             no_sync=None if forward_only else no_sync_factory(self.wrapped))
-        return reduce_loss_dicts(reported, self.parallel)
+
+    def _schedule(self, data_iterator, token_drop, forward_only):
+        return reduce_loss_dicts(self._run_schedule(data_iterator, token_drop, forward_only),
+                                 self.parallel)
 
     def train_step(self, data_iterator, token_drop=None):
         """One optimizer step over the global batch; (losses, update_successful, grad_norm)."""
@@ -423,6 +460,28 @@ class StepRunner:
         self.model.train()
         return {key: value / eval_iters for key, value in totals.items()}
 
+    @torch.no_grad()
+    def evaluate_dataset(self, loader, forward_step=None):
+        """One pass over a whole evaluation set -> {name: (numerator, denominator)} summed over
+        every micro-batch and data-parallel rank (the same on every rank).
+
+        ``loader``: a ``megatron.data.samplers.EvalDataLoader`` (every sample exactly once over
+        the DP ranks, padding samples marked ``eval_valid`` 0 for the forward step to leave out);
+        ``forward_step``: this evaluation's, if not the training one; its ``loss_func`` reports
+        ratios ``(correct, total)`` or sums ``(loss sum, tokens)``. No dropout, no dropping."""
+        if loader.num_micro_batches == 0:
+            return {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            reported = self._run_schedule(iter(loader), None, True,
+                                          micro_batch_size=loader.micro_batch_size,
+                                          num_microbatches=loader.num_micro_batches,
+                                          forward_step=forward_step)
+        finally:
+            self.model.train(was_training)
+        return sum_metric_pairs(reported, self.parallel)
+
 
 def torch_rank():
     dist = torch.distributed
@@ -434,24 +493,66 @@ def torch_world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def reduce_loss_dicts(reported, parallel):
-    """Per-micro-batch loss dicts (last stage only) -> {name: float}, the same on every rank:
-    averaged over micro-batches and data-parallel replicas, broadcast along the pipeline."""
-    losses = {}
+def is_ratio(value) -> bool:
+    """A reported value given as ``(numerator, denominator)`` (e.g. correct / total)."""
+    return isinstance(value, (tuple, list)) and len(value) == 2
+
+
+def _broadcast_along_pipeline(obj, parallel):
+    if parallel.pp_size > 1:
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=parallel.pp_ranks[-1],
+                                                group=parallel.pp_group)
+        obj = box[0]
+    return obj
+
+
+def _sum_pairs(reported, parallel):
+    sums = {}
     for item in reported:
         for key, value in item.items():
-            losses[key] = losses.get(key, 0.0) + float(value) / len(reported)
+            num, den = (value if is_ratio(value) else (value, 1))
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += float(num)
+            acc[1] += float(den)
+    if parallel.dp_size > 1 and parallel.is_last_stage:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                         device=comm_device()).view(-1, 2)
+        torch.distributed.all_reduce(t, group=parallel.dp_group)
+        sums = {k: [float(v[0]), float(v[1])] for k, v in zip(keys, t)}
+    return {k: tuple(v) for k, v in sums.items()}
+
+
+def sum_metric_pairs(reported, parallel):
+    """Per-micro-batch report dicts (last stage only) -> {name: (numerator, denominator)}
+    summed over micro-batches and data-parallel replicas, the same on every rank. A ratio
+    ``(n, d)`` adds both parts; a plain value ``v`` counts as ``(v, 1)``, so its ratio is the
+    mean over micro-batches."""
+    return _broadcast_along_pipeline(_sum_pairs(reported, parallel), parallel)
+
+
+def reduce_loss_dicts(reported, parallel):
+    """Per-micro-batch loss dicts (last stage only) -> {name: float}, the same on every rank:
+    plain values averaged over micro-batches and data-parallel replicas; a ratio
+    ``(numerator, denominator)`` (a token-weighted loss, correct / total) is the sum of its
+    numerators over the sum of its denominators (no mean of means); broadcast along the
+    pipeline."""
+    losses, ratios = {}, []
+    for item in reported:
+        ratios.append({k: v for k, v in item.items() if is_ratio(v)})
+        for key, value in item.items():
+            if not is_ratio(value):
+                losses[key] = losses.get(key, 0.0) + float(value) / len(reported)
     if parallel.dp_size > 1 and parallel.is_last_stage:
         keys = sorted(losses)
         t = torch.tensor([losses[k] for k in keys], dtype=torch.float64, device=comm_device())
         torch.distributed.all_reduce(t, group=parallel.dp_group)
         losses = {k: float(v) / parallel.dp_size for k, v in zip(keys, t)}
-    if parallel.pp_size > 1:
-        box = [losses]
-        torch.distributed.broadcast_object_list(box, src=parallel.pp_ranks[-1],
-                                                group=parallel.pp_group)
-        losses = box[0]
-    return losses
+    if any(ratios):  # the same names on every data-parallel rank of the last stage
+        sums = _sum_pairs(ratios, parallel)
+        losses.update({k: n / d if d else float("nan") for k, (n, d) in sums.items()})
+    return _broadcast_along_pipeline(losses, parallel)
 
 
 def agree_to_stop(stop, parallel):
@@ -506,8 +607,9 @@ def _should_exit(args, state, start_time):
 
 
 def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log,
-          flops_per_sample=transformer_flops_per_sample):
+          flops_per_sample=transformer_flops_per_sample, after_iteration=None):
     """Run iterations until --train-iters or another stop condition; save as requested.
+    ``after_iteration``: the provider's hook (``Provider.after_iteration``).
 
     Returns True when --exit-interval or --exit-duration-in-mins ended training (the caller
     then skips the end-of-training evaluations, as Megatron's ``sys.exit()`` does)."""
@@ -583,7 +685,8 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
                 and args.eval_iters > 0 and valid_iter is not None:
             run_evaluation(args, state, step, valid_iter, logger, f"iteration {state.iteration}",
                            ltd)
-        if args.save_interval and state.iteration % args.save_interval == 0:
+        wants_save = after_iteration is not None and after_iteration(args, state, step, log)
+        if wants_save or (args.save_interval and state.iteration % args.save_interval == 0):
             save()
             saved_at = state.iteration
         stop, reason = _should_exit(args, state, start_time)

@@ -201,3 +201,59 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
                                        num_workers=num_workers, collate_fn=collate_samples,
                                        pin_memory=torch.cuda.is_available(),
                                        generator=generator)
+
+
+class _Padded(torch.utils.data.Dataset):
+    """``dataset`` with ``'eval_valid'`` (1) on its samples and padding slots (index -1: a copy
+    of sample 0 with ``'eval_valid'`` 0), so every rank runs the same number of full-size
+    micro-batches and the padding is left out of the sums."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        if idx < 0:
+            return {**self.dataset[0], "index": 0, "eval_valid": np.int64(0)}
+        return {**self.dataset[idx], "index": int(idx), "eval_valid": np.int64(1)}
+
+
+class EvalDataLoader:
+    """One pass over a whole evaluation set, each sample exactly once over the data-parallel
+    ranks (Megatron's evaluation sums correct / total over the full dev set).
+
+    Rank r reads the contiguous shard ``[r * ceil(N / dp), ...)`` in order, padded to
+    ``num_micro_batches`` full micro-batches (the same count on every rank, which pipeline
+    parallelism needs); padding samples carry ``'eval_valid'`` 0. Batches are dicts of tensors,
+    as the pretraining loader's (with ``'index'``).
+    """
+
+    def __init__(self, dataset, micro_batch_size, dp_rank=0, dp_size=1, num_workers=0,
+                 collate_fn=collate_samples):
+        _check(max(len(dataset), 1), 0, micro_batch_size, dp_rank, dp_size)
+        n = len(dataset)
+        per_rank = -(-n // dp_size)
+        self.micro_batch_size = micro_batch_size
+        self.num_micro_batches = -(-per_rank // micro_batch_size)
+        self.num_samples = n
+        start = min(dp_rank * per_rank, n)
+        own = list(range(start, min(start + per_rank, n)))
+        slots = own + [-1] * (self.num_micro_batches * micro_batch_size - len(own))
+        batches = [slots[i:i + micro_batch_size] for i in range(0, len(slots), micro_batch_size)]
+        self._loader = torch.utils.data.DataLoader(
+            _Padded(dataset), batch_sampler=batches, num_workers=num_workers,
+            collate_fn=collate_fn, pin_memory=torch.cuda.is_available())
+
+    def __len__(self):
+        return self.num_micro_batches
+
+    def __iter__(self):
+        return iter(self._loader)
+
+
+def build_eval_data_loader(dataset, micro_batch_size, dp_rank=0, dp_size=1, num_workers=0,
+                           collate_fn=collate_samples):
+    """An ``EvalDataLoader`` (see there)."""
+    return EvalDataLoader(dataset, micro_batch_size, dp_rank, dp_size, num_workers, collate_fn)
