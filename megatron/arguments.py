@@ -10,6 +10,7 @@ padded vocabulary, ...) is computed here once, and every user mistake is reporte
 
 import argparse
 import os
+import sys
 
 from megatron.errors import UserError
 
@@ -43,6 +44,11 @@ def parse_args(argv=None, extra_args_provider=None, world_size=None, defaults=No
     if defaults:
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
+    if args.use_checkpoint_args:  # Megatron-LM's: the model's shape from the checkpoint
+        from megatron.checkpoint_args import apply_checkpoint_args, given_dests
+
+        apply_checkpoint_args(args, given_dests(parser, argv if argv is not None
+                                                else sys.argv[1:]))
     if world_size is None:
         from megatron.parallel.initialize import read_distributed_env
         world_size = read_distributed_env().world_size  # torchrun's, an srun step's, or 1
@@ -452,6 +458,11 @@ def _add_checkpointing_args(parser):
     g.add_argument("--finetune", action="store_true",
                    help="Load model weights only and start from iteration 0.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="Take the model's shape and tokenizer from the --load (or "
+                        "--pretrained-checkpoint) checkpoint's args where not given here.")
+    g.add_argument("--use-mp-args-from-checkpoint-args", action="store_true",
+                   help="With --use-checkpoint-args, also the tensor/pipeline-parallel sizes.")
 
 
 def _add_mixed_precision_args(parser):
