@@ -1,0 +1,1 @@
+"""GPT zero-shot evaluation: LAMBADA and WikiText-103 (Megatron-LM tasks/zeroshot_gpt)."""
