@@ -272,7 +272,7 @@ def flag_defaults():
 # Megatron-LM architecture flags this model does not implement; some leave every tensor shape
 # unchanged, so the weights of such a checkpoint would load into a different network.
 _UNSUPPORTED_ARCHITECTURE = (
-    ("swiglu", "--swiglu"), ("squared_relu", "--squared-relu"), ("openai_gelu", "--openai-gelu"),
+    ("swiglu", "--swiglu"), ("squared_relu", "--squared-relu"),
     ("group_query_attention", "--group-query-attention"),
     ("rotary_interleaved", "--rotary-interleaved"))
 
@@ -290,6 +290,8 @@ def transformer_config_from_args(args, **overrides):
         return getattr(args, name, defaults.get(name))
 
     unsupported = [flag for name, flag in _UNSUPPORTED_ARCHITECTURE if get(name)]
+    if getattr(args, "onnx_safe", None) and not get("openai_gelu"):
+        unsupported.append("--onnx-safe (Megatron's erf_gelu, erf(x / 1.41421))")
     normalization = getattr(args, "normalization", None)
     if normalization not in (None, "LayerNorm", "layernorm"):
         unsupported.append(f"--normalization {normalization}")
@@ -320,6 +322,8 @@ def transformer_config_from_args(args, **overrides):
         rope_theta=get("rotary_base"),
         untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights")),
         add_bias_linear=bool(add_bias_linear),
+        openai_gelu=bool(get("openai_gelu")),
+        bias_gelu_fusion=bool(get("bias_gelu_fusion")),
         apply_residual_connection_post_layernorm=bool(
             get("apply_residual_connection_post_layernorm")),
         params_dtype=params_torch_dtype(args),
@@ -364,6 +368,12 @@ def _add_network_size_args(parser):
                    help="Separate output layer instead of the tied word embeddings.")
     g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear",
                    help="No biases in the linear layers (Megatron's args.add_bias_linear).")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="The tanh-approximate GeLU (GPT-2's gelu_new) in the MLP and BERT's LM "
+                        "head.")
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
+                   help="No fused bias-GeLU: the exact erf GeLU in the MLP (Megatron's fusion "
+                        "computes the tanh approximation; off without biases).")
     g.add_argument("--apply-residual-connection-post-layernorm", action="store_true",
                    help="Post-LN residuals, as the original BERT (default: pre-LN).")
     g.add_argument("--bert-no-binary-head", action="store_false", dest="bert_binary_head",

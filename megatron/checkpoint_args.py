@@ -18,7 +18,8 @@ MODEL_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "seq_length", "num_attention_heads",
     "kv_channels", "max_position_embeddings", "position_embedding_type",
     "use_rotary_position_embeddings", "rotary_percent", "rotary_base", "add_bias_linear",
-    "swiglu", "squared_relu", "openai_gelu", "untie_embeddings_and_output_weights",
+    "swiglu", "squared_relu", "openai_gelu", "bias_gelu_fusion",
+    "untie_embeddings_and_output_weights",
     "apply_residual_connection_post_layernorm", "layernorm_epsilon",
     "make_vocab_size_divisible_by", "tokenizer_type", "vocab_size", "vocab_extra_ids",
 )

@@ -24,6 +24,7 @@ CHECKPOINT_FIELDS = {
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "add_bias_linear": "--disable-bias-linear",
     "apply_residual_connection_post_layernorm": "--apply-residual-connection-post-layernorm",
+    "gelu_approximate": "the MLP's GeLU (--openai-gelu / --no-bias-gelu-fusion)",
 }
 
 
@@ -65,6 +66,12 @@ class TransformerConfig:
     """Own output_layer, not the word embeddings (--untie-embeddings-and-output-weights)."""
     add_bias_linear: bool = True
     """Biases in the QKV, dense and MLP projections (--disable-bias-linear turns them off)."""
+    openai_gelu: bool = False
+    """The tanh-approximate GeLU (GPT-2's ``gelu_new``) in the MLP and BERT's LM head
+    (--openai-gelu)."""
+    bias_gelu_fusion: bool = True
+    """Megatron's fused bias-GeLU, which computes the tanh approximation; it applies only with
+    biases (--no-bias-gelu-fusion turns it off: the exact erf GeLU). See ``gelu_approximate``."""
     params_dtype: torch.dtype = torch.float32
     """Dtype of the parameters: float32, bfloat16 (--bf16) or float16 (--fp16)."""
     recompute_granularity: Optional[str] = None
@@ -135,6 +142,19 @@ class TransformerConfig:
              f"--recompute-granularity must be 'full' (or unset), "
              f"got {self.recompute_granularity!r}")
         need(self.num_tokentypes >= 0, f"num_tokentypes must be >= 0, got {self.num_tokentypes}")
+
+    @property
+    def gelu_approximate(self) -> str:
+        """``F.gelu``'s ``approximate`` for the MLP, as Megatron-LM's ParallelMLP selects it:
+        'tanh' with --openai-gelu, or with the (default) bias-GeLU fusion when the MLP has
+        biases; otherwise 'none', the exact erf GeLU."""
+        tanh = self.openai_gelu or (self.bias_gelu_fusion and self.add_bias_linear)
+        return "tanh" if tanh else "none"
+
+    @property
+    def lm_head_gelu_approximate(self) -> str:
+        """BERT's LM head (Megatron's BertLMHead): 'tanh' with --openai-gelu, else exact."""
+        return "tanh" if self.openai_gelu else "none"
 
     @property
     def rotary_dim(self) -> int:

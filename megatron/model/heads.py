@@ -67,7 +67,9 @@ class BertLMHead(nn.Module):
                                 "padded vocabulary size")
         self.bias = nn.Parameter(torch.zeros(vocab_per_rank, dtype=config.params_dtype))
         set_tensor_model_parallel_attributes(self.bias, True, 0)
+        self.gelu_approximate = config.lm_head_gelu_approximate
 
     def transform(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[b, s, h] -> [b, s, h] (exact erf GeLU, as Megatron's BertLMHead)."""
-        return self.layernorm(F.gelu(self.dense(hidden)))
+        """[b, s, h] -> [b, s, h] (as Megatron's BertLMHead: exact erf GeLU, tanh with
+        --openai-gelu)."""
+        return self.layernorm(F.gelu(self.dense(hidden), approximate=self.gelu_approximate))

@@ -231,14 +231,15 @@ def _is_padding_mask(attention_mask: Optional[torch.Tensor]) -> bool:
 class ParallelMLP(nn.Module):
     """h -> ffn (column parallel) -> GeLU -> h (row parallel).
 
-    The GeLU is Megatron-LM's: with biases its fused bias-gelu (``bias_gelu_impl``, on by
-    default), which is the tanh approximation; with --disable-bias-linear Megatron turns that
-    fusion off (``args.bias_gelu_fusion = False``) and applies ``F.gelu``, the exact erf GeLU.
+    The GeLU is Megatron-LM's (``config.gelu_approximate``): --openai-gelu, or with biases its
+    fused bias-gelu (``bias_gelu_impl``, on by default), is the tanh approximation; with
+    --no-bias-gelu-fusion or --disable-bias-linear (which turns the fusion off) ``F.gelu``,
+    the exact erf GeLU.
     """
 
     def __init__(self, config: TransformerConfig, parallel: ParallelState = ParallelState()):
         super().__init__()
-        self.gelu_approximate = "tanh" if config.add_bias_linear else "none"
+        self.gelu_approximate = config.gelu_approximate
         self.dense_h_to_4h = ColumnParallelLinear(
             config.hidden_size, config.ffn_hidden_size, bias=config.add_bias_linear,
             gather_output=False, init_method=init_method_normal(config.init_method_std),
