@@ -363,8 +363,11 @@ class FinetuneRun:
                 f"iterations per epoch of {args.global_batch_size} ("
                 f"{'last batch kept' if args.keep_last else 'last incomplete batch dropped'}"
                 f"), {args.epochs} epochs = {args.train_iters} iterations")
-        else:
-            args.train_iters = 0
+        else:  # evaluation only: the optimizer and LR schedule are built, never stepped
+            args.skip_train = True
+            args.train_iters = 1
+            if args.lr is None:
+                args.lr = 0.0
         # The loop's own --eval-iters evaluation has no dataset here (the epochs' metrics
         # replace it): no validation/test sample targets either.
         args.eval_iters = 0

@@ -49,21 +49,25 @@ def get_tasks_args(parser):
     return parser
 
 
-def parse_task_args(argv=None):
+def parse_task_args(argv=None, world_size=None):
     """Megatron's flags plus the task flags. The training length comes from --epochs (the
-    task sets --train-iters from it, so it is not required here); zero-shot tasks only
-    evaluate (--skip-train: no --lr needed)."""
+    task sets --train-iters from it, so it is not required here); zero-shot tasks and
+    --epochs 0 only evaluate (--skip-train: no --lr needed). ``world_size``: check the layout
+    for that many processes (a dry run), else the launcher's."""
     import argparse
 
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--task", type=str, default=None)
-    task = first.parse_known_args(argv)[0].task
+    first.add_argument("--epochs", type=int, default=None)
+    known = first.parse_known_args(argv)[0]
+    task = known.task
     if task is not None and task not in TASKS:
         raise UserError(f"--task {task}: not supported; expected one of {', '.join(TASKS)}")
     defaults = {"train_iters": 0}
-    if task in ZEROSHOT_TASKS:
+    if task in ZEROSHOT_TASKS or known.epochs == 0:
         defaults["skip_train"] = True
-    args = parse_args(argv, extra_args_provider=get_tasks_args, defaults=defaults)
+    args = parse_args(argv, extra_args_provider=get_tasks_args, defaults=defaults,
+                      world_size=world_size)
     if args.eval_micro_batch_size is None:
         args.eval_micro_batch_size = args.micro_batch_size
     if args.eval_micro_batch_size < 1:
