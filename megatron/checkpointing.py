@@ -27,11 +27,24 @@ rank 0 replaces the tracker. The ``optimizer``
 entry is the full torch state even with --use-distributed-optimizer (consolidated over DP, see
 ``megatron.optim.distributed``), so a run resumes with any DP size. Loading reads this rank's
 file and its DP entry of ``rng_state`` (entry 0, with a warning, when the DP size changed).
-Another TP/PP layout needs ``tools/checkpoint_util.py``.
+Resuming from another TP/PP layout needs ``tools/checkpoint_util.py``; weights alone
+(``--finetune``, a release checkpoint, ``load_pretrained_weights``) load from any layout
+(``megatron.checkpoint_reshard``).
+
+Files from disk never run code: ``read_checkpoint_file`` unpickles with ``weights_only=True``
+and an allowlist (``argparse.Namespace``, numpy arrays for the RNG states, stand-ins for the enum
+members other Megatron code bases keep in ``args``). Checkpoints of other Megatron tools load
+too: a PP = 1 checkpoint carrying ``word_embeddings_for_head`` (ignored, as Megatron's loader
+does), args without ``seq_length``, a model-only checkpoint (no or an empty optimizer state:
+weights load for finetuning; resuming needs --no-load-optim). A checkpoint whose architecture
+this model cannot compute -- a GeLU other than the one this run computes included -- is
+refused in one line.
 """
 
+import argparse
 import dataclasses
 import os
+import pickle
 import re
 
 import torch
@@ -102,14 +115,82 @@ def read_tracker(root):
     return iteration, False
 
 
-def read_checkpoint_file(path):
-    """``torch.load`` of one ``model_optim_rng.pt``; a truncated or foreign file (torch raises
-    anything from RuntimeError to UnpicklingError, some with several lines) becomes a one-line
-    UserError naming the file."""
+class ForeignEnum:
+    """Stand-in for an enum member another Megatron code base keeps in a checkpoint's ``args``
+    (``megatron.core.enums.ModelType.encoder_or_decoder`` and the like): holds the saved value,
+    runs no code."""
+
+    def __init__(self, *value):
+        self.value = value[0] if len(value) == 1 else value
+
+    def __repr__(self):
+        return f"ForeignEnum({self.value!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, ForeignEnum) and other.value == self.value
+
+    def __hash__(self):
+        return hash(repr(self.value))
+
+
+_FOREIGN_ENUM = re.compile(r"^megatron\.([A-Za-z_]\w*\.)*enums\.[A-Za-z_]\w*$")
+
+
+def _allowed_globals():
+    """What a checkpoint may hold beyond tensors and plain containers: the args Namespace and
+    the numpy arrays of the saved RNG states (numpy 1 and 2 module names)."""
+    import numpy as np
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") \
+        else np.core.multiarray._reconstruct
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64,
+                                          np.uint8, np.uint16, np.uint32, np.uint64,
+                                          np.float16, np.float32, np.float64)}
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, reconstruct, scalar, *dtypes]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
+    return allowed
+
+
+def _checkpoint_globals(path):
+    """The allowlist for ``path``: ``_allowed_globals`` plus a ``ForeignEnum`` stand-in for each
+    ``megatron....enums.X`` the file names. Another class is a one-line UserError."""
+    allowed = _allowed_globals()
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not the zip format (or damaged): torch.load below reports it
+        return allowed
+    known = {f"{g.__module__}.{g.__qualname__}" for g in allowed if not isinstance(g, tuple)}
+    known |= {name for g in allowed if isinstance(g, tuple) for name in g[1:]}
+    for name in names:
+        if name in known:
+            continue
+        if not _FOREIGN_ENUM.match(name):
+            raise UserError(f"cannot read checkpoint {path}: it holds a {name} object, which is "
+                            "not on the allowlist of checkpoint contents (files from disk never "
+                            "run code)")
+        allowed.append((ForeignEnum, name))
+    return allowed
+
+
+def read_checkpoint_file(path):
+    """``torch.load(weights_only=True)`` of one ``model_optim_rng.pt`` with the allowlist of
+    ``_checkpoint_globals``; a truncated, foreign or unsafe file (torch raises anything from
+    RuntimeError to UnpicklingError, some with several lines) becomes a one-line UserError
+    naming the file."""
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals(path)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except Exception as err:
         text = str(err).strip()
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in text:
+            found = re.search(r"GLOBAL (\S+)", text)
+            text = (f"it holds a {found.group(1) if found else 'Python'} object, which is not "
+                    "on the allowlist of checkpoint contents (files from disk never run code)")
+            raise UserError(f"cannot read checkpoint {path}: {text}") from None
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
                         f"{text.splitlines()[0] if text else 'unreadable'}") from None
 
@@ -317,32 +398,104 @@ def _model_state_for_save(model):
     return megatron_model_state(model.state_dict())
 
 
-def check_shapes(ckpt_args, args, path):
-    """A one-line UserError naming the first flag whose value differs from the checkpoint's
-    (the model-config fields in ``megatron.model.config.CHECKPOINT_FIELDS``)."""
-    if ckpt_args is None or getattr(ckpt_args, "num_layers", None) is None:
-        return
+_NOT_SHAPE = dict(hidden_dropout=0.0, attention_dropout=0.0, recompute_granularity=None,
+                  sequence_parallel=False, params_dtype=torch.float32, init_seed=None)
+
+
+def saved_model_config(ckpt_args, path):
+    """(TransformerConfig, names of fields the args do not give) that a checkpoint's ``args``
+    describe; (None, ()) when they describe no model (another kind of checkpoint).
+
+    Megatron args of other tools may lack fields that are not shapes: ``seq_length`` falls back
+    to ``max_position_embeddings``; a missing ``padded_vocab_size`` is not compared. Training
+    settings (dropout, recompute, dtype) do not enter. Args of an architecture this model cannot
+    compute (``--swiglu``, Megatron's ``--onnx-safe`` GeLU, an unknown position embedding...)
+    are refused in one line."""
+    if ckpt_args is None or getattr(ckpt_args, "num_layers", None) is None \
+            or getattr(ckpt_args, "hidden_size", None) is None \
+            or getattr(ckpt_args, "num_attention_heads", None) is None:
+        return None, ()
+    values = dict(vars(ckpt_args))
+    unknown = []
+    for name in ("padded_vocab_size", "max_position_embeddings"):
+        if values.get(name) is None and not (name == "max_position_embeddings"
+                                             and values.get("seq_length")):
+            unknown.append(name)
+    seq = values.get("max_position_embeddings") or values.get("seq_length") \
+        or values.get("encoder_seq_length") or 1
+    values.update(seq_length=seq, padded_vocab_size=values.get("padded_vocab_size") or 1)
     from megatron.arguments import transformer_config_from_args
-    from megatron.model.config import CHECKPOINT_FIELDS
 
     try:
-        saved_cfg = transformer_config_from_args(ckpt_args)
-    except (UserError, TypeError, AttributeError, KeyError):
-        return  # args of another kind of checkpoint: the tensor shapes are checked on load
-    given_cfg = transformer_config_from_args(args)
+        return transformer_config_from_args(argparse.Namespace(**values), **_NOT_SHAPE), unknown
+    except UserError as err:
+        raise UserError(f"checkpoint {path} holds a model this code cannot compute: {err}") \
+            from None
+    except (TypeError, AttributeError, KeyError, ValueError):
+        return None, ()  # args of another kind of checkpoint: the tensor shapes are checked
+
+
+_GELU = {"tanh": "the tanh-approximate GeLU (Megatron's --openai-gelu or its default fused "
+                 "bias-GeLU)",
+         "none": "the exact erf GeLU (--no-bias-gelu-fusion)"}
+_GELU_FLAG = {"tanh": "drop --no-bias-gelu-fusion or pass --openai-gelu",
+              "none": "pass --no-bias-gelu-fusion (without --openai-gelu)"}
+
+
+def check_model_config(saved, given, path, skip=()):
+    """A one-line UserError naming the first model-config field (``CHECKPOINT_FIELDS``) whose
+    value in the checkpoint's config ``saved`` differs from the model's config ``given``; an
+    MLP GeLU that differs is named with the flags that select it."""
+    from megatron.model.config import CHECKPOINT_FIELDS
+
     for name, flag in CHECKPOINT_FIELDS.items():
-        saved, given = getattr(saved_cfg, name), getattr(given_cfg, name)
-        if saved == given:
+        if name in skip:
+            continue
+        saved_value, given_value = getattr(saved, name), getattr(given, name)
+        if saved_value == given_value:
             continue
         if name == "padded_vocab_size":
-            raise UserError(f"checkpoint {path} has a padded vocabulary of {saved} but the "
-                            f"tokenizer gives {given} (check --vocab-file/--tokenizer-type "
+            raise UserError(f"checkpoint {path} has a padded vocabulary of {saved_value} but the "
+                            f"tokenizer gives {given_value} (check --vocab-file/--tokenizer-type "
                             "and --make-vocab-size-divisible-by)")
-        if isinstance(saved, bool):
-            raise UserError(f"checkpoint {path} was saved with {flag} {'on' if saved else 'off'}"
-                            f" but this run has it {'on' if given else 'off'}")
-        raise UserError(f"checkpoint {path} was saved with {flag} {saved} but {flag} "
-                        f"{given} was given")
+        if name == "gelu_approximate":
+            raise UserError(f"checkpoint {path} was saved with {_GELU[saved_value]} in its MLP "
+                            f"but this run computes {_GELU[given_value]}: "
+                            f"{_GELU_FLAG[saved_value]}")
+        if isinstance(saved_value, bool):
+            raise UserError(f"checkpoint {path} was saved with {flag} "
+                            f"{'on' if saved_value else 'off'} but this run has it "
+                            f"{'on' if given_value else 'off'}")
+        raise UserError(f"checkpoint {path} was saved with {flag} {saved_value} but {flag} "
+                        f"{given_value} was given")
+
+
+def check_head_gelu(saved, model, path):
+    """BERT's LM head computes the tanh GeLU exactly when --openai-gelu is on (Megatron's
+    BertLMHead): a checkpoint saved otherwise is refused by a model with that head."""
+    head = getattr(model, "lm_head", None)
+    given = getattr(head, "gelu_approximate", None)
+    if saved is None or given is None or saved.lm_head_gelu_approximate == given:
+        return
+    what = {"tanh": "the tanh-approximate GeLU (--openai-gelu)",
+            "none": "the exact erf GeLU (no --openai-gelu)"}
+    raise UserError(f"checkpoint {path} was saved with {what[saved.lm_head_gelu_approximate]} "
+                    f"in its BERT LM head but this run computes {what[given]}: "
+                    f"{'pass' if saved.openai_gelu else 'drop'} --openai-gelu")
+
+
+def check_shapes(ckpt_args, args, path, model=None):
+    """A one-line UserError naming the first flag whose value differs from the checkpoint's
+    (the model-config fields in ``megatron.model.config.CHECKPOINT_FIELDS``, and with
+    ``model`` the GeLU of its BERT LM head), or the architecture the checkpoint needs that
+    this model cannot compute."""
+    saved, unknown = saved_model_config(ckpt_args, path)
+    if saved is None:
+        return
+    from megatron.arguments import transformer_config_from_args
+
+    check_model_config(saved, transformer_config_from_args(args), path, skip=unknown)
+    check_head_gelu(saved, model, path)
 
 
 def _prefixes(names):
@@ -355,6 +508,14 @@ def _prefixes(names):
     return seen or ["none"]
 
 
+def _log_partial_load(path, missing, ignored, log):
+    """The one line naming the heads a ``LoadPolicy`` ignored and left initialised."""
+    if missing or ignored:
+        log(f"  loaded model weights from {path} without {len(ignored)} entries this model does "
+            f"not use ({', '.join(_prefixes(ignored))}); {len(missing)} parameters keep their "
+            f"initialisation ({', '.join(_prefixes(missing))})")
+
+
 def _check_layout(ckpt_args, args, path):
     for name, flag in (("tensor_model_parallel_size", "--tensor-model-parallel-size"),
                        ("pipeline_model_parallel_size", "--pipeline-model-parallel-size")):
@@ -364,14 +525,84 @@ def _check_layout(ckpt_args, args, path):
                             f"{given} was given; convert it with tools/checkpoint_util.py")
 
 
+def _without_unused_head_copy(flat, model):
+    """Drop a ``word_embeddings_for_head`` the model holds no copy for: a PP = 1 checkpoint of
+    a tied model written by other Megatron tools may carry one, and Megatron's loader ignores
+    it there."""
+    from megatron.checkpoint_reshard import HEAD_COPY
+
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    if HEAD_COPY in flat and tied and HEAD_COPY not in model.state_dict():
+        return {k: v for k, v in flat.items() if k != HEAD_COPY}
+    return flat
+
+
+def _fit_vocab(full, ckpt_args, model, parallel, path, log):
+    """The full state with its vocabulary rows padded or cut to this model's padded vocabulary
+    (another tensor-parallel size pads the same vocabulary to another multiple). Refused in one
+    line when no vocabulary pads to both sizes."""
+    from megatron.checkpoint_reshard import is_vocab_parameter, resize_vocab
+
+    padded = model.config.padded_vocab_size
+    rows = next((t.shape[0] for n, t in full.items() if is_vocab_parameter(n)), padded)
+    if rows == padded:
+        return full
+    multiple = getattr(ckpt_args, "make_vocab_size_divisible_by", None) or 128
+    saved_slack = multiple * (getattr(ckpt_args, "tensor_model_parallel_size", None) or 1)
+    slack = multiple * parallel.tp_size
+    if max(rows - saved_slack, padded - slack) >= min(rows, padded):
+        raise UserError(f"checkpoint {path} has a padded vocabulary of {rows} but this model "
+                        f"{padded}: they do not pad one vocabulary (check --vocab-file/"
+                        "--tokenizer-type and --make-vocab-size-divisible-by)")
+    log(f"  vocabulary padding: {rows} rows in {path}, {padded} in this model "
+        f"({'dropping' if rows > padded else 'adding zero'} padding rows)")
+    return resize_vocab(full, padded)[0]
+
+
+def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
+                            flag="--pretrained-checkpoint"):
+    """Load the model weights (nothing else) of the Megatron checkpoint directory ``root``,
+    saved with any TP/PP layout, into this rank's ``model`` (its pipeline stage and tensor
+    shard, ``parallel``); returns the checkpoint's ``args``.
+
+    The checkpoint's model args must describe this model (``check_model_config``; the padded
+    vocabulary may differ by padding only, see ``_fit_vocab``); ``policy`` (a ``LoadPolicy``)
+    names the parameters it may lack or hold beyond this model (another head), reported in one
+    line. Every rank reads the files itself (no collectives)."""
+    from megatron.checkpoint_reshard import model_state_for_rank, read_full_model_state
+
+    parallel = parallel or ParallelState()
+    model = _unwrap(model)
+    full, ckpt_args = read_full_model_state(root, flag=flag)
+    saved, unknown = saved_model_config(ckpt_args, root)
+    if saved is not None:
+        check_model_config(saved, model.config, root, skip=("padded_vocab_size", *unknown))
+        check_head_gelu(saved, model, root)
+    full = _fit_vocab(full, ckpt_args, model, parallel, root, log)
+    state = model_state_for_rank(full, model, parallel)
+    missing, ignored = load_flat_state(model, state, root, policy)
+    _log_partial_load(root, missing, ignored, log)
+    log(f"  loaded model weights from {root} into tensor rank {parallel.tp_rank} of "
+        f"{parallel.tp_size}, pipeline stage {parallel.pp_rank} of {parallel.pp_size}")
+    return ckpt_args
+
+
+def _optimizer_state(ckpt):
+    """The checkpoint's optimizer state, None when it holds none or a placeholder (a
+    model-only checkpoint: None, an empty dict)."""
+    opt = ckpt.get("optimizer")
+    return opt if isinstance(opt, dict) and opt else None
+
+
 def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, parallel=None,
                     policy=None):
     """Load ``--load`` if it holds a checkpoint; returns (TrainState, the checkpoint dict).
 
-    With ``--finetune`` (or a release checkpoint) only the model weights are loaded and the
-    counters start from zero. ``parallel``: this rank's layout (reads its (tp, pp) file and its
-    DP entry of the RNG states). ``policy``: a ``LoadPolicy`` naming the parameters the
-    checkpoint may lack or hold beyond this model (weights of another head); default strict.
+    With ``--finetune`` (or a release checkpoint) only the model weights are loaded, from any
+    TP/PP layout, and the counters start from zero. ``parallel``: this rank's layout (reads its
+    (tp, pp) file and its DP entry of the RNG states). ``policy``: a ``LoadPolicy`` naming the
+    parameters the checkpoint may lack or hold beyond this model (weights of another head);
+    default strict.
     """
     parallel = parallel or ParallelState()
     model = _unwrap(model)
@@ -388,33 +619,38 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
             f"(no {TRACKER_FILENAME}); training from scratch")
         return TrainState(), None
     iteration, release = found
+    weights_only = args.finetune or release
+    layout = saved_layout(iteration_dir(root, iteration, release))
+    given = (parallel.tp_size, parallel.pp_size)
+    if weights_only and layout is not None and layout != given:
+        log(f"loading model weights from {root} at iteration {iteration} (saved with TP "
+            f"{layout[0]} x PP {layout[1]}, this run TP {given[0]} x PP {given[1]})")
+        ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load")
+        log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")
+        return TrainState(), {"args": ckpt_args, "iteration": iteration}
     path = checkpoint_file(root, iteration, parallel.tp_rank, parallel.pp_rank, parallel.pp_size,
                            release=release)
     if not os.path.isfile(path):
-        layout = saved_layout(iteration_dir(root, iteration, release))
-        given = (parallel.tp_size, parallel.pp_size)
         if layout is not None and layout != given:
             raise UserError(
                 f"checkpoint {iteration_dir(root, iteration, release)} was saved with "
                 f"--tensor-model-parallel-size {layout[0]} --pipeline-model-parallel-size "
                 f"{layout[1]} but this run has {given[0]} and {given[1]}; convert it with "
-                "tools/checkpoint_util.py")
+                "tools/checkpoint_util.py (or load its weights only with --finetune)")
         raise UserError(f"{os.path.join(root, TRACKER_FILENAME)} names "
                         f"{'release' if release else f'iteration {iteration}'} "
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
     ckpt = read_checkpoint_file(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     _check_layout(ckpt.get("args"), args, path)
-    check_shapes(ckpt.get("args"), args, path)
-    missing, ignored = load_flat_state(model, flat_model_state(ckpt["model"]), path, policy)
-    if missing or ignored:
-        log(f"  loaded model weights from {path} without {len(ignored)} entries this model does "
-            f"not use ({', '.join(_prefixes(ignored))}); {len(missing)} parameters keep their "
-            f"initialisation ({', '.join(_prefixes(missing))})")
+    check_shapes(ckpt.get("args"), args, path, model)
+    flat = _without_unused_head_copy(flat_model_state(ckpt["model"]), model)
+    missing, ignored = load_flat_state(model, flat, path, policy)
+    _log_partial_load(path, missing, ignored, log)
 
-    if args.finetune or release:
+    if weights_only:
         log(f"  loaded model weights from {path} (finetune: starting from iteration 0)")
         return TrainState(), ckpt
 
@@ -424,28 +660,47 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
         consumed_valid_samples=getattr(ckpt.get("args"), "consumed_valid_samples", 0),
         consumed_train_tokens=ckpt.get("tokens", 0))
     if not args.no_load_optim:
-        if "optimizer" not in ckpt:
-            raise UserError(f"{path} holds no optimizer state (saved with --no-save-optim); "
-                            "pass --no-load-optim or --finetune")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sched_state = ckpt.get("opt_param_scheduler", ckpt.get("lr_scheduler"))
-        if sched_state is not None:
-            scheduler.load_state_dict(sched_state)
+        _load_optimizer(ckpt, optimizer, scheduler, path)
     if not args.no_load_rng:
-        rng = ckpt.get("rng_state")
-        if rng is None:
-            raise UserError(f"{path} holds no RNG state (saved with --no-save-rng); "
-                            "pass --no-load-rng")
-        if isinstance(rng, dict):  # a single entry
-            rng = [rng]
-        if len(rng) == parallel.dp_size:
-            entry = rng[parallel.dp_rank]
-        else:
-            entry = rng[0]
-            if parallel.dp_rank == 0:
-                log(f"WARNING: {path} holds the RNG states of {len(rng)} data-parallel ranks, "
-                    f"this run has {parallel.dp_size}; every data-parallel rank continues from "
-                    "those of rank 0")
-        set_rng_state(entry, tracker)
+        _load_rng(ckpt, tracker, parallel, path, log)
     log(f"  successfully loaded checkpoint from {root} at iteration {state.iteration}")
     return state, ckpt
+
+
+def _load_optimizer(ckpt, optimizer, scheduler, path):
+    """Optimizer and LR-scheduler state; one line when the checkpoint holds none (a model-only
+    checkpoint) or one that does not fit this run's optimizer."""
+    opt_state = _optimizer_state(ckpt)
+    if opt_state is None:
+        raise UserError(f"{path} holds no optimizer state (a model-only checkpoint, e.g. saved "
+                        "with --no-save-optim or converted by tools/checkpoint_util.py); pass "
+                        "--no-load-optim or --finetune")
+    try:
+        optimizer.load_state_dict(opt_state)
+    except (ValueError, KeyError, IndexError, TypeError, RuntimeError) as err:
+        text = str(err).strip().splitlines()
+        raise UserError(f"{path}: its optimizer state does not fit this run's optimizer "
+                        f"({type(err).__name__}: {text[0] if text else 'no detail'}); pass "
+                        "--no-load-optim to start a fresh optimizer") from None
+    sched_state = ckpt.get("opt_param_scheduler", ckpt.get("lr_scheduler"))
+    if sched_state is not None:
+        scheduler.load_state_dict(sched_state)
+
+
+def _load_rng(ckpt, tracker, parallel, path, log):
+    """This DP rank's RNG states (entry 0, with a warning, when the DP size changed)."""
+    rng = ckpt.get("rng_state")
+    if not rng:
+        raise UserError(f"{path} holds no RNG state (saved with --no-save-rng); "
+                        "pass --no-load-rng")
+    if isinstance(rng, dict):  # a single entry
+        rng = [rng]
+    if len(rng) == parallel.dp_size:
+        entry = rng[parallel.dp_rank]
+    else:
+        entry = rng[0]
+        if parallel.dp_rank == 0:
+            log(f"WARNING: {path} holds the RNG states of {len(rng)} data-parallel ranks, "
+                f"this run has {parallel.dp_size}; every data-parallel rank continues from "
+                "those of rank 0")
+    set_rng_state(entry, tracker)
