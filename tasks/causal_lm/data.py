@@ -51,6 +51,7 @@ from megatron.errors import UserError, run_main  # noqa: E402
 FORMATS = ("ptb", "wikitext", "lines")
 CACHE_VERSION = 1  # part of the cache key: bump when the produced tokens change
 CHECK_LINES = 2000  # lines read to check that a file fits its --format
+_LINE = re.compile(r"[^\n]*\n|[^\n]+")
 _WIKITEXT_HEADING = re.compile(r"^ (= )+[^=].* (= )*=\s*$")
 
 
@@ -85,36 +86,44 @@ def row_text(line, fmt):
     return line
 
 
-def _open_text(path, flag):
+def _check_file(path, flag):
     if not os.path.exists(path):
         raise UserError(f"{flag} {path}: no such file")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: not a regular file")
-    # universal newlines, as the Hugging Face loaders read these files
-    return open(path, "r", encoding="utf-8")
+
+
+def iter_lines(path, flag="--input"):
+    """(line number, line) of a UTF-8 text file with universal newlines (as the Hugging Face
+    loaders read these files: '\\r\\n' and '\\r' end lines too). A line that is not UTF-8 or
+    holds NUL bytes is a UserError naming the file and line."""
+    _check_file(path, flag)
+    number = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            number += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{flag} {path}:{number}: not UTF-8 text ({err.reason} at byte "
+                                f"{err.start} of the line); is it a text file?") from None
+            if "\x00" in text:
+                raise UserError(f"{flag} {path}:{number}: contains NUL bytes; expected a plain "
+                                f"text file")
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+                for part in _LINE.findall(text):
+                    yield number, part
+            else:
+                yield number, text
 
 
 def iter_rows(path, fmt, flag="--input"):
-    """The file's rows, one per line (empty rows included), in order. A line that is not UTF-8
-    is a UserError naming the file and line."""
+    """The file's rows, one per line (empty rows included), in order (see ``row_text``)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    with _open_text(path, flag) as f:
-        number = 0
-        while True:
-            try:
-                line = f.readline()
-            except UnicodeDecodeError as err:
-                raise UserError(f"{flag} {path}:{number + 1}: not UTF-8 text ({err.reason} at "
-                                f"byte {err.start} of the read block); is it a text file?") \
-                    from None
-            if not line:
-                return
-            number += 1
-            if "\x00" in line:
-                raise UserError(f"{flag} {path}:{number}: contains NUL bytes; expected a plain "
-                                f"text file")
-            yield row_text(line, fmt)
+    for _, line in iter_lines(path, flag):
+        yield row_text(line, fmt)
 
 
 def check_format(path, fmt, flag="--input"):
@@ -122,25 +131,24 @@ def check_format(path, fmt, flag="--input"):
     file has no text. ``ptb``: PTB's text-only files are lowercased with numbers written N (a
     WikiText heading or an uppercase word means another corpus); ``wikitext``: the raw files
     have ' = Title = ' heading lines; ``lines``: any text."""
-    seen = heading = 0
-    upper = None
-    with _open_text(path, flag) as f:
-        for number, line in enumerate(f, 1):
-            if number > CHECK_LINES:
-                break
-            if not line.strip():
-                continue
-            seen += 1
-            if _WIKITEXT_HEADING.match(line):
-                heading = heading or number
-            if upper is None:
-                word = next((w for w in line.split() if w != "N" and w != "<unk>"
-                             and any(c.isupper() for c in w)), None)
-                if word is not None:
-                    upper = (number, word)
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-    if seen == 0:
+    seen = heading = 0
+    upper = None
+    for number, line in iter_lines(path, flag):
+        if number > CHECK_LINES:
+            break
+        if not line.strip():
+            continue
+        seen += 1
+        if _WIKITEXT_HEADING.match(line):
+            heading = heading or number
+        if upper is None:
+            word = next((w for w in line.split() if w != "N" and w != "<unk>"
+                         and any(c.isupper() for c in w)), None)
+            if word is not None:
+                upper = (number, word)
+    if seen == 0 and not _has_text(path, flag):
         raise UserError(f"{flag} {path}: no text (the file is empty or has only blank lines)")
     if fmt == "ptb":
         if heading:
@@ -154,6 +162,10 @@ def check_format(path, fmt, flag="--input"):
         raise UserError(f"{flag} {path}: no ' = Title = ' heading line in its first "
                         f"{CHECK_LINES} lines; --format wikitext expects the raw WikiText "
                         f"files (wiki.*.raw; use --format lines for other text)")
+
+
+def _has_text(path, flag):
+    return any(line.strip() for _, line in iter_lines(path, flag))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -200,7 +200,10 @@ def resolve_model(opts):
     try:
         saved = checkpoint_args(source)
     except UserError as err:
-        raise UserError(f"{flag} {source}: {str(err).split(': ', 1)[-1]}") from None
+        text = str(err)
+        prefix = "--use-checkpoint-args: "
+        raise UserError(f"{flag} {source}: "
+                        f"{text[len(prefix):] if text.startswith(prefix) else text}") from None
     return source, saved, resume
 
 
