@@ -266,3 +266,188 @@ def test_release_tracker_loads_weights_only(tmp_path):
     os.remove(os.path.join(root, "release", "mp_rank_00", "model_optim_rng.pt"))
     with pytest.raises(UserError, match="names release but .*release/mp_rank_00"):
         load_checkpoint(_args(root), again, None, None, log=lambda *_: None)
+
+
+# -- checkpoints written by other Megatron tools ---------------------------------------------------
+
+def _rewrite(root, iteration, edit):
+    """Apply ``edit`` to the checkpoint dict of rank 0 and save it back (plain torch.save)."""
+    path = checkpoint_file(root, iteration)
+    ckpt = torch.load(path, weights_only=False)
+    edit(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def _assert_same_weights(a, b):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_pp1_checkpoint_with_word_embeddings_for_head_loads(tmp_path):
+    """Megatron tools may write the tied head's copy even at PP = 1; Megatron's loader ignores
+    it there, and so do we (resume, finetune and load_pretrained_weights)."""
+    from megatron.checkpointing import load_pretrained_weights
+
+    root = str(tmp_path / "ckpt")
+    model = _save(root, 2)
+
+    def add_copy(ckpt):
+        emb = ckpt["model"]["language_model"]["embedding"]["word_embeddings"]["weight"]
+        ckpt["model"]["word_embeddings_for_head"] = {"weight": emb.clone()}
+
+    _rewrite(root, 2, add_copy)
+    for finetune in (False, True):
+        again = _model(seed=4)
+        load_checkpoint(_args(root, finetune=finetune), again, _optimizer(again), _Sched(),
+                        log=lambda *_: None)
+        _assert_same_weights(model, again)
+    again = _model(seed=5)
+    load_pretrained_weights(root, again, log=lambda *_: None)
+    _assert_same_weights(model, again)
+
+
+def test_args_without_seq_length_or_other_non_shape_fields_load(tmp_path):
+    root = str(tmp_path / "ckpt")
+    model = _save(root, 2)
+
+    def strip(ckpt):
+        for name in ("seq_length", "consumed_train_samples", "no_save_optim"):
+            delattr(ckpt["args"], name)
+
+    _rewrite(root, 2, strip)
+    again = _model(seed=6)
+    load_checkpoint(_args(root, finetune=True), again, None, None, log=lambda *_: None)
+    _assert_same_weights(model, again)
+    with pytest.raises(UserError, match="saved with --num-layers 2 but --num-layers 3"):
+        load_checkpoint(_args(root, finetune=True, num_layers=3), _model(), None, None,
+                        log=lambda *_: None)
+
+
+@pytest.mark.parametrize("optimizer_entry", ["absent", None, {}])
+def test_model_only_checkpoint_finetunes_and_resumes_only_without_the_optimizer(
+        tmp_path, optimizer_entry):
+    """checkpoint_util's model-only output (Megatron's saver writes no optimizer, others a
+    placeholder): weights load for finetuning; resuming names --no-load-optim, and works
+    with it."""
+    root = str(tmp_path / "ckpt")
+    model = _save(root, 2)
+
+    def model_only(ckpt):
+        for key in ("optimizer", "opt_param_scheduler", "optimizer_param_names", "rng_state"):
+            ckpt.pop(key, None)
+        if optimizer_entry != "absent":
+            ckpt["optimizer"] = optimizer_entry
+
+    path = _rewrite(root, 2, model_only)
+    again = _model(seed=7)
+    state, _ = load_checkpoint(_args(root, finetune=True), again, _optimizer(again), _Sched(),
+                               log=lambda *_: None)
+    assert state.iteration == 0
+    _assert_same_weights(model, again)
+    with pytest.raises(UserError, match=f"{path} holds no optimizer state .*pass "
+                                        "--no-load-optim or --finetune"):
+        load_checkpoint(_args(root), _model(), _optimizer(_model()), _Sched(),
+                        log=lambda *_: None)
+    resumed = _model(seed=8)
+    state, _ = load_checkpoint(_args(root, no_load_optim=True, no_load_rng=True), resumed,
+                               _optimizer(resumed), _Sched(), log=lambda *_: None)
+    assert state.iteration == 2
+    _assert_same_weights(model, resumed)
+
+
+def test_optimizer_state_of_another_optimizer_is_one_line(tmp_path):
+    root = str(tmp_path / "ckpt")
+    _save(root, 2)
+
+    def other_groups(ckpt):
+        inner = ckpt["optimizer"].get("optimizer", ckpt["optimizer"])
+        inner["param_groups"] = inner["param_groups"][:1]
+
+    path = _rewrite(root, 2, other_groups)
+    with pytest.raises(UserError, match=f"{path}: its optimizer state does not fit this run's "
+                                        "optimizer .*pass --no-load-optim"):
+        load_checkpoint(_args(root), _model(), _optimizer(_model()), _Sched(),
+                        log=lambda *_: None)
+
+
+@pytest.mark.parametrize("saved,message", [
+    ({"bias_gelu_fusion": False}, "saved with the exact erf GeLU .* but this run computes the "
+                                  "tanh-approximate GeLU .*: pass --no-bias-gelu-fusion"),
+    ({"onnx_safe": True}, "holds a model this code cannot compute: --onnx-safe"),
+    ({"swiglu": True}, "holds a model this code cannot compute: --swiglu"),
+])
+def test_a_checkpoint_whose_gelu_the_model_cannot_reproduce_is_refused(tmp_path, saved, message):
+    """Megatron-LM's ParallelMLP: --openai-gelu -> tanh; else --onnx-safe -> erf_gelu (a
+    rounded constant, not reproduced); else the fused bias-GeLU (tanh) when
+    bias_gelu_fusion, F.gelu (erf) otherwise. A different function is never loaded."""
+    root = str(tmp_path / "ckpt")
+    _save(root, 2)
+    _rewrite(root, 2, lambda ckpt: vars(ckpt["args"]).update(saved))
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(_args(root, finetune=True), _model(), None, None, log=lambda *_: None)
+
+
+def test_the_same_gelu_from_other_flags_loads(tmp_path):
+    """--openai-gelu and the default fused bias-GeLU compute the same tanh GeLU; a checkpoint
+    saved with --no-bias-gelu-fusion loads into a run that has it."""
+    root = str(tmp_path / "ckpt")
+    model = _save(root, 2)
+    _rewrite(root, 2, lambda ckpt: vars(ckpt["args"]).update(openai_gelu=True))
+    again = _model(seed=9)
+    load_checkpoint(_args(root, finetune=True), again, None, None, log=lambda *_: None)
+    _assert_same_weights(model, again)
+    _rewrite(root, 2, lambda ckpt: vars(ckpt["args"]).update(openai_gelu=False,
+                                                               bias_gelu_fusion=False))
+    load_checkpoint(_args(root, finetune=True, bias_gelu_fusion=False), again, None, None,
+                    log=lambda *_: None)
+
+
+class _Payload:
+    """Would create a file when unpickled, if unpickling ran code."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_checkpoint_files_never_run_code(tmp_path):
+    """weights_only unpickling with an allowlist: the enum members of other Megatron code bases
+    in args load as stand-ins; any other object is refused in one line, without running."""
+    import enum
+    import types
+
+    from megatron.checkpointing import ForeignEnum, read_checkpoint_file
+
+    root = str(tmp_path / "ckpt")
+    _save(root, 2)
+    module = types.ModuleType("megatron.core.enums")
+
+    class ModelType(enum.Enum):
+        encoder_or_decoder = 1
+
+    ModelType.__module__, ModelType.__qualname__ = module.__name__, "ModelType"
+    module.ModelType = ModelType
+    saved_modules = {k: sys.modules.get(k) for k in ("megatron.core", "megatron.core.enums")}
+    sys.modules.update({"megatron.core": types.ModuleType("megatron.core"),
+                        "megatron.core.enums": module})
+    try:
+        path = _rewrite(root, 2, lambda c: setattr(c["args"], "model_type",
+                                                   ModelType.encoder_or_decoder))
+    finally:
+        for name, value in saved_modules.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+    assert read_checkpoint_file(path)["args"].model_type == ForeignEnum(1)
+    load_checkpoint(_args(root), _model(), _optimizer(_model()), _Sched(), log=lambda *_: None)
+    target = tmp_path / "ran"
+    _rewrite(root, 2, lambda c: c.update(extra=_Payload(str(target))))
+    with pytest.raises(UserError, match=f"cannot read checkpoint {path}: it holds a "
+                                        "io.open object, which is not on the allowlist"):
+        load_checkpoint(_args(root), _model(), _optimizer(_model()), _Sched(),
+                        log=lambda *_: None)
+    assert not target.exists()
