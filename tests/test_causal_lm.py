@@ -473,3 +473,84 @@ def test_layer_sweep_bad_inputs(texts, pretrained, tmp_path):
         layer_sweep.main(base + ["--jobs", "0"], log=lambda *a: None)
     with pytest.raises(UserError, match="--random-ltd-layer-ids: a finetune.py flag"):
         layer_sweep.main(base + ["--", "--random-ltd-layer-ids", "1"], log=lambda *a: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/finetune_gpt_causal_lm.sh
+
+
+def _script_env(**extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                      "MASTER_ADDR", "MASTER_PORT",
+                                                      "GPUS_PER_NODE")}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def test_example_dry_run():
+    import subprocess
+
+    from training_helpers import ROOT
+
+    script = os.path.join(ROOT, "examples", "finetune_gpt_causal_lm.sh")
+    done = subprocess.run(["bash", script, "--epochs", "3", "--", "--log-interval", "5"],
+                          env=_script_env(DRY_RUN=1, LAUNCHER="torchrun", GPUS_PER_NODE=8,
+                                          TASK="wikitext103", LTD_START=256),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    cmd = done.stdout.split()
+    assert cmd[0] == "torchrun" and "--nproc_per_node" in cmd
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "8"
+    k = cmd.index(os.path.join(ROOT, "tasks", "causal_lm", "finetune.py"))
+    own, extra = cmd[k + 1:cmd.index("--")], cmd[cmd.index("--") + 1:]
+    for flag, value in (("--format", "wikitext"), ("--global-batch-size", "32"),
+                        ("--lr", "5e-5"), ("--random-ltd-start", "256")):
+        assert own[own.index(flag) + 1] == value
+    assert own[own.index("--train-text") + 1] == "data/wikitext103/wiki.train.raw"
+    assert own[len(own) - 1 - own[::-1].index("--epochs") + 1] == "3"  # the caller's wins
+    assert extra == ["--log-interval", "5"]
+    assert "not found: data/wikitext103/wiki.train.raw" in done.stderr  # a warning in DRY_RUN
+    bad = subprocess.run(["bash", script], env=_script_env(METHOD="sparse"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "METHOD=sparse: expected" in bad.stderr
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_matches_one_process(texts, pretrained, tmp_path):
+    """Two gloo processes (DP 2) through the launcher: rank 0 tokenizes, rank 1 waits; the
+    finetune and its whole-file evaluation agree with one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    from distributed_harness import free_port
+    from training_helpers import ROOT
+
+    text_dir = tmp_path / "ptb"
+    text_dir.mkdir()
+    for name in ("ptb_train", "ptb_valid"):
+        shutil.copy(texts[name], text_dir)
+    flags = ["--train-iters", "4", "--global-batch-size", "4", "--workers", "1",
+             "--random-ltd-step", "8", "--", "--device", "cpu", "--num-workers", "0",
+             "--hidden-dropout", "0", "--attention-dropout", "0"]  # dropout streams per rank
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "examples", "finetune_gpt_causal_lm.sh"), *flags],
+        env=_script_env(LAUNCHER="torchrun", GPUS_PER_NODE=2, MASTER_PORT=free_port(),
+                        PYTHON=sys.executable, TEXT_DIR=text_dir, PRETRAINED=pretrained,
+                        SAVE=tmp_path / "dp2", MICRO_BATCH=2, LTD_START=8, OMP_NUM_THREADS=1),
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    dp2 = json.load(open(tmp_path / "dp2" / finetune.RESULT_FILE))
+    one = finetune.main(["--train-text", str(text_dir / "ptb.train.txt"),
+                         "--valid-text", str(text_dir / "ptb.valid.txt"), "--format", "ptb",
+                         "--pretrained-checkpoint", pretrained, "--save",
+                         str(tmp_path / "one"), "--data-dir", str(text_dir / "tokenized"),
+                         "--micro-batch-size", "2", "--random-ltd-start", "8", *flags],
+                        log=lambda *a: None)
+    assert dp2["iterations"] == one["iterations"] == 4
+    assert dp2["layer_tokens"] == one["layer_tokens"]
+    assert dp2["valid_tokens"] == one["valid_tokens"]
+    assert math.isclose(dp2["valid_loss"], one["valid_loss"], rel_tol=1e-5), \
+        (dp2["valid_loss"], one["valid_loss"], dp2["last_loop_valid_loss"],
+         one["last_loop_valid_loss"])
