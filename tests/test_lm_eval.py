@@ -6,6 +6,7 @@ tools/generate_text.py's greedy output, a TP2/PP2 checkpoint against its TP1/PP1
 lm-eval's command line end to end on the local offline tasks in tests/assets/lm_eval.
 """
 
+import csv
 import io
 import json
 import os
@@ -261,3 +262,90 @@ def test_lm_eval_command_line_on_local_tasks(checkpoint, lm, tmp_path):
         multiple_choice_accuracy(lm))
     assert results["megatron_ltd_tiny_ppl"]["word_perplexity,none"] > 1
     assert 0 <= results["megatron_ltd_tiny_gen"]["exact_match,none"] <= 1
+
+
+# -- the paper's 19 zero-shot tasks (tasks/zeroshot_gpt/run_paper_tasks.py) -------------------
+
+def test_paper_tasks_are_the_19_of_the_paper():
+    from tasks.zeroshot_gpt.run_paper_tasks import PAPER_TASKS
+
+    assert [t.name for t in PAPER_TASKS] == [
+        "HellaSwag", "LAMBADA", "TriviaQA", "WebQs", "Winogrande", "PIQA", "ARC-Challenge",
+        "ARC-Easy", "OpenBookQA", "RACE-h", "BoolQ", "COPA", "RTE", "WSC", "MultiRC", "ReCoRD",
+        "ANLI-R1", "ANLI-R2", "ANLI-R3"]
+    assert len({t.lm_eval_task for t in PAPER_TASKS}) == 19
+
+
+def test_task_selection_and_mapping():
+    from tasks.zeroshot_gpt.run_paper_tasks import parse_pairs, select_tasks
+
+    chosen = select_tasks(["PIQA", "ReCoRD"], {"PIQA": "my_piqa", "ReCoRD": "my_record:em"})
+    assert [(t.name, t.lm_eval_task, t.metric) for t in chosen] == [
+        ("PIQA", "my_piqa", "acc"), ("ReCoRD", "my_record", "em")]
+    assert len(select_tasks()) == 19
+    with pytest.raises(UserError, match="Piqa: not one of the paper's tasks"):
+        select_tasks(["Piqa"])
+    with pytest.raises(UserError, match="--task-map PIQA: expected NAME=VALUE"):
+        parse_pairs(["PIQA"], "--task-map")
+    with pytest.raises(UserError, match="--checkpoint a: given twice"):
+        parse_pairs(["a=x", "a=y"], "--checkpoint")
+
+
+def test_tables_with_a_missing_task(tmp_path):
+    from tasks.zeroshot_gpt.run_paper_tasks import select_tasks, write_tables
+
+    tasks = select_tasks(["PIQA", "COPA", "RTE"])
+    scores = {"baseline": {"PIQA": (60.0, 1.5), "RTE": (50.0, 3.0)},
+              "random-ltd": {"PIQA": (62.0, 1.5), "RTE": (53.0, None)}}
+    text = write_tables(scores, tasks, {"COPA": "no local data (copa: ...)"}, str(tmp_path))
+    assert "| PIQA | piqa | acc | 60.00 ± 1.50 | 62.00 ± 1.50 |" in text
+    assert "| RTE | rte | acc | 50.00 ± 3.00 | 53.00 |" in text
+    assert "| COPA | copa | acc | no data | no data |" in text
+    assert "| **Average (2 of 3 tasks)** | | | 55.00 | 57.50 |" in text
+    assert "- COPA: no local data (copa: ...)" in text
+    rows = list(csv.DictReader(open(tmp_path / "zero_shot.csv")))
+    assert [(r["task"], r["checkpoint"], r["value"]) for r in rows if r["task"] == "Average"] \
+        == [("Average", "baseline", "55.0000"), ("Average", "random-ltd", "57.5000")]
+    assert {r["status"] for r in rows if r["task"] == "COPA"} == {"no local data (copa: ...)"}
+
+
+def test_metric_lookup():
+    from tasks.zeroshot_gpt.run_paper_tasks import metric_of, select_tasks
+
+    (piqa,) = select_tasks(["PIQA"])
+    results = {"results": {"piqa": {"acc,none": 0.5, "acc_stderr,none": 0.01,
+                                    "acc_norm,none": 0.6}}}
+    assert metric_of(results, piqa) == pytest.approx((50.0, 1.0))
+    with pytest.raises(UserError, match="no 'f1' for piqa"):
+        metric_of(results, piqa._replace(metric="f1"))
+
+
+@pytest.mark.slow
+def test_paper_task_runner_on_local_and_missing_tasks(checkpoint, lm, tmp_path):
+    missing = tmp_path / "tasks"
+    missing.mkdir()
+    (missing / "missing.yaml").write_text(
+        "task: megatron_ltd_missing\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path}/not_here.jsonl\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "tasks/zeroshot_gpt/run_paper_tasks.py", "--checkpoint",
+         f"baseline={checkpoint}", "--checkpoint", f"copy={checkpoint}", "--output-dir",
+         str(out), "--tasks", "PIQA,COPA,HellaSwag", "--task-map", "PIQA=megatron_ltd_tiny_mc",
+         "--task-map", "COPA=megatron_ltd_missing", "--include-path", ASSETS,
+         "--include-path", str(missing), "--batch-size", "4"],
+        cwd=ROOT, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "zero_shot.md").read_text()
+    acc = 100 * multiple_choice_accuracy(lm)
+    assert f"| PIQA | megatron_ltd_tiny_mc | acc | {acc:.2f} ± " in table
+    assert "| COPA | megatron_ltd_missing | acc | no data | no data |" in table
+    assert "| HellaSwag | hellaswag | acc | no data | no data |" in table
+    assert f"| **Average (1 of 3 tasks)** | | | {acc:.2f} | {acc:.2f} |" in table
+    assert "- COPA: no local data (megatron_ltd_missing: FileNotFoundError" in table
+    assert "- HellaSwag: no local data (hellaswag:" in table
+    assert "lacking HellaSwag: no local data" in proc.stdout
+    assert json.load(open(out / "lm_eval_copy.json"))["megatron_ltd_tiny_mc"]["acc,none"] == \
+        pytest.approx(acc / 100)
