@@ -28,7 +28,8 @@
 #   TEXT_DIR    the raw text files (default data/$TASK; see README "GPT causal-LM finetuning")
 #   DATA_DIR    the tokenized cache, shared by all nodes (default $TEXT_DIR/tokenized)
 #   PRETRAINED  the GPT checkpoint (default checkpoints/gpt2-medium, made by
-#               tools/convert_hf.py import from Hugging Face's gpt2-medium)
+#               tools/convert_hf.py import --make-vocab-size-divisible-by 1 from Hugging
+#               Face's gpt2-medium)
 #   METHOD      random-ltd (default) | tokenbypass | baseline
 #   LTD_START   kept tokens at the start (default 128; the paper also runs 256 and 512)
 #   FULL_AT     fraction of the run after which all tokens are kept (default: the paper's,

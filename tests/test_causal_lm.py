@@ -554,3 +554,56 @@ def test_example_under_torchrun_matches_one_process(texts, pretrained, tmp_path)
     assert math.isclose(dp2["valid_loss"], one["valid_loss"], rel_tol=1e-5), \
         (dp2["valid_loss"], one["valid_loss"], dp2["last_loop_valid_loss"],
          one["last_loop_valid_loss"])
+
+
+@pytest.mark.slow
+def test_imported_hf_gpt2_scores_as_transformers(texts, tmp_path):
+    """From a Hugging Face GPT2LMHeadModel imported by tools/convert_hf.py (unpadded vocabulary),
+    the whole-file validation loss of finetune.py (lr 0: the weights do not move) equals
+    transformers' loss on the same token stream in disjoint windows."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+    import subprocess
+    import sys
+
+    from megatron.data.indexed_dataset import IndexedDataset
+    from training_helpers import ROOT
+
+    if not os.path.isfile(os.path.join(ROOT, "tools", "convert_hf.py")):
+        pytest.skip("tools/convert_hf.py is not in this build")
+    vocab = json.load(open(VOCAB, encoding="utf-8"))
+    hf_dir = tmp_path / "hf"
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(vocab), n_positions=SEQ, n_embd=32, n_layer=LAYERS, n_head=4,
+        activation_function="gelu_new", bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(hf_dir)
+    shutil.copy(VOCAB, hf_dir / "vocab.json")
+    shutil.copy(MERGES, hf_dir / "merges.txt")
+    ckpt = tmp_path / "imported"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_hf.py"),
+                           "import", "--input", str(hf_dir), "--save", str(ckpt),
+                           "--make-vocab-size-divisible-by", "1"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = finetune.main(["--train-text", texts["ptb_train"], "--valid-text",
+                            texts["ptb_valid"], "--format", "ptb", "--pretrained-checkpoint",
+                            str(ckpt), "--save", str(tmp_path / "out"), "--data-dir",
+                            str(tmp_path / "data"), "--global-batch-size", "4",
+                            "--micro-batch-size", "2", "--train-iters", "1", "--lr", "0",
+                            "--workers", "1", "--", "--num-workers", "0", "--device", "cpu"],
+                           log=lambda *a: None)
+    assert result["seq_length"] == SEQ  # from the checkpoint (n_positions)
+    valid_prefix = result["argv"][result["argv"].index("--valid-data-path") + 1]
+    tokens = torch.from_numpy(IndexedDataset(valid_prefix).get(0).astype(np.int64))
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, SEQ):
+            window = tokens[start:start + SEQ + 1]
+            logits = model(window[:-1][None]).logits[0].double()
+            total += float(torch.nn.functional.cross_entropy(logits, window[1:],
+                                                             reduction="sum"))
+            count += len(window) - 1
+    assert count == result["valid_tokens"] - 1
+    assert math.isclose(result["valid_loss"], total / count, rel_tol=1e-5)

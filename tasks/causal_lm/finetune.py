@@ -115,7 +115,7 @@ def build_parser():
                    help="global batches per validation pass (default: the validation text "
                         "once)")
     g.add_argument("--save-interval", type=int, default=None,
-                   help="iterations between checkpoints (default: one epoch)")
+                   help="iterations between checkpoints (default: one epoch, at most 1000)")
     g.add_argument("--log-interval", type=int, default=10)
     g = p.add_argument_group("token dropping")
     g.add_argument("--random-ltd-start", type=int, default=None,
@@ -225,9 +225,14 @@ def resolve_tokenizer(opts, saved, source):
         if spec[key] is not None:
             continue
         value = getattr(saved, key, None)
-        if value is not None and not os.path.isabs(value):
-            value = os.path.join(source, value) if os.path.isfile(os.path.join(source, value)) \
-                else value
+        if value is not None and not os.path.isfile(value):
+            # a relative path, or a checkpoint moved since: the copy kept beside it
+            # (tools/convert_hf.py import copies the tokenizer files into the checkpoint)
+            for candidate in (os.path.join(source, value),
+                              os.path.join(source, os.path.basename(value))):
+                if os.path.isfile(candidate):
+                    value = candidate
+                    break
         if value is None or not os.path.isfile(value):
             where = f"names {value}, which is not here" if value else "names none"
             raise UserError(f"--{key.replace('_', '-')}: the checkpoint {source} {where}; give "
@@ -256,6 +261,11 @@ def check_vocab(spec, saved, source):
                         f"{tokenizer.vocab_size} tokens (padded {ours}) but the checkpoint "
                         f"{source} has a vocabulary of {padded}: wrong --vocab-file for this "
                         f"model?")
+    if padded > tokenizer.vocab_size:
+        print_rank_0(f" > note: {source} pads its vocabulary from {tokenizer.vocab_size} to "
+                     f"{padded} rows; their logits join the softmax (as in Megatron), so the "
+                     f"loss differs from the unpadded model's (for Hugging Face GPT-2 parity "
+                     f"import with --make-vocab-size-divisible-by 1)")
     return tokenizer
 
 
@@ -295,7 +305,7 @@ def plan(opts, train, valid, seq_length, num_layers):
            "samples_per_epoch": samples_per_epoch, "valid_samples": valid_samples,
            "eval_iters": eval_iters,
            "eval_interval": opts.eval_interval or min(iters_per_epoch, iters),
-           "save_interval": opts.save_interval or min(iters_per_epoch, iters),
+           "save_interval": opts.save_interval or min(iters_per_epoch, iters, 1000),
            "seq_length": seq_length, "num_layers": num_layers, "random_ltd": None}
     for name in ("eval_interval", "save_interval"):
         if out[name] < 1:
