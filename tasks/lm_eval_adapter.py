@@ -50,38 +50,26 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "half": torch.float16}
 
 
-def read_checkpoint(load, iteration=None):
-    """(flat full-model state dict, the checkpoint's args) of a Megatron checkpoint directory
-    saved with any tensor/pipeline-parallel layout, merged to one process."""
-    from tools.checkpoint_util import load_shards, merge
-
-    if iteration is not None:
-        raise UserError("iteration=: only the tracker's iteration can be read for now")
-    _, _, shards, tp_size, pp_size = load_shards(load)
-    args = shards[(0, 0)].get("args")
-    if args is None:
-        raise UserError(f"{load}: the checkpoint stores no args (cannot tell the model shape)")
-    for shard in shards.values():
-        shard.pop("optimizer", None)  # weights only
-    return merge(shards, tp_size, pp_size)["model"], args
-
-
-def build_model(state, args, device, dtype):
-    """A one-process GPTModel of ``args``'s shape holding ``state``, in eval mode."""
+def load_checkpoint_model(load, iteration=None):
+    """(one-process GPTModel in eval mode, fp32, the checkpoint's args) of the Megatron
+    checkpoint directory ``load``, saved with any tensor/pipeline-parallel layout (its shards
+    merged by ``megatron.checkpoint_reshard.read_full_model_state``); ``iteration``: that one
+    instead of the tracker's."""
+    from megatron.checkpoint_reshard import model_state_for_rank, read_full_model_state
+    from megatron.checkpointing import saved_model_config
     from megatron.model import GPTModel
+    from megatron.model.module import load_flat_state
+    from megatron.parallel.state import ParallelState
     from tools.generate_text import config_from_args
 
+    full, args = read_full_model_state(load, iteration, flag="load=")
+    if saved_model_config(args, load)[0] is None:  # refuses what this code cannot compute
+        raise UserError(f"load={load}: the checkpoint's args describe no GPT model")
     model = GPTModel(config_from_args(args))
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise UserError(f"the checkpoint does not match the GPT its args describe: missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}, shapes {shapes[:3]}")
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in state.items()})
-    return model.to(device=device, dtype=dtype).eval()
+    state = model_state_for_rank(full, model, ParallelState())
+    load_flat_state(model, {k: v.float() if v.is_floating_point() else v
+                            for k, v in state.items()}, load)
+    return model.eval(), args
 
 
 def resolve_dtype(dtype, args):
@@ -127,8 +115,8 @@ class MegatronLM(TemplateLM):
                 raise UserError("megatron-ltd: model_args need load=CHECKPOINT_DIR")
             from tools.generate_text import build_tokenizer_from_args
 
-            state, args = read_checkpoint(load, iteration)
-            model = build_model(state, args, self._device, resolve_dtype(dtype, args))
+            model, args = load_checkpoint_model(load, iteration)
+            model = model.to(device=self._device, dtype=resolve_dtype(dtype, args))
             tokenizer = build_tokenizer_from_args(args, vocab_file, merge_file, tokenizer_model)
             max_length = max_length or getattr(args, "seq_length", None)
         self.model, self.megatron_tokenizer = model.eval(), tokenizer
