@@ -264,8 +264,11 @@ def flag_defaults():
     global _PARSER_DEFAULTS
     if _PARSER_DEFAULTS is None:
         parser = build_parser()
-        _PARSER_DEFAULTS = {a.dest: a.default for a in parser._actions
-                            if a.dest != "help" and a.default is not argparse.SUPPRESS}
+        defaults = {}
+        for a in parser._actions:  # the first action of a dest sets its default, as argparse
+            if a.dest != "help" and a.default is not argparse.SUPPRESS:
+                defaults.setdefault(a.dest, a.default)
+        _PARSER_DEFAULTS = defaults
     return _PARSER_DEFAULTS
 
 
