@@ -4,8 +4,9 @@
 #
 #   dry_run WORLD_SIZE ENTRY FLAGS...
 #
-# which prints CMD shell-quoted on stdout (ready to paste) and, when ENTRY is pretrain_gpt.py or
-# pretrain_bert.py, checks FLAGS as every rank does at start-up for WORLD_SIZE processes:
+# which prints CMD shell-quoted on stdout (ready to paste) and, when ENTRY is pretrain_gpt.py,
+# pretrain_bert.py or tasks/main.py, checks FLAGS as every rank does at start-up for WORLD_SIZE
+# processes:
 # megatron/arguments.py (layout, batch sizes, schedules, random-LTD presets / DeepSpeed JSON)
 # and then the entry's own checks (its PROVIDER.check_args, e.g. pretrain_bert.check_args).
 # On stderr: one line saying what would run (TP x PP x DP, micro-batches, model) or why it
@@ -28,10 +29,10 @@ dry_run() {
             line+="$(printf '%q' "$arg") "; fi
     done
     echo "${line% }"
-    case "$(basename "$entry")" in
-        pretrain_gpt.py|pretrain_bert.py) ;;
-        *) echo "DRY_RUN: flags not checked (only pretrain_gpt.py's and pretrain_bert.py's" \
-                "parsers are known here)" >&2
+    case "$(basename "$(dirname "$entry")")/$(basename "$entry")" in
+        */pretrain_gpt.py|*/pretrain_bert.py|tasks/main.py) ;;
+        *) echo "DRY_RUN: flags not checked (only pretrain_gpt.py's, pretrain_bert.py's and" \
+                "tasks/main.py's parsers are known here)" >&2
            return 0 ;;
     esac
     PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" - "$world" "$entry" "$@" \
@@ -59,7 +60,10 @@ except ImportError as e:
     sys.exit(0)
 provider = getattr(module, "PROVIDER", None)
 try:
-    a = parse_args(sys.argv[3:], world_size=world)
+    if name == "main.py":  # tasks/main.py: Megatron's flags plus the task flags
+        a = module.parse_task_args(sys.argv[3:], world_size=world)
+    else:
+        a = parse_args(sys.argv[3:], world_size=world)
     if getattr(provider, "check_args", None) is not None:
         provider.check_args(a)
     cfg = random_ltd_config_from_args(a)

@@ -8,6 +8,11 @@ linear LR decay after a warmup of 6.5% of the run, weight decay 0.1, gradient cl
 hidden and attention dropout 0.1, Adam with Megatron's defaults (beta1 0.9, beta2 0.999,
 eps 1e-8); five seeds 1234-1238.
 
+Data (not shipped; tests use invented fixtures in tests/assets/tasks): GLUE's MNLI and QQP
+from https://gluebenchmark.com/tasks (the MNLI.zip / QQP-clean.zip archives, unpacked to
+<data-root>/MNLI and <data-root>/QQP), RACE from https://www.cs.cmu.edu/~glai1/data/race/
+(RACE.tar.gz, unpacked to <data-root>/RACE with train/dev/test x middle/high).
+
     from tasks.finetune_presets import task_flags
     task_flags("MNLI", "/data")  # -> ["--task", "MNLI", "--train-data", ..., "--lr", "1e-05", ...]
 """

@@ -642,3 +642,47 @@ def test_bert_large_script_spooled_by_sbatch_finds_the_root(tmp_path):
     expected = _recorded_command(tmp_path, BERT_SCRIPT, "slurm", DATA_PATH=data)
     assert _recorded_command(tmp_path, str(copy), "slurm", DATA_PATH=data,
                              SLURM_SUBMIT_DIR=ROOT) == expected
+
+
+# -- finetuning launchers (examples/finetune_{mnli,qqp,race}.sh) ------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,task,gbs,mbs", [("finetune_mnli.sh", "MNLI", 128, 8),
+                                                 ("finetune_qqp.sh", "QQP", 128, 8),
+                                                 ("finetune_race.sh", "RACE", 32, 4)])
+def test_finetune_script_dry_run_checks_every_seed(tmp_path, script, task, gbs, mbs):
+    """DRY_RUN=1 outside a job: one srun command per seed (1234-1238) with the task's preset,
+    each checked by tasks/main.py's parser for the 8 tasks of the #SBATCH lines; srun never
+    runs and the missing data and checkpoints are warnings."""
+    _stub(str(tmp_path), "srun", "exit 99\n")
+    env = _clean_env(DRY_RUN=1, LAUNCHER="slurm", PYTHON=sys.executable,
+                     CHECKPOINTS="baseline=/nowhere/bert", DATA_ROOT=str(tmp_path / "data"),
+                     PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", script)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.strip().splitlines()
+    assert len(commands) == 5 and all(c.startswith("srun --kill-on-bad-exit=1 ") for c in commands)
+    assert [c.split("--seed ")[1].split()[0] for c in commands] == [str(s) for s in
+                                                                     range(1234, 1239)]
+    assert all(f"tasks/main.py --task {task} " in c and f"--global-batch-size {gbs} " in c
+               and "--pretrained-checkpoint /nowhere/bert " in c for c in commands)
+    assert done.stderr.count(f"flags valid for 8 processes: TP 1 x PP 1 x DP 8; micro-batch "
+                             f"{mbs} x {gbs // (8 * mbs)} micro-batches") == 5
+    assert "warning:" in done.stderr and "/nowhere/bert" in done.stderr
+
+
+@pytest.mark.parametrize("env,bad", [
+    ({"TP": "3"}, "8 GPUs are not divisible by TP 3 x PP 1"),
+    ({"LAUNCHER": "torchrun", "GPUS_PER_NODE": "3"}, "global batch 128 is not divisible by DP 3"),
+    ({"CHECKPOINTS": ""}, "set CHECKPOINTS"),
+    ({"MODEL": "huge"}, "MODEL must be bert-large or checkpoint"),
+])
+def test_finetune_script_refuses_in_one_line(tmp_path, env, bad):
+    run_env = _clean_env(**{"LAUNCHER": "slurm", "PYTHON": sys.executable,
+                            "CHECKPOINTS": "a=/nowhere", **env})
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "finetune_mnli.sh")],
+                          env=run_env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("finetune_mnli.sh: ") and bad in lines[0]
