@@ -32,13 +32,13 @@ Resuming from another TP/PP layout needs ``tools/checkpoint_util.py``; weights a
 (``megatron.checkpoint_reshard``).
 
 Files from disk never run code: ``read_checkpoint_file`` unpickles with ``weights_only=True``
-and an allowlist (``argparse.Namespace``, numpy arrays for the RNG states, stand-ins for the enum
-members other Megatron code bases keep in ``args``). Checkpoints of other Megatron tools load
-too: a PP = 1 checkpoint carrying ``word_embeddings_for_head`` (ignored, as Megatron's loader
-does), args without ``seq_length``, a model-only checkpoint (no or an empty optimizer state:
-weights load for finetuning; resuming needs --no-load-optim). A checkpoint whose architecture
-this model cannot compute -- a GeLU other than the one this run computes included -- is
-refused in one line.
+and an allowlist (``argparse.Namespace``, numpy arrays for the RNG states, stand-ins for the
+objects of other Megatron code bases: enum members in ``args``, config records). Checkpoints
+of other Megatron tools load too: a PP = 1 checkpoint carrying ``word_embeddings_for_head``
+(ignored, as Megatron's loader does), args without ``seq_length``, a model-only checkpoint (no
+or an empty optimizer state: weights load for finetuning; resuming needs --no-load-optim). A
+checkpoint whose architecture this model cannot compute -- a GeLU other than the one this run
+computes included -- is refused in one line.
 """
 
 import argparse
@@ -115,30 +115,38 @@ def read_tracker(root):
     return iteration, False
 
 
-class ForeignEnum:
-    """Stand-in for an enum member another Megatron code base keeps in a checkpoint's ``args``
-    (``megatron.core.enums.ModelType.encoder_or_decoder`` and the like): holds the saved value,
-    runs no code."""
+class ForeignObject:
+    """Stand-in for an object of another Megatron code base in a checkpoint -- an enum member
+    in ``args`` (``megatron.core.enums.ModelType.encoder_or_decoder``), a config dataclass
+    (``megatron.core.optimizer.OptimizerConfig``), a rerun-state record: it keeps what was saved
+    (``value``: the enum's value; a dataclass's fields as attributes) and runs no code."""
 
     def __init__(self, *value):
         self.value = value[0] if len(value) == 1 else value
 
     def __repr__(self):
-        return f"ForeignEnum({self.value!r})"
+        return f"ForeignObject({vars(self)!r})"
 
     def __eq__(self, other):
-        return isinstance(other, ForeignEnum) and other.value == self.value
+        return isinstance(other, ForeignObject) and vars(other) == vars(self)
 
     def __hash__(self):
-        return hash(repr(self.value))
+        return hash(repr(sorted(vars(self).items(), key=lambda kv: kv[0])))
 
 
-_FOREIGN_ENUM = re.compile(r"^megatron\.([A-Za-z_]\w*\.)*enums\.[A-Za-z_]\w*$")
+_FOREIGN = re.compile(r"^megatron\.[A-Za-z_][\w.]*$")  # Megatron-LM / megatron-core classes
 
 
 def _allowed_globals():
-    """What a checkpoint may hold beyond tensors and plain containers: the args Namespace and
-    the numpy arrays of the saved RNG states (numpy 1 and 2 module names)."""
+    """What a checkpoint may hold beyond tensors and plain containers: the args Namespace, the
+    numpy arrays of the saved RNG states (numpy 1 and 2 module names), and the harmless
+    standard types megatron-core's own allowlist names (SimpleNamespace, PosixPath, Signals,
+    BytesIO)."""
+    import io
+    import pathlib
+    import signal
+    import types
+
     import numpy as np
 
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") \
@@ -147,15 +155,17 @@ def _allowed_globals():
     dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64,
                                           np.uint8, np.uint16, np.uint32, np.uint64,
                                           np.float16, np.float32, np.float64)}
-    allowed = [argparse.Namespace, np.ndarray, np.dtype, reconstruct, scalar, *dtypes]
+    allowed = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals,
+               io.BytesIO, np.ndarray, np.dtype, reconstruct, scalar, *dtypes]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed += [(reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
     return allowed
 
 
 def _checkpoint_globals(path):
-    """The allowlist for ``path``: ``_allowed_globals`` plus a ``ForeignEnum`` stand-in for each
-    ``megatron....enums.X`` the file names. Another class is a one-line UserError."""
+    """The allowlist for ``path``: ``_allowed_globals`` plus a ``ForeignObject`` stand-in for
+    each ``megatron.*`` class the file names (one torch does not already allow). Anything else
+    is a one-line UserError."""
     allowed = _allowed_globals()
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -166,11 +176,11 @@ def _checkpoint_globals(path):
     for name in names:
         if name in known:
             continue
-        if not _FOREIGN_ENUM.match(name):
+        if not _FOREIGN.match(name):
             raise UserError(f"cannot read checkpoint {path}: it holds a {name} object, which is "
                             "not on the allowlist of checkpoint contents (files from disk never "
                             "run code)")
-        allowed.append((ForeignEnum, name))
+        allowed.append((ForeignObject, name))
     return allowed
 
 

@@ -2,6 +2,7 @@
 with the previous checkpoint intact, another TP/PP layout is named on load."""
 
 import argparse
+import dataclasses
 import errno
 import os
 import subprocess
@@ -413,39 +414,56 @@ class _Payload:
         return (open, (self.target, "w"))
 
 
-def test_checkpoint_files_never_run_code(tmp_path):
-    """weights_only unpickling with an allowlist: the enum members of other Megatron code bases
-    in args load as stand-ins; any other object is refused in one line, without running."""
-    import enum
+def _foreign_module(name, **classes):
+    """A module of another Megatron code base, registered while pickling only."""
     import types
 
-    from megatron.checkpointing import ForeignEnum, read_checkpoint_file
+    module = types.ModuleType(name)
+    for qualname, cls in classes.items():
+        cls.__module__, cls.__qualname__ = name, qualname
+        setattr(module, qualname, cls)
+    return module
 
-    root = str(tmp_path / "ckpt")
-    _save(root, 2)
-    module = types.ModuleType("megatron.core.enums")
+
+def test_checkpoint_files_never_run_code(tmp_path):
+    """weights_only unpickling with an allowlist: objects of other Megatron code bases in args
+    (an enum member, a config dataclass) load as stand-ins; any other object is refused in one
+    line, without running."""
+    import enum
+
+    from megatron.checkpointing import ForeignObject, read_checkpoint_file
 
     class ModelType(enum.Enum):
         encoder_or_decoder = 1
 
-    ModelType.__module__, ModelType.__qualname__ = module.__name__, "ModelType"
-    module.ModelType = ModelType
-    saved_modules = {k: sys.modules.get(k) for k in ("megatron.core", "megatron.core.enums")}
-    sys.modules.update({"megatron.core": types.ModuleType("megatron.core"),
-                        "megatron.core.enums": module})
+    @dataclasses.dataclass
+    class OptimizerConfig:
+        lr: float = 0.1
+
+    modules = {"megatron.other_code": _foreign_module("megatron.other_code"),
+               "megatron.other_code.enums": _foreign_module("megatron.other_code.enums",
+                                                            ModelType=ModelType),
+               "megatron.other_code.config": _foreign_module("megatron.other_code.config",
+                                                             OptimizerConfig=OptimizerConfig)}
+    root = str(tmp_path / "ckpt")
+    _save(root, 2)
+    saved_modules = {k: sys.modules.get(k) for k in modules}
+    sys.modules.update(modules)
     try:
-        path = _rewrite(root, 2, lambda c: setattr(c["args"], "model_type",
-                                                   ModelType.encoder_or_decoder))
+        path = _rewrite(root, 2, lambda c: vars(c["args"]).update(
+            model_type=ModelType.encoder_or_decoder, optimizer_config=OptimizerConfig(0.5)))
     finally:
         for name, value in saved_modules.items():
             if value is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = value
-    assert read_checkpoint_file(path)["args"].model_type == ForeignEnum(1)
+    args = read_checkpoint_file(path)["args"]
+    assert args.model_type == ForeignObject(1) and args.optimizer_config.lr == 0.5
     load_checkpoint(_args(root), _model(), _optimizer(_model()), _Sched(), log=lambda *_: None)
-    target = tmp_path / "ran"
-    _rewrite(root, 2, lambda c: c.update(extra=_Payload(str(target))))
+    target, root = tmp_path / "ran", str(tmp_path / "payload")
+    _save(root, 2)
+    path = _rewrite(root, 2, lambda c: c.update(extra=_Payload(str(target))))
     with pytest.raises(UserError, match=f"cannot read checkpoint {path}: it holds a "
                                         "io.open object, which is not on the allowlist"):
         load_checkpoint(_args(root), _model(), _optimizer(_model()), _Sched(),
