@@ -18,6 +18,7 @@ import torch
 from megatron.errors import UserError
 from tasks.causal_lm import data as text_data
 from tasks.causal_lm import finetune, layer_sweep
+from test_examples import _clean_env
 from training_helpers import MERGES, VOCAB, gpt_argv, run
 
 TOKENIZER = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": VOCAB, "merge_file": MERGES,
@@ -479,15 +480,6 @@ def test_layer_sweep_bad_inputs(texts, pretrained, tmp_path):
 # examples/finetune_gpt_causal_lm.sh
 
 
-def _script_env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                      "MASTER_ADDR", "MASTER_PORT",
-                                                      "GPUS_PER_NODE")}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def test_example_dry_run():
     import subprocess
 
@@ -495,7 +487,7 @@ def test_example_dry_run():
 
     script = os.path.join(ROOT, "examples", "finetune_gpt_causal_lm.sh")
     done = subprocess.run(["bash", script, "--epochs", "3", "--", "--log-interval", "5"],
-                          env=_script_env(DRY_RUN=1, LAUNCHER="torchrun", GPUS_PER_NODE=8,
+                          env=_clean_env(DRY_RUN=1, LAUNCHER="torchrun", GPUS_PER_NODE=8,
                                           TASK="wikitext103", LTD_START=256),
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -511,7 +503,7 @@ def test_example_dry_run():
     assert own[len(own) - 1 - own[::-1].index("--epochs") + 1] == "3"  # the caller's wins
     assert extra == ["--log-interval", "5"]
     assert "not found: data/wikitext103/wiki.train.raw" in done.stderr  # a warning in DRY_RUN
-    bad = subprocess.run(["bash", script], env=_script_env(METHOD="sparse"),
+    bad = subprocess.run(["bash", script], env=_clean_env(METHOD="sparse"),
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "METHOD=sparse: expected" in bad.stderr
 
@@ -536,7 +528,7 @@ def test_example_under_torchrun_matches_one_process(texts, pretrained, tmp_path)
              "--hidden-dropout", "0", "--attention-dropout", "0"]  # dropout streams per rank
     done = subprocess.run(
         ["bash", os.path.join(ROOT, "examples", "finetune_gpt_causal_lm.sh"), *flags],
-        env=_script_env(LAUNCHER="torchrun", GPUS_PER_NODE=2, MASTER_PORT=free_port(),
+        env=_clean_env(LAUNCHER="torchrun", GPUS_PER_NODE=2, MASTER_PORT=free_port(),
                         PYTHON=sys.executable, TEXT_DIR=text_dir, PRETRAINED=pretrained,
                         SAVE=tmp_path / "dp2", MICRO_BATCH=2, LTD_START=8, OMP_NUM_THREADS=1),
         capture_output=True, text=True, timeout=300)

@@ -209,15 +209,17 @@ def cache_entry(path, fmt, tokenizer, data_dir):
     return name + "_text_document", name + ".json", key
 
 
-def _read_marker(marker):
+def read_json(path):
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
     try:
-        with open(marker, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
 
 
-def _write_json(path, obj):
+def write_json(path, obj):
+    """Write ``obj`` to ``path`` through a temporary file renamed when complete."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
@@ -226,7 +228,7 @@ def _write_json(path, obj):
 
 
 def _cached(prefix, marker, key):
-    meta = _read_marker(marker)
+    meta = read_json(marker)
     if meta is None or meta.get("key") != key:
         return None
     if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")):
@@ -358,7 +360,7 @@ def prepare_text(path, fmt, data_dir, tokenizer, *, workers=1, flag="--input", l
                         f"evaluate on")
     meta = {"key": key, "prefix": prefix, "tokens": tokens, "rows": rows, "nonempty_rows": kept,
             "words": words, "seconds": round(time.time() - start, 3)}
-    _write_json(marker, meta)  # last: marks a complete entry
+    write_json(marker, meta)  # last: marks a complete entry
     log(f" > {flag} {path}: {rows} rows, {tokens} tokens -> {prefix} "
         f"({time.time() - start:.1f} s)")
     return PreparedText(prefix, tokens, rows, words, False, meta)
@@ -400,7 +402,7 @@ def prepare_on_rank0(path, fmt, data_dir, tokenizer, *, workers=1, flag="--input
         except BaseException as err:
             message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
             try:
-                _write_json(failed, {"launch": launch_id(), "error": message})
+                write_json(failed, {"launch": launch_id(), "error": message})
             except OSError:
                 pass
             raise
@@ -409,7 +411,7 @@ def prepare_on_rank0(path, fmt, data_dir, tokenizer, *, workers=1, flag="--input
         hit = _cached(prefix, marker, key)
         if hit is not None:
             return hit
-        info = _read_marker(failed)
+        info = read_json(failed)
         if info is not None and info.get("launch") == launch_id():
             raise UserError(f"rank 0 failed to prepare {flag} {path}: {info.get('error')}")
         if time.time() > deadline:

@@ -43,7 +43,6 @@ layer tokens, final validation loss and perplexity).
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import re
@@ -404,11 +403,8 @@ def settings_of(opts, extra, run):
 
 
 def check_settings(opts, settings):
-    path = os.path.join(opts.save, SETTINGS_FILE)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            old = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    old = text_data.read_json(os.path.join(opts.save, SETTINGS_FILE))
+    if old is None:
         return
     ignore = {"extra", "pretrained_checkpoint"}  # --exit-interval & co may change on resume
     diff = [k for k in settings if k not in ignore and old.get(k) != settings[k]]
@@ -449,14 +445,6 @@ def evaluate_stream(args, step, tokenizer, tokens, words, stride, log,
 
 # ---------------------------------------------------------------------------------------------
 # main
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _last_logged(lines, pattern):
@@ -505,7 +493,7 @@ def main(argv=None, log=None):
         check_settings(opts, settings)
     elif rank == 0:
         os.makedirs(opts.save, exist_ok=True)
-        _write_json(os.path.join(opts.save, SETTINGS_FILE), settings)
+        text_data.write_json(os.path.join(opts.save, SETTINGS_FILE), settings)
     argv = pretrain_argv(opts, extra, spec, train, valid, run, resume)
     ltd = run["random_ltd"]
     keep(f" > causal-LM finetuning: {train.tokens} train tokens ({run['samples_per_epoch']} "
@@ -579,7 +567,7 @@ def main(argv=None, log=None):
                        "valid_word_ppl": metrics["adjusted ppl"],
                        "eval_stride": metrics["stride"], "eval_windows": metrics["windows"]})
     if rank == 0:
-        _write_json(os.path.join(opts.save, RESULT_FILE), record)
+        text_data.write_json(os.path.join(opts.save, RESULT_FILE), record)
     keep(f"finetune {opts.format}: {state.iteration} iterations, {train.tokens} train tokens, "
          f"{record['layer_tokens']} layer tokens ({100 * record['layer_token_saving']:.1f}% "
          f"saved)" + (f", valid loss {record['valid_loss']:.4f} ppl {record['valid_ppl']:.2f} "

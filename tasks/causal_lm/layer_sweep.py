@@ -23,7 +23,6 @@ when it is not installed). --quick (tests, smoke checks): 4 iterations, no in-lo
 import argparse
 import concurrent.futures
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -117,22 +116,6 @@ def sweep_runs(opts, num_layers, kept):
     return runs
 
 
-def _read_json(path):
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run_one(name, command, run_dir, env):
     """One finetune.py run in a subprocess (log in ``<run_dir>.log``); its result dict."""
     log_path = run_dir + ".log"
@@ -141,7 +124,7 @@ def run_one(name, command, run_dir, env):
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    result = _read_json(os.path.join(run_dir, finetune.RESULT_FILE))
+    result = text_data.read_json(os.path.join(run_dir, finetune.RESULT_FILE))
     if code != 0 or result is None or not result.get("finished"):
         tail = ""
         try:
@@ -193,7 +176,7 @@ def write_outputs(out_dir, settings, rows, summary, log=print):
     plot, note = plot_curve(os.path.join(out_dir, "layer_sweep.png"), settings, rows)
     if note:
         log(f" > {note}")
-    _write_json(os.path.join(out_dir, "layer_sweep.json"),
+    text_data.write_json(os.path.join(out_dir, "layer_sweep.json"),
                 {"settings": settings, "rows": rows, "summary": summary, "plot": plot,
                  "plot_note": note})
     return csv_path
@@ -277,12 +260,12 @@ def main(argv=None, log=print):
         if extra:
             command += ["--", *extra]
         stamp = os.path.join(opts.output_dir, "runs", f"{name}.{COMMAND_FILE}")
-        previous = _read_json(stamp)
+        previous = text_data.read_json(stamp)
         if previous is not None and previous.get("command") != command[1:]:
             raise UserError(f"--output-dir {opts.output_dir}: run {name} was made with other "
                             f"settings ({stamp}); use another --output-dir or remove it")
-        _write_json(stamp, {"command": command[1:]})
-        done = _read_json(os.path.join(run_dir, finetune.RESULT_FILE))
+        text_data.write_json(stamp, {"command": command[1:]})
+        done = text_data.read_json(os.path.join(run_dir, finetune.RESULT_FILE))
         if done is not None and done.get("finished"):
             log(f" > {name}: finished before, skipped (valid loss {done['valid_loss']:.4f})")
             done.setdefault("wall_s", None)
