@@ -409,6 +409,8 @@ def test_finetune_bad_inputs(texts, pretrained, tmp_path):
     assert "--random-ltd-full-at needs --random-ltd-start" in err("--random-ltd-full-at", "0.5")
     assert "--random-ltd-start 64 must be in [1, the sequence length 32]" in \
         err("--random-ltd-start", "64")
+    assert "--random-ltd-step 16 must be in [1, --random-ltd-start 8]" in \
+        err("--random-ltd-start", "8")
     assert "--global-batch-size 4 must be a positive multiple of --micro-batch-size 3" in \
         err("--micro-batch-size", "3")
     # the data: wrong --format for the file

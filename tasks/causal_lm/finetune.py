@@ -329,6 +329,11 @@ def plan(opts, train, valid, seq_length, num_layers):
             raise UserError(f"--random-ltd-start {opts.random_ltd_start} must be in [1, the "
                             f"sequence length {seq_length}]")
         ltd["schedule"] = opts.random_ltd_schedule
+        if opts.random_ltd_schedule == "fixed_linear" and \
+                not 0 < opts.random_ltd_step <= opts.random_ltd_start:
+            raise UserError(f"--random-ltd-step {opts.random_ltd_step} must be in [1, "
+                            f"--random-ltd-start {opts.random_ltd_start}] (kept lengths are "
+                            f"rounded down to a multiple of it)")
         if opts.random_ltd_schedule == "fixed_linear":
             full_at = opts.random_ltd_full_at if opts.random_ltd_full_at is not None \
                 else DEFAULT_FULL_AT[opts.format]
