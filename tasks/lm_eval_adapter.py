@@ -95,6 +95,29 @@ def resolve_device(device):
     return torch.device(device)
 
 
+class _Row:
+    """One model row: a prefix then branches; ``asks``: (request index, target ids, the row
+    positions whose logits predict them)."""
+
+    def __init__(self, prefix):
+        self.prefix_length = len(prefix)
+        self.tokens = list(prefix)
+        self.positions = list(range(len(prefix)))
+        self.segments = []  # (start, length) of each branch
+        self.asks = []
+
+    def add(self, branch, asks):
+        """Append ``branch`` (at the positions that follow the prefix) for ``asks`` [(request
+        index, target ids)]: the prefix's last position predicts each first target, the
+        branch's tokens the rest."""
+        start = len(self.tokens)
+        self.tokens += branch
+        self.positions += range(self.prefix_length, self.prefix_length + len(branch))
+        self.segments.append((start, len(branch)))
+        cols = [self.prefix_length - 1] + list(range(start, start + len(branch)))
+        self.asks += [(index, target, cols) for index, target in asks]
+
+
 class MegatronLM(TemplateLM):
     """lm-eval model over a Megatron GPT checkpoint (see the module docstring)."""
 
@@ -165,44 +188,99 @@ class MegatronLM(TemplateLM):
         return self.model.language_model(tokens, self.model.default_position_ids(tokens))
 
     def _logits_at(self, hidden, rows, cols):
-        """fp32 logits [n, V] over the real vocabulary at positions (rows[i], cols[i])."""
+        """fp32 logits [n, V] over the real vocabulary at positions (rows[i], cols[i]): the
+        output matrix's padding rows are left out of the product (one process, no tensor
+        parallelism: the head is a plain matmul)."""
         picked = hidden[rows, cols]  # [n, h]
-        return self.model.lm_logits(picked[None])[0, :, :self.vocab_size].float()
+        weight = self.model.shared_embedding_or_output_weight()[:self.vocab_size]  # [V, h]
+        return F.linear(picked, weight).float()
 
-    def _pad(self, rows, length):
-        """Token lists -> [b, length] long tensor, right-padded with the EOT id."""
-        batch = torch.full((len(rows), length), self.eot_token_id, dtype=torch.long)
+    def _pad(self, rows, length, value=None):
+        """Int lists -> [b, length] long tensor, right-padded with ``value`` (the EOT id)."""
+        value = self.eot_token_id if value is None else value
+        batch = torch.full((len(rows), length), value, dtype=torch.long)
         for i, row in enumerate(rows):
             batch[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
         return batch.to(self.device)
 
     # -- loglikelihood --------------------------------------------------------------------------
 
-    def _inputs(self, context_enc, continuation_enc):
-        """The model input ids (a tuple) of one request: context + continuation without its
-        last token, left-truncated to ``max_length`` tokens as HFLM does."""
+    def _split(self, context_enc, continuation_enc):
+        """(prefix, branch) of one request, left-truncated to ``max_length`` + 1 tokens as
+        HFLM does: the model reads prefix + branch; the prefix's last position predicts the
+        continuation's first token, the branch (continuation without its last token) the
+        others."""
         if not continuation_enc or not context_enc:
             raise ValueError("loglikelihood requests need a context and a continuation")
-        if len(continuation_enc) > self.max_length:
-            raise UserError(f"megatron-ltd: a continuation of {len(continuation_enc)} tokens is "
-                            f"longer than max_length {self.max_length}")
+        n = len(continuation_enc)
+        if n > self.max_length:
+            raise UserError(f"megatron-ltd: a continuation of {n} tokens is longer than "
+                            f"max_length {self.max_length}")
         whole = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
-        return tuple(whole[:-1])
+        return tuple(whole[:len(whole) - n]), tuple(whole[len(whole) - n:-1])
+
+    @property
+    def _can_pack(self):
+        """Several continuations share one row only with learned absolute positions (rope
+        rotates by the index in the row, so a packed branch would sit at the wrong place)."""
+        return self.model.config.position_embedding_type != "rope"
+
+    def _rows(self, requests):
+        """Model rows for ``requests`` [(key, context ids, continuation ids)], longest first.
+
+        Requests with the same prefix (the options of a multiple-choice question) share one
+        row: the prefix once, then each distinct branch, every branch attending to the prefix
+        and to itself only, at the positions it would have alone. Requests with the same
+        prefix and branch (duplicates, one-token options) share the branch too. A row holds
+        at most ``2 * max_length`` tokens."""
+        packs = {}
+        for index, (_, context_enc, continuation_enc) in enumerate(requests):
+            prefix, branch = self._split(context_enc, continuation_enc)
+            key = (prefix,) if self._can_pack else (prefix, branch)
+            packs.setdefault(key, {}).setdefault(branch, []).append(
+                (index, list(continuation_enc)))
+        rows = []
+        for (prefix, *_), branches in packs.items():
+            row = _Row(prefix)
+            for branch, asks in branches.items():
+                if row.segments and len(row.tokens) + len(branch) > 2 * self.max_length:
+                    rows.append(row)
+                    row = _Row(prefix)
+                row.add(branch, asks)
+            rows.append(row)
+        return sorted(rows, key=lambda r: (-len(r.tokens), r.tokens))
+
+    def _attention_mask(self, rows, length):
+        """Boolean [b, 1, s, s] mask (True = masked) keeping each branch to the prefix and
+        itself, or None when no row holds two branches (plain causal attention)."""
+        if all(len(row.segments) < 2 for row in rows):
+            return None
+        segment = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, row in enumerate(rows):
+            for k, (start, n) in enumerate(row.segments):
+                segment[i, start:start + n] = k + 1
+        segment = segment.to(self.device)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril_()
+        keys, queries = segment[:, None, :], segment[:, :, None]
+        allowed = causal & ((keys == 0) | (keys == queries))  # [b, s, s]
+        return ~allowed[:, None]
 
     def _score_rows(self, rows):
-        """Score one batch. ``rows``: [(input ids, [(request index, continuation ids)])] ->
-        {request index: (sum of log-probabilities, every token greedy)}."""
-        tokens = self._pad([inp for inp, _ in rows], max(len(inp) for inp, _ in rows))
+        """Score one batch of ``_Row``s -> {request index: (sum of log-probabilities, every
+        token greedy)}."""
+        length = max(len(row.tokens) for row in rows)
+        tokens = self._pad([row.tokens for row in rows], length)
+        positions = self._pad([row.positions for row in rows], length, value=0)
         row_ids, col_ids, targets, owners = [], [], [], []
-        for r, (inp, asks) in enumerate(rows):
-            for index, cont in asks:
-                n = len(cont)
-                row_ids += [r] * n
-                col_ids += range(len(inp) - n, len(inp))
-                targets += cont
-                owners.append((index, n))
+        for r, row in enumerate(rows):
+            for index, target, cols in row.asks:
+                row_ids += [r] * len(cols)
+                col_ids += cols
+                targets += target
+                owners.append((index, len(cols)))
         with torch.inference_mode():
-            hidden = self._hidden(tokens)
+            hidden = self.model.language_model(tokens, positions,
+                                               self._attention_mask(rows, length))
             logits = self._logits_at(hidden, torch.tensor(row_ids, device=self.device),
                                      torch.tensor(col_ids, device=self.device))
             target = torch.tensor(targets, device=self.device)
@@ -216,26 +294,21 @@ class MegatronLM(TemplateLM):
         return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm=False, override_bs=None):
-        """[(cache key or None, context ids, continuation ids)] -> [(log-likelihood, greedy)].
-        Requests with the same model input share a row; rows go longest first in batches of
-        ``batch_size``."""
-        grouped = {}
-        for index, (_, context_enc, continuation_enc) in enumerate(requests):
-            inp = self._inputs(context_enc, continuation_enc)
-            grouped.setdefault(inp, []).append((index, list(continuation_enc)))
-        ordered = sorted(grouped.items(), key=lambda item: (-len(item[0]), item[0]))
+        """[(cache key or None, context ids, continuation ids)] -> [(log-likelihood, greedy)],
+        rows (``_rows``) scored ``batch_size`` at a time."""
+        rows = self._rows(requests)
         batch_size = override_bs or self.batch_size
         results = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests")
-        for start in range(0, len(ordered), batch_size):
-            batch = ordered[start:start + batch_size]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
             for index, answer in self._score_rows(batch).items():
                 results[index] = answer
                 key = requests[index][0]
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
-            bar.update(sum(len(asks) for _, asks in batch))
+            bar.update(sum(len(row.asks) for row in batch))
         bar.close()
         return results
 

@@ -35,6 +35,7 @@ PAIRS = [("The harbour light was", " first lit in spring"),
          ("Marsh orchids grow in", " wet meadows"),
          ("Marsh orchids grow in", " dry"),  # one-token options sharing a context
          ("Marsh orchids grow in", " wet"),
+         ("Marsh orchids grow in", " damp ground beside slow rivers"),  # two long branches
          ("A", " b c d e f g h i j k l m n o p q r s t u v w x y z and more words here"),
          ("The harbour light was", " first lit in spring")]  # a duplicate
 
