@@ -426,6 +426,22 @@ def _add_training_args(parser):
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="Exit (after saving) once training has run this many minutes.")
     g.add_argument("--skip-train", action="store_true", help="Only evaluate.")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="On SIGTERM (or --exit-signal) save a checkpoint at the end of the "
+                        "current iteration on every rank and exit 0; SIGINT the same after one "
+                        "Ctrl-C, at once after a second.")
+    g.add_argument("--exit-signal", default="SIGTERM",
+                   help="The signal --exit-signal-handler catches besides SIGINT (e.g. SIGUSR1, "
+                        "as `sbatch --signal=USR1@120` sends); SIGTERM is always caught.")
+    g.add_argument("--check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_true", default=True,
+                   help="Stop with an error at an iteration whose loss or gradient norm is not "
+                        "finite (fp16's skipped steps excepted); never save such a state "
+                        "(default on).")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false")
+    g.add_argument("--max-consecutive-skipped", type=int, default=100,
+                   help="Stop a fp16 run whose loss scaler skipped this many steps in a row.")
     g.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     g.add_argument("--dataloader-type", default="single", choices=["single", "cyclic"])
     g.add_argument("--device", default=None,
@@ -471,6 +487,11 @@ def _add_checkpointing_args(parser):
     g.add_argument("--finetune", action="store_true",
                    help="Load model weights only and start from iteration 0.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
+    g.add_argument("--unsafe-load-checkpoint", action="store_true",
+                   help="Unpickle checkpoint files without the allowlist (weights_only=False): "
+                        "runs whatever code the file holds; only for files you trust.")
+    g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="Skip the size and checksum check of each checkpoint file on load.")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="Take the model's shape and tokenizer from the --load (or "
                         "--pretrained-checkpoint) checkpoint's args where not given here.")
@@ -507,6 +528,9 @@ def _add_distributed_args(parser):
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
                    help="Default: nccl on GPU, gloo on CPU.")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="Bound on every collective and point-to-point wait: a frozen or dead "
+                        "peer ends every rank with an error after this long.")
 
 
 def _add_validation_args(parser):
