@@ -18,11 +18,14 @@ per forward), ``dtype`` (float32, bfloat16, float16, or auto: the checkpoint's),
 --seq-length), ``max_gen_toks`` (256). One process; the model runs in eval mode (no dropout,
 no token dropping).
 
-Scoring (``_loglikelihood_tokens``): requests sorted by length (longest first, as HFLM), one row
-per distinct input sequence (identical requests, and multiple-choice options of one token that
-share ``context + continuation[:-1]``, share a row), right-padded rows (causal attention: the
-padding never reaches a real position), and the LM head and the fp32 log-softmax only at the
-continuation positions over the real vocabulary (padded vocabulary entries are not tokens).
+Scoring (``_loglikelihood_tokens``): requests that share a context (the options of a
+multiple-choice question) share one row: the context once, then each distinct continuation
+(without its last token) as a branch that attends to the context and to itself only, at the
+positions it would have alone (learned absolute positions; with rope every request keeps its
+own row). Identical requests share a branch. Rows go longest first, right-padded (causal
+attention: padding never reaches a real position), and the LM head and the fp32 log-softmax run
+only at the continuation positions over the real vocabulary (padded vocabulary entries are not
+tokens).
 Generation (``generate_until``) is a batched loop (greedy, or sampled when ``do_sample``) that
 stops at the stop sequences or the end-of-document token.
 """
