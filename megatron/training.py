@@ -25,6 +25,7 @@ works and means a GPT-like provider.
 import argparse
 import dataclasses
 import math
+import signal
 import time
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ import torch
 
 from megatron.arguments import params_torch_dtype, parse_args
 from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, save_checkpoint
+from megatron.dist_signal_handler import DistributedSignalHandler, exit_signals
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
@@ -39,7 +41,8 @@ from megatron.parallel.data_parallel import (allreduce_gradients, attach_main_gr
                                              is_data_parallel, no_sync_factory,
                                              wrap_data_parallel, zero_main_grads)
 from megatron.parallel.initialize import (build_parallel_state, comm_device,
-                                          init_process_group, read_distributed_env)
+                                          communication_failure, init_process_group,
+                                          read_distributed_env)
 from megatron.parallel.layers import allreduce_sequence_parallel_grads
 from megatron.parallel.pipeline_utils import allreduce_embedding_grads, initialize_embedding_tie
 from megatron.parallel.random import build_rng_tracker
@@ -134,23 +137,38 @@ def build_tokenizer_from_args(args, log=print_rank_0):
 
 
 def run_pretraining(args, provider, log=print_rank_0):
+    """Set up, train, evaluate; ``provider`` is a ``Provider``.
+
+    With --exit-signal-handler the whole run (setup included) records SIGTERM / --exit-signal /
+    SIGINT, which the loop honours at the next iteration's end. A collective or point-to-point
+    wait that outlives --distributed-timeout-minutes, or a peer that died, ends this rank with
+    one line (a UserError) instead of a hang or a gloo traceback."""
     start_time = time.time()
+    handler = DistributedSignalHandler(exit_signals(args) or ())
     env = read_distributed_env()
     started_here = env.world_size > 1 and not torch.distributed.is_initialized()
-    if started_here:
-        init_process_group(env, args.distributed_backend)
+    timeout = args.distributed_timeout_minutes
     try:
-        return _run_pretraining(args, provider, log, start_time)
-    finally:
         if started_here:
+            init_process_group(env, args.distributed_backend, timeout_minutes=timeout)
+        with handler:
+            return _run_pretraining(args, provider, log, start_time, handler)
+    except RuntimeError as err:
+        failure = communication_failure(err, timeout, env.rank, env.world_size)
+        if failure is None:
+            raise
+        raise UserError(failure) from None
+    finally:
+        if started_here and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _run_pretraining(args, provider, log, start_time):
+def _run_pretraining(args, provider, log, start_time, signal_handler=None):
     device = select_device(args.device)
     args.device = str(device)
     parallel = build_parallel_state(args.tensor_model_parallel_size,
-                                    args.pipeline_model_parallel_size)
+                                    args.pipeline_model_parallel_size,
+                                    timeout_minutes=args.distributed_timeout_minutes)
     # As Megatron (_set_random_seed): every pipeline stage gets its own seed, seed + 100 * pp,
     # for the default generator and the tracker (different dropout streams per stage);
     # tensor-parallel ranks share the default one, so replicated regions drop the same units.
@@ -212,7 +230,8 @@ def _run_pretraining(args, provider, log, start_time):
         if not args.skip_train and state.iteration < args.train_iters:
             exited = train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger,
                            start_time, log, flops_per_sample=provider.flops_per_sample,
-                           after_iteration=provider.after_iteration)
+                           after_iteration=provider.after_iteration,
+                           signal_handler=signal_handler)
         if not exited and provider.after_training is not None:
             provider.after_training(args, state, step, log)
         # As Megatron: --exit-interval / --exit-duration-in-mins end the program after the
@@ -555,13 +574,17 @@ def reduce_loss_dicts(reported, parallel):
     return _broadcast_along_pipeline(losses, parallel)
 
 
-def agree_to_stop(stop, parallel):
-    """Every rank stops together (a wall-clock limit may trip on one rank first)."""
+def agree_on_exit(stop, signum, parallel):
+    """(stop, signal) agreed by every rank in one tiny all-reduce (MAX) over the world:
+    ``stop`` is true where any rank wants to stop (a wall-clock limit may trip on one rank
+    first); ``signal`` the largest signal number any rank's --exit-signal-handler recorded
+    (None: none), so every rank saves and exits at the same iteration."""
     if parallel.world_size == 1:
-        return stop
-    flag = torch.tensor([1 if stop else 0], dtype=torch.int32, device=comm_device())
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
+        return stop, signum
+    flags = torch.tensor([int(stop), int(signum or 0)], dtype=torch.int32, device=comm_device())
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    stop, signum = (int(v) for v in flags.tolist())
+    return bool(stop), signum or None
 
 
 def run_evaluation(args, state, step, data_iterator, logger, prefix, ltd=None,
@@ -606,19 +629,67 @@ def _should_exit(args, state, start_time):
     return False, ""
 
 
-def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log,
-          flops_per_sample=transformer_flops_per_sample, after_iteration=None):
-    """Run iterations until --train-iters or another stop condition; save as requested.
-    ``after_iteration``: the provider's hook (``Provider.after_iteration``).
+def check_step_is_finite(args, iteration, losses, update_successful, grad_norm, skipped_in_row):
+    """--check-for-nan-in-loss-and-grad and --max-consecutive-skipped after a training step.
 
-    Returns True when --exit-interval or --exit-duration-in-mins ended training (the caller
-    then skips the end-of-training evaluations, as Megatron's ``sys.exit()`` does)."""
+    A non-finite loss (already reduced, the same on every rank) or gradient norm (reduced over
+    the model-parallel group; None where --clip-grad 0 computes none) stops the run with one
+    line, before anything can save that state. A step the fp16 loss scaler skipped is not an
+    error (its overflow is what the scaler is for), but --max-consecutive-skipped of them in a
+    row is: the scaler has stopped finding a scale that works. Returns the new count of skips
+    in a row."""
+    if not update_successful:
+        skipped_in_row += 1
+        limit = args.max_consecutive_skipped
+        if limit and limit > 0 and skipped_in_row >= limit:
+            raise UserError(f"iteration {iteration}: the fp16 loss scaler skipped {skipped_in_row} "
+                            f"steps in a row (--max-consecutive-skipped {limit}): the gradients "
+                            f"overflow at every scale; lower --lr or train in bf16")
+        return skipped_in_row
+    if args.check_for_nan_in_loss_and_grad:
+        bad = [f"{name} {value}" for name, value in losses.items() if not math.isfinite(value)]
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            bad.append(f"grad norm {grad_norm}")
+        if bad:
+            raise UserError(f"iteration {iteration}: {', '.join(bad)} is not finite; stopped "
+                            f"without saving this state (--check-for-nan-in-loss-and-grad; the "
+                            f"last checkpoint is the resume point; try a lower --lr)")
+    return 0
+
+
+def check_params_are_finite(model, parallel, iteration):
+    """Refuse to save non-finite parameters (--check-for-nan-in-loss-and-grad): a NaN
+    checkpoint made ``latest`` would replace the user's last good resume point. One pass over
+    the parameters and one all-reduce, once per save."""
+    params = [p.detach() for p in model.parameters()]
+    bad = int(not all(bool(torch.isfinite(p).all()) for p in params))
+    if parallel.world_size > 1:
+        bad = agree_on_exit(bad, None, parallel)[0]
+    if bad:
+        raise UserError(f"iteration {iteration}: the model's parameters are not finite; not "
+                        f"saving this state (--check-for-nan-in-loss-and-grad; the last "
+                        f"checkpoint is the resume point)")
+
+
+def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, start_time, log,
+          flops_per_sample=transformer_flops_per_sample, after_iteration=None,
+          signal_handler=None):
+    """Run iterations until --train-iters or another stop condition; save as requested.
+    ``after_iteration``: the provider's hook (``Provider.after_iteration``);
+    ``signal_handler``: a ``DistributedSignalHandler`` (--exit-signal-handler) whose signal,
+    on any rank, ends training after a checkpoint at the current iteration's end.
+
+    Returns True when --exit-interval, --exit-duration-in-mins or an exit signal ended
+    training (the caller then skips the end-of-training evaluations, as Megatron's
+    ``sys.exit()`` does)."""
     layer_token_lr = ltd.cfg is not None and ltd.cfg.layer_token_lr
 
     optimizer = step.optimizer
 
     def save():
         if args.save is not None:
+            if args.check_for_nan_in_loss_and_grad:
+                check_params_are_finite(step.model, step.parallel, state.iteration)
             save_checkpoint(args, state, step.model, optimizer, scheduler,
                             step.parallel.rng_tracker, log=log, parallel=step.parallel,
                             extra_state={"random_ltd_scheduler": ltd.state_dict()})
@@ -626,6 +697,7 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
     saved_at = None
     first_iteration = state.iteration
     exited = False
+    skipped_in_row = 0
     while state.iteration < args.train_iters:
         spent = _budget_spent(args, state, ltd)
         if spent:
@@ -636,6 +708,8 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         kept = ltd.reserved_length
         per_layer = ltd.tokens_per_layer() if ltd.enabled else None
         losses, ok, grad_norm = step.train_step(train_iter, token_drop)
+        skipped_in_row = check_step_is_finite(args, state.iteration + 1, losses, ok, grad_norm,
+                                              skipped_in_row)
         # As Megatron-DeepSpeed: "consumed tokens" grow by the layer-averaged sequence length
         # (the full length when nothing is dropped), and the token-based LR sees the count
         # from before this step.
@@ -690,7 +764,12 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             save()
             saved_at = state.iteration
         stop, reason = _should_exit(args, state, start_time)
-        if agree_to_stop(stop, step.parallel):
+        received = signal_handler.received if signal_handler is not None else None
+        stop, signum = agree_on_exit(stop, received, step.parallel)
+        if signum is not None:
+            name = signal.Signals(signum).name
+            stop, reason = True, f"received {name} (--exit-signal-handler); saving a checkpoint"
+        if stop:
             log(f"exiting at iteration {state.iteration}: {reason}")
             exited = True
             break

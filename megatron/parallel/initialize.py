@@ -168,10 +168,13 @@ def init_process_group(env: DistributedEnv, backend: Optional[str] = None,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
-def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
+def build_parallel_state(tp: int, pp: int, rng_tracker=None,
+                         timeout_minutes: Optional[float] = None) -> ParallelState:
     """Create every group (same order on every rank) and return this rank's ParallelState.
 
     With one process no group is created and the default (single-process) layout is returned.
+    ``timeout_minutes`` (--distributed-timeout-minutes) bounds every wait on the new groups
+    (torch's default for a new group is its backend's, 30 minutes, not the world's).
     """
     import torch.distributed as dist
 
@@ -185,7 +188,8 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
     mine = {}
     for kind in ("tp", "dp", "pp", "embedding", "mp"):
         for ranks in layout[kind]:
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=None if timeout_minutes is None
+                                   else datetime.timedelta(minutes=timeout_minutes))
             if rank in ranks:
                 mine[kind] = (group, ranks)
     tp_rank, dp_rank, pp_rank = coordinates(rank, world, tp, pp)
@@ -199,6 +203,56 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None) -> ParallelState:
         embedding_group=mine["embedding"][0] if "embedding" in mine and pp > 1 else None,
         mp_group=mine["mp"][0] if tp * pp > 1 else None,
         rng_tracker=rng_tracker)
+
+
+# What gloo says when a wait outlives the process group's timeout, and when a peer's process
+# went away (its sockets closed); NCCL's watchdog says "Watchdog caught collective operation
+# timeout" and the store "Timed out after ... waiting for clients".
+_TIMEOUT_MARKERS = ("Timed out", "timed out", "operation timeout")
+_LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "Connection refused")
+
+
+class PeerWaitError(RuntimeError):
+    """A point-to-point wait failed; ``peer`` is the global rank it waited on."""
+
+    def __init__(self, message, peer):
+        super().__init__(message)
+        self.peer = peer
+
+
+def _is_distributed_error(err: BaseException) -> bool:
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, (dist.DistError, PeerWaitError)) or "/gloo/" in text \
+        or "ProcessGroup" in text or "NCCL" in text
+
+
+def communication_failure(err: BaseException, timeout_minutes: float, rank: int,
+                          world_size: int) -> Optional[str]:
+    """One line for a torch.distributed wait that timed out or lost its peer, else None (any
+    other error keeps its traceback).
+
+    The peer is named where it is known: the neighbour of a failed point-to-point wait
+    (``PeerWaitError``), or the other rank in a world of two; a collective does not say which
+    member it waited on."""
+    if not _is_distributed_error(err):
+        return None
+    text = str(err)
+    peer = getattr(err, "peer", None)
+    timed_out = any(marker in text for marker in _TIMEOUT_MARKERS)
+    lost = any(marker in text for marker in _LOST_PEER_MARKERS)
+    if not (timed_out or lost):
+        return None
+    if peer is None and world_size == 2:
+        peer = 1 - rank
+    who = f"rank {peer}" if peer is not None else "a peer rank"
+    if timed_out:
+        return (f"rank {rank}: no answer from {who} within --distributed-timeout-minutes "
+                f"{timeout_minutes:g} (a frozen or stuck process or node); stopped")
+    return (f"rank {rank}: lost the connection to {who} (its process ended or its node went "
+            f"away); stopped")
 
 
 def comm_device():

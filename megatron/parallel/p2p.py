@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron.parallel.initialize import PeerWaitError
 from megatron.parallel.state import ParallelState
 
 ACTIVATION_TAG = 0
@@ -64,8 +65,7 @@ def communicate(parallel: ParallelState, *, send_next: Optional[torch.Tensor] = 
         ops.append(dist.P2POp(dist.irecv, from_next, parallel.next_stage_rank, group,
                               GRADIENT_TAG))
     if ops:
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
+        _wait_all(ops, dist.batch_isend_irecv(ops))
         if device.type == "cuda":
             # As Megatron-LM (batch_p2p_sync): the received buffers are read on the compute
             # stream next; make sure the communication stream has finished writing them.
@@ -73,6 +73,18 @@ def communicate(parallel: ParallelState, *, send_next: Optional[torch.Tensor] = 
     if from_prev is not None:
         from_prev.requires_grad_(True)
     return from_prev, from_next
+
+
+def _wait_all(ops, requests) -> None:
+    """Wait for every request; a failed wait (the group's --distributed-timeout-minutes, or a
+    peer that died) names the peer rank it waited on where the backend gives one request per
+    op (gloo; NCCL coalesces a batch into one)."""
+    for i, request in enumerate(requests):
+        try:
+            request.wait()
+        except RuntimeError as err:
+            peer = ops[i].peer if len(requests) == len(ops) or len(ops) == 1 else None
+            raise PeerWaitError(str(err), peer) from err
 
 
 def _check(tensor: torch.Tensor, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

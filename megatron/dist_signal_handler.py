@@ -1,0 +1,90 @@
+"""--exit-signal-handler: turn SIGTERM, --exit-signal and Ctrl-C into "save and exit 0".
+
+SLURM sends SIGTERM before preemption and at the time limit (then SIGKILL after its
+``KillWait``), and ``sbatch --signal=USR1@120`` sends another signal ahead of time. Killing the
+run at once would lose everything since the last checkpoint, so the handler only *records* the
+signal; the training loop asks at the end of each iteration whether any rank got one (one tiny
+all-reduce, ``training.agree_on_exit``), and if so every rank saves a checkpoint and the program
+exits 0. A signal that arrives during data loading, evaluation or a save is therefore handled at
+the next iteration's end, never in the middle of a collective.
+
+Ctrl-C (SIGINT) is graceful the same way the first time; a second Ctrl-C raises
+``KeyboardInterrupt`` at once (the entry points print "interrupted" and exit 130) for a user who
+does not want to wait for the iteration and the save.
+"""
+
+import signal
+from typing import Optional
+
+from megatron.errors import UserError
+
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
+
+
+def parse_exit_signal(name) -> signal.Signals:
+    """``--exit-signal`` as a signal: ``SIGUSR1``, ``USR1`` (as ``sbatch --signal`` spells it)
+    or a number."""
+    text = str(name).strip()
+    try:
+        sig = signal.Signals(int(text)) if text.isdigit() else \
+            signal.Signals[text.upper() if text.upper().startswith("SIG") else
+                           "SIG" + text.upper()]
+    except (KeyError, ValueError):
+        raise UserError(f"--exit-signal {name}: not a signal name or number (e.g. SIGTERM, "
+                        f"SIGUSR1, USR1, 10)") from None
+    if sig in _UNCATCHABLE:
+        raise UserError(f"--exit-signal {sig.name}: this signal cannot be caught; use SIGTERM "
+                        f"or SIGUSR1 (sbatch --signal=USR1@120)")
+    return sig
+
+
+def exit_signals(args):
+    """The signals --exit-signal-handler catches: SIGTERM, --exit-signal and SIGINT (None
+    without the flag). Refuses the flag without --save: the point is the checkpoint."""
+    if not getattr(args, "exit_signal_handler", False):
+        return None
+    if args.save is None:
+        raise UserError("--exit-signal-handler: needs --save (the handler saves a checkpoint "
+                        "before exiting)")
+    chosen = parse_exit_signal(getattr(args, "exit_signal", "SIGTERM"))
+    return tuple(dict.fromkeys((signal.SIGTERM, chosen, signal.SIGINT)))
+
+
+class DistributedSignalHandler:
+    """Context manager recording the first of ``signals`` this process receives.
+
+    Megatron-LM's name. ``received`` is the recorded signal (None until one arrives); the
+    training loop shares it across ranks. Previous handlers are restored on exit, so a test or
+    a tool that calls ``pretrain`` twice in one process is left as it was.
+    """
+
+    def __init__(self, signals):
+        self.signals = tuple(signals)
+        self.received: Optional[signal.Signals] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        if self.received is None:
+            self.received = sig
+
+    def __enter__(self):
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # signal.signal outside the main thread
+            self._restore()
+            raise UserError("--exit-signal-handler: signal handlers can only be installed by "
+                            "the main thread; call pretrain from it") from None
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+    def _restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

@@ -1,0 +1,194 @@
+"""Fault injection in the training loop (issue 12): exit signals save and exit 0 and resume
+bitwise, a frozen peer ends every rank within --distributed-timeout-minutes, a non-finite loss
+stops the run without saving it, bad data ends in one line, crafted index caches never run."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain_gpt
+from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_checkpoint_file
+from megatron.errors import UserError
+from megatron.training import pretrain
+from training_helpers import ROOT, gpt_argv, run
+
+
+def run_with_signal(argv, signum, when):
+    """Train in this process; ``when(model)`` is asked before each micro-batch is fetched (a
+    training or an evaluation one) and, where true, this process sends itself ``signum``: a
+    signal arriving during data loading or evaluation."""
+    def forward_step_provider(args, tokenizer):
+        inner = pretrain_gpt.forward_step_provider(args, tokenizer)
+
+        def forward_step(data_iterator, model, token_drop=None):
+            if when(model):
+                os.kill(os.getpid(), signum)
+            return inner(data_iterator, model, token_drop)
+
+        return forward_step
+
+    provider = dataclasses.replace(pretrain_gpt.PROVIDER, forward_step=forward_step_provider)
+    logs = []
+    return pretrain(provider, argv=argv, log=logs.append), logs
+
+
+def nth_call(n, training=True):
+    """A ``when`` for ``run_with_signal``: true at the n-th training (or evaluation) fetch."""
+    calls = []
+
+    def when(model):
+        if model.training == training:
+            calls.append(1)
+            return len(calls) == n
+        return False
+
+    return when
+
+
+def latest(ckpt):
+    with open(os.path.join(ckpt, TRACKER_FILENAME)) as f:
+        return f.read()
+
+
+def assert_same_run(full, first, second):
+    """``first`` (stopped) then ``second`` (resumed) equal the uninterrupted ``full`` bitwise:
+    every loss, the final weights."""
+    resumed = list(first.train_losses) + list(second.train_losses)
+    assert [i for i, _ in resumed] == [i for i, _ in full.train_losses]
+    assert [d["lm loss"] for _, d in resumed] == [d["lm loss"] for _, d in full.train_losses]
+    for (name, a), b in zip(full.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------------------------------------
+# --exit-signal-handler
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_prefix):
+    return run(gpt_argv(data_prefix, iters=8))[0]
+
+
+@pytest.mark.parametrize("signum,when,stops_at", [
+    (signal.SIGTERM, nth_call(5), 3),                 # while fetching iteration 3's batch
+    (signal.SIGUSR1, nth_call(1, training=False), 4),  # during the evaluation at iteration 4
+    (signal.SIGINT, nth_call(2), 1),                  # one Ctrl-C: graceful
+], ids=["sigterm-data-loading", "sigusr1-evaluation", "sigint-once"])
+def test_exit_signal_saves_exits_and_resumes_bitwise(data_prefix, tmp_path, uninterrupted,
+                                                     signum, when, stops_at):
+    ckpt = str(tmp_path / "ckpt")
+    flags = ["--exit-signal-handler", "--exit-signal", "SIGUSR1", "--save", ckpt]
+    before = signal.getsignal(signum)
+    first, logs = run_with_signal(gpt_argv(data_prefix, *flags, iters=8), signum, when)
+    assert signal.getsignal(signum) is before  # the handler is removed again
+    assert first.state.iteration == stops_at
+    assert latest(ckpt) == str(stops_at)
+    exits = [line for line in logs if line.startswith("exiting at iteration")]
+    assert exits == [f"exiting at iteration {stops_at}: received {signal.Signals(signum).name} "
+                     f"(--exit-signal-handler); saving a checkpoint"]
+    second, _ = run(gpt_argv(data_prefix, "--load", ckpt, "--save", ckpt, iters=8))
+    assert_same_run(uninterrupted, first, second)
+
+
+def test_second_ctrl_c_stops_at_once(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    calls = []
+
+    def twice(model):  # two Ctrl-C while fetching iteration 2's first batch
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return len(calls) == 3
+
+    with pytest.raises(KeyboardInterrupt):
+        run_with_signal(gpt_argv(data_prefix, "--exit-signal-handler", "--save", ckpt,
+                                 iters=8), signal.SIGINT, twice)
+    assert not os.path.exists(os.path.join(ckpt, TRACKER_FILENAME))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_without_the_flag_a_signal_keeps_its_default(data_prefix, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run_with_signal(gpt_argv(data_prefix, iters=8), signal.SIGINT, nth_call(3))
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--exit-signal-handler"], "--exit-signal-handler: needs --save"),
+    (["--exit-signal-handler", "--save", "x", "--exit-signal", "SIGKILL"],
+     "--exit-signal SIGKILL: this signal cannot be caught"),
+    (["--exit-signal-handler", "--save", "x", "--exit-signal", "USR9"],
+     "--exit-signal USR9: not a signal name"),
+])
+def test_exit_signal_flags_are_checked(data_prefix, flags, needle):
+    with pytest.raises(UserError, match=needle):
+        run(gpt_argv(data_prefix, *flags))
+
+
+def test_exit_signal_spellings():
+    from megatron.dist_signal_handler import parse_exit_signal
+
+    assert {parse_exit_signal(s) for s in ("SIGUSR1", "USR1", "usr1",
+                                           str(int(signal.SIGUSR1)))} == {signal.SIGUSR1}
+
+
+def _cli(*argv, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "pretrain_gpt.py", *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kwargs)
+
+
+def _wait_for_line(proc, prefix, timeout=120):
+    """Read ``proc``'s stdout until a line starting with ``prefix``; the lines read."""
+    deadline, lines = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(lines)}")
+
+
+@pytest.mark.slow
+def test_sigterm_from_outside_saves_exits_0_and_resumes_to_the_same_weights(data_prefix,
+                                                                             tmp_path):
+    """As SLURM does it: SIGTERM to a running pretrain_gpt.py mid-run."""
+    ckpt = str(tmp_path / "ckpt")
+    argv = gpt_argv(data_prefix, "--log-interval", "1", iters=30)
+    proc = _cli(*argv, "--exit-signal-handler", "--save", ckpt)
+    try:
+        _wait_for_line(proc, " iteration        2/")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    exits = [line for line in out.splitlines() if line.startswith("exiting at iteration")]
+    assert len(exits) == 1 and "received SIGTERM (--exit-signal-handler)" in exits[0], out
+    stopped_at = int(exits[0].split()[3].rstrip(":"))
+    assert 2 <= stopped_at < 30 and latest(ckpt) == str(stopped_at)
+    resumed = subprocess.run([sys.executable, "pretrain_gpt.py", *argv, "--load", ckpt,
+                              "--save", ckpt], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = run(argv)[0]
+    saved = read_checkpoint_file(checkpoint_file(ckpt, 30))["model"]
+    _assert_nested_equal(full.model.state_dict_for_save_checkpoint(), saved)
+
+
+def _assert_nested_equal(a, b, where="model"):
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), where
+        for key in a:
+            _assert_nested_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
