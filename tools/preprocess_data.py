@@ -40,7 +40,6 @@ import collections
 import gzip
 import itertools
 import json
-import multiprocessing
 import os
 import re
 import signal
@@ -55,6 +54,8 @@ import numpy as np
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
 from megatron.errors import UserError, run_main
+from tools.preprocess_backends import BACKENDS, choose_backend, make_backend
+from tools.preprocess_workers import OrderedWorkers
 
 _READ_BLOCK = 1 << 20  # bytes read from an input file at a time
 
@@ -95,6 +96,13 @@ def get_args(argv=None):
     g.add_argument("--merge-file", default=None, help="BPE merge file")
     g.add_argument("--tokenizer-model", default=None, help="SentencePiece model file")
     g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (NullTokenizer)")
+    g.add_argument("--tokenizer-backend", default="auto", choices=BACKENDS,
+                   help="fast: gigatoken, a compiled tokenizer (pip install "
+                        "'megatron-ltd[fast]'), for byte-level BPE (GPT2BPETokenizer, "
+                        "HFTokenizer BPE) and SentencePiece BPE with byte fallback; checked "
+                        "against the reference on the first documents of every run. hf: the "
+                        "tokenizer's own library. auto: fast when installed, supported and "
+                        "identical, else hf")
     g.add_argument("--append-eod", action="store_true",
                    help="append the end-of-document token to every non-empty document")
     g = p.add_argument_group("output data")
@@ -188,31 +196,15 @@ def _plain_blocks(fileobj):
         yield data
 
 
-def _lines(blocks):
-    """Lines (without the newline) of a stream given as blocks of bytes."""
-    pending = []
-    for block in blocks:
-        parts = block.split(b"\n")
-        if len(parts) == 1:
-            pending.append(block)
-            continue
-        pending.append(parts[0])
-        yield b"".join(pending)
-        yield from itertools.islice(parts, 1, len(parts) - 1)
-        pending = [parts[-1]]
-    tail = b"".join(pending)
-    if tail:
-        yield tail
-
-
-Chunk = collections.namedtuple("Chunk", "path first_line lines nbytes input_pos")
+Chunk = collections.namedtuple("Chunk", "path first_line data input_pos")
+Chunk.__doc__ = """Whole lines of one input file: ``data`` (bytes) starts at line ``first_line``;
+``input_pos`` is how many (compressed) input bytes had been read when it was cut."""
 
 
 def read_chunks(paths, chunk_bytes):
     """Cut the inputs into work items of about ``chunk_bytes`` bytes of whole lines.
 
-    ``input_pos`` is how many (compressed) input bytes had been read when the chunk was cut, to
-    report progress against the total size of the inputs.
+    Memory is bounded by ``chunk_bytes`` plus the longest line, whatever the input size.
     """
     import zstandard
 
@@ -225,21 +217,26 @@ def read_chunks(paths, chunk_bytes):
                 blocks = _plain_blocks(gzip.GzipFile(fileobj=raw, mode="rb"))
             else:
                 blocks = _plain_blocks(raw)
-            lines, size, first, lineno = [], 0, 1, 0
+            buf, line = bytearray(), 1
             try:
-                for line in _lines(blocks):
-                    lineno += 1
-                    lines.append(line)
-                    size += len(line) + 1
-                    if size >= chunk_bytes:
-                        yield Chunk(path, first, lines, size, done + raw.tell())
-                        lines, size, first = [], 0, lineno + 1
+                for block in blocks:
+                    search = max(chunk_bytes, len(buf)) - 1  # no newline before: in the new block
+                    buf += block
+                    while len(buf) >= chunk_bytes:
+                        cut = buf.find(b"\n", search)
+                        if cut < 0:
+                            break  # one line longer than a chunk: it goes on in the next block
+                        data = bytes(buf[:cut + 1])
+                        del buf[:cut + 1]
+                        yield Chunk(path, line, data, done + raw.tell())
+                        line += data.count(b"\n")
+                        search = chunk_bytes - 1
             except zstandard.ZstdError as err:
-                raise UserError(f"{path}: corrupt zstd data after line {lineno}: {err}") from None
+                raise UserError(f"{path}: corrupt zstd data after line {line}: {err}") from None
             except (OSError, EOFError) as err:  # gzip: BadGzipFile is an OSError
-                raise UserError(f"{path}: cannot read after line {lineno}: {err}") from None
-            if lines:
-                yield Chunk(path, first, lines, size, done + raw.tell())
+                raise UserError(f"{path}: cannot read after line {line}: {err}") from None
+            if buf:
+                yield Chunk(path, line, bytes(buf), done + raw.tell())
             done += os.fstat(raw.fileno()).st_size
 
 
@@ -416,13 +413,48 @@ def _lookup(record, key):
     return value
 
 
+def _invalid_unicode(text, key):
+    """What is wrong with ``text`` if it is not valid Unicode (a lone surrogate, from a JSON
+    escape such as \\ud800 or CESU-8 bytes ED A0 80), else None. No tokenizer encodes those."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"value of key '{key}' has a lone surrogate U+{ord(text[err.start]):04X} at " \
+               f"character {err.start} (not valid Unicode)"
+    return None
+
+
+def document_layout(lengths, sentences_per_doc, eod):
+    """Megatron's layout of tokenized documents, from the ragged ids of all their sentences.
+
+    ``lengths``: ids per sentence, the sentences of all documents in order;
+    ``sentences_per_doc``: how many of them each document has. Empty sentences are dropped; with
+    ``eod`` it closes every document that kept a sentence and is counted in its last one.
+    Returns ``(eod_positions, seq_lengths, seqs_per_doc)``: where the EOD ids go in the flat
+    ids (``np.insert`` positions), the kept sequences' lengths and the sequences per document.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    keep = lengths > 0
+    doc_of = np.repeat(np.arange(len(sentences_per_doc)), sentences_per_doc)
+    seqs_per_doc = np.bincount(doc_of[keep], minlength=len(sentences_per_doc))
+    seq_lengths = lengths[keep]
+    if eod is None:
+        return np.zeros(0, np.int64), seq_lengths, seqs_per_doc
+    last = (np.cumsum(seqs_per_doc) - 1)[seqs_per_doc > 0]  # each document's last sequence
+    positions = np.cumsum(seq_lengths)[last]
+    seq_lengths[last] += 1
+    return positions, seq_lengths, seqs_per_doc
+
+
 class Encoder:
     """Turns a chunk of JSON lines into token arrays, one set per JSON key."""
 
-    def __init__(self, cfg, tokenizer=None):
+    def __init__(self, cfg, tokenizer=None, backend=None):
         self.cfg = cfg
         self.keys = cfg["json_keys"]
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer_from(cfg)
+        self.backend = backend if backend is not None else make_backend(
+            cfg["tokenizer_backend"], self.tokenizer, threads=False)
         self.dtype = np.dtype(cfg["dtype"])
         self.max_id = np.iinfo(self.dtype).max
         self.eod = self.tokenizer.eod if cfg["append_eod"] else None
@@ -431,8 +463,9 @@ class Encoder:
             self.split, _ = make_sentence_splitter(cfg["lang"], cfg["keep_newlines"],
                                                    cfg["sentence_splitter"])
 
-    def _parse(self, line):
-        """The texts of one line, or a string saying what is wrong with it."""
+    def parse(self, line):
+        """The texts of one line (one per key: a string or a list of them), or a string
+        saying what is wrong with the line."""
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
@@ -451,43 +484,54 @@ class Encoder:
             # A list of strings is a document already split into sentences (one sequence each),
             # as in the *_ss.json files Megatron-LM's --split-sentences step writes.
             if isinstance(value, list) and all(isinstance(v, str) for v in value):
-                texts.append(value)
-                continue
-            if not isinstance(value, str):
-                return f"value of key '{key}' is {_JSON_TYPES.get(type(value), 'not a string')}, " \
-                       f"expected a string or an array of strings"
+                strings = value
+            elif isinstance(value, str):
+                strings = (value,)
+            else:
+                return f"value of key '{key}' is {_JSON_TYPES.get(type(value), 'not a string')}" \
+                       f", expected a string or an array of strings"
+            for text in strings:
+                problem = _invalid_unicode(text, key)
+                if problem:
+                    return problem
             texts.append(value)
         return texts
 
-    def encode(self, chunk):
-        """``(docs, bad, error, per_key)``; ``per_key[k] = (tokens, seq_lengths, seqs_per_doc)``.
+    def documents(self, chunk):
+        """``(columns, bad, error)``: the texts of the chunk's documents, one list per key.
 
         ``error`` is the first bad line's message unless --skip-bad-lines, then ``bad`` lists
         ``(path:line, problem)`` of the skipped lines.
         """
         columns = [[] for _ in self.keys]
         bad = []
-        for i, line in enumerate(chunk.lines):
+        for i, line in enumerate(chunk.data.split(b"\n")):
             if not line.strip():
                 continue  # blank lines (e.g. a trailing one) are not documents
-            texts = self._parse(line)
+            texts = self.parse(line)
             if isinstance(texts, str):
                 where = f"{chunk.path}:{chunk.first_line + i}"
                 if not self.cfg["skip_bad_lines"]:
-                    return 0, bad, f"{where}: {texts}", None
+                    return None, bad, f"{where}: {texts}"
                 bad.append((where, texts))
                 continue
             for column, text in zip(columns, texts):
                 column.append(text)
-        docs = len(columns[0]) if columns else 0
+        return columns, bad, None
+
+    def encode(self, chunk):
+        """``(docs, bad, error, per_key)``; ``per_key[k] = (tokens, seq_lengths, seqs_per_doc)``."""
+        columns, bad, error = self.documents(chunk)
+        if error is not None:
+            return 0, bad, error, None
         per_key = []
         for column in columns:
             try:
-                per_key.append(self._encode_texts(column))
+                per_key.append(self.encode_texts(column))
             except UserError as err:
-                last = chunk.first_line + len(chunk.lines) - 1
+                last = chunk.first_line + chunk.data.count(b"\n", 0, len(chunk.data) - 1)
                 return 0, bad, f"{chunk.path} (lines {chunk.first_line}-{last}): {err}", None
-        return docs, bad, None, per_key
+        return len(columns[0]) if columns else 0, bad, None, per_key
 
     def _sentences(self, text):
         """A text's sentences: an array value is split already; else --split-sentences."""
@@ -495,36 +539,24 @@ class Encoder:
             return text
         return self.split(text) if self.split is not None else [text]
 
-    def _encode_texts(self, texts):
-        tok = self.tokenizer
+    def encode_texts(self, texts):
+        """``(tokens, seq_lengths, seqs_per_doc)`` of the documents ``texts``."""
         if self.split is None and all(isinstance(text, str) for text in texts):
-            doc_sentences = [[ids] for ids in tok.tokenize_batch(texts)]
+            sentences, per_doc = texts, np.ones(len(texts), dtype=np.int64)
         else:
             split = [self._sentences(text) for text in texts]
-            flat = tok.tokenize_batch([s for sentences in split for s in sentences])
-            it = iter(flat)
-            doc_sentences = [list(itertools.islice(it, len(sentences))) for sentences in split]
-        pieces, seq_lengths, seqs_per_doc = [], [], []
-        eod = [self.eod] if self.eod is not None else None
-        for sentences in doc_sentences:
-            n = 0
-            for ids in sentences:
-                if len(ids):
-                    pieces.append(ids)
-                    seq_lengths.append(len(ids))
-                    n += 1
-            if n and eod is not None:  # EOD closes the document and counts in its last sequence
-                pieces.append(eod)
-                seq_lengths[-1] += 1
-            seqs_per_doc.append(n)
-        total = sum(seq_lengths)
-        tokens = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=total)
-        if total and (int(tokens.max()) > self.max_id or int(tokens.min()) < 0):
-            bad = int(tokens.max()) if int(tokens.max()) > self.max_id else int(tokens.min())
+            sentences = [s for doc in split for s in doc]
+            per_doc = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
+        flat, lengths = self.backend.encode(sentences)
+        if flat.size and (int(flat.max()) > self.max_id or int(flat.min()) < 0):
+            bad = int(flat.max()) if int(flat.max()) > self.max_id else int(flat.min())
             raise UserError(f"token id {bad} does not fit the output dtype {self.dtype.name}; "
-                            f"tokenizer vocab_size is {tok.vocab_size}")
-        return (tokens.astype(self.dtype), np.asarray(seq_lengths, dtype=np.int32),
-                np.asarray(seqs_per_doc, dtype=np.int64))
+                            f"tokenizer vocab_size is {self.tokenizer.vocab_size}")
+        positions, seq_lengths, seqs_per_doc = document_layout(lengths, per_doc, self.eod)
+        tokens = flat.astype(self.dtype, copy=False)
+        if positions.size:
+            tokens = np.insert(tokens, positions, self.eod)
+        return tokens, seq_lengths.astype(np.int32), seqs_per_doc
 
 
 _WORKER_ENCODER = None
@@ -532,8 +564,6 @@ _WORKER_ENCODER = None
 
 def _init_worker(cfg):
     global _WORKER_ENCODER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # undo the parent's handler (see main)
     # One thread per worker: --workers sets the parallelism. Without this every worker's HF
     # tokenizer would also start a thread per core (workers x cores threads on big machines).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -544,17 +574,24 @@ def _encode_in_worker(chunk):
     return _WORKER_ENCODER.encode(chunk)
 
 
-def _in_order(pool, chunks, max_in_flight):
-    """Results of ``pool`` over ``chunks`` in input order, with a bounded number in flight."""
-    pending = collections.deque()
-    for chunk in chunks:
-        pending.append((chunk, pool.apply_async(_encode_in_worker, (chunk,))))
-        if len(pending) >= max_in_flight:
-            done_chunk, result = pending.popleft()
-            yield done_chunk, result.get()
-    while pending:
-        done_chunk, result = pending.popleft()
-        yield done_chunk, result.get()
+def _describe_chunk(chunk):
+    return f"{chunk.path} from line {chunk.first_line}"
+
+
+def _sample_texts(encoder, chunk, max_texts=200, max_chars=1 << 18):
+    """The first texts (sentences with --split-sentences) of ``chunk``, bad lines skipped: what
+    the fast backend is checked on before the run."""
+    texts, size = [], 0
+    lines = chunk.data.split(b"\n") if chunk is not None else []
+    for line in lines:
+        parsed = encoder.parse(line) if line.strip() else None
+        for value in parsed if isinstance(parsed, list) else ():
+            for text in encoder._sentences(value):
+                texts.append(text)
+                size += len(text)
+                if len(texts) >= max_texts or size >= max_chars:
+                    return texts
+    return texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,21 +608,36 @@ def output_prefixes(output_prefix, json_keys, split_sentences):
     return {key: f"{output_prefix}_{key}_{level}" for key in json_keys}
 
 
-def _start_pool(ctx, workers, cfg):
-    """The worker pool, its processes forked with SIGTERM's default action. Workers forked with
-    main's Python-level handler (which raises in the interpreter) and SIGTERMed by
-    ``pool.terminate()`` before ``_init_worker`` restored the default could survive, blocked
-    on the pool's queue lock, and hang the parent's ``join`` (seen in CI on a corrupt input
-    that fails right after the pool starts)."""
-    previous = signal.getsignal(signal.SIGTERM)
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def remove_stale_temporaries(prefix, log=print):
+    """Delete ``<prefix>.bin.tmp.<pid>``/``.idx.tmp.<pid>`` left by writers that no longer run
+    (killed with -9, or a machine that went down); a live writer's files are left alone. The
+    pid is of this machine: do not write one prefix from two hosts at once."""
+    import glob
+
+    removed = []
+    for path in glob.glob(glob.escape(prefix) + ".[bi][id][nx].tmp.*"):
+        pid = path.rsplit(".", 1)[1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    if removed:
+        log(f"Removed {len(removed)} stale temporary file(s) of writers that are no longer "
+            f"running: {', '.join(removed)}")
+    return removed
+
+
+def _alive(pid):
     try:
-        return ctx.Pool(workers, initializer=_init_worker, initargs=(cfg,))
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _terminated(signum, frame):
@@ -624,30 +676,38 @@ def _main(argv):
         print(f"Splitting sentences with {splitter}", file=sys.stderr)
     elif args.tokenizer_type.startswith("BertWordPiece"):
         print("Are you sure you don't want to split sentences?", file=sys.stderr)
-    encoder = Encoder(cfg, tokenizer) if args.workers == 1 else None
     if args.partitions > 1:
         print(f"--partitions {args.partitions}: the input is streamed through one pool of "
               f"{args.workers} workers; output is the same as with one partition",
               file=sys.stderr)
     prefixes = output_prefixes(args.output_prefix, args.json_keys, args.split_sentences)
+    for prefix in prefixes.values():
+        remove_stale_temporaries(prefix, log=lambda msg: print(msg, file=sys.stderr))
     total_in = sum(os.path.getsize(p) for p in paths)
     for p in paths:
         print(f"Opening {p}")  # stdout, as Megatron-LM: stderr stays for errors and stats
 
     builders, pool = {}, None
-    docs = nbytes = tokens = 0
+    docs = nbytes = 0
+    tokens = dict.fromkeys(args.json_keys, 0)
     bad_count, bad_first = 0, []
     try:
         for key, prefix in prefixes.items():
             builders[key] = IndexedDatasetBuilder(prefix + ".bin", dtype=cfg["dtype"])
         chunks = read_chunks(paths, args.chunk_bytes)
-        if encoder is not None:
+        first = next(chunks, None)
+        chunks = itertools.chain([first] if first is not None else [], chunks)
+        reader = Encoder(cfg, tokenizer, backend=make_backend("hf", tokenizer, threads=False))
+        backend, note = choose_backend(args.tokenizer_backend, tokenizer,
+                                       _sample_texts(reader, first), threads=args.workers == 1)
+        cfg["tokenizer_backend"] = backend.name
+        print(f"Tokenizer backend: {note}", file=sys.stderr)
+        if args.workers == 1:
+            encoder = Encoder(cfg, tokenizer, backend)
             results = ((chunk, encoder.encode(chunk)) for chunk in chunks)
         else:
-            ctx = multiprocessing.get_context(
-                "fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            pool = _start_pool(ctx, args.workers, cfg)
-            results = _in_order(pool, chunks, 4 * args.workers)
+            pool = OrderedWorkers(args.workers, _init_worker, (cfg,), _encode_in_worker)
+            results = pool.imap(chunks, ahead=4 * args.workers, describe=_describe_chunk)
         print(f"Time to startup: {time.time() - startup}")
         start = time.time()
         next_log = args.log_interval
@@ -658,9 +718,9 @@ def _main(argv):
             bad_first.extend(bad[:max(0, 5 - len(bad_first))])
             for key, (toks, seq_lengths, seqs_per_doc) in zip(args.json_keys, per_key):
                 builders[key].add_documents(toks, seq_lengths, seqs_per_doc)
-                tokens += toks.size
+                tokens[key] += toks.size
             docs += n_docs
-            nbytes += chunk.nbytes
+            nbytes += len(chunk.data)
             if docs >= next_log:
                 next_log = (docs // args.log_interval + 1) * args.log_interval
                 elapsed = max(time.time() - start, 1e-9)
@@ -673,23 +733,28 @@ def _main(argv):
                 print(line, file=sys.stderr, flush=True)
         if pool is not None:
             pool.close()
-            pool.join()
             pool = None
-        if docs == 0:  # an empty dataset only fails later, in training: say so now
+        # An empty dataset only fails later, in training: say so now.
+        if docs == 0:
             raise UserError(f"--input {args.input}: no documents (the input is empty or has "
                             f"only blank{' or skipped' if bad_count else ''} lines); nothing "
                             f"written")
+        for key, count in tokens.items():
+            if count == 0:
+                raise UserError(f"--input {args.input}: the {docs} documents have no tokens "
+                                f"under key '{key}' (every text is empty); nothing written, "
+                                f"as training cannot sample from an empty dataset")
         for key, prefix in prefixes.items():
             builders.pop(key).finalize(prefix + ".idx")
     except BaseException:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.kill()
         for builder in builders.values():
             builder.abort()
         raise
 
     elapsed = max(time.time() - start, 1e-9)
+    tokens = sum(tokens.values())
     print(f"Done: {docs} documents, {tokens} tokens, {nbytes / 1024 / 1024:.2f} MB in "
           f"{elapsed:.2f} s ({docs / elapsed:.2f} docs/s, "
           f"{nbytes / elapsed / 1024 / 1024:.2f} MB/s).", file=sys.stderr)
