@@ -6,6 +6,9 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=7-00:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@300   # save and requeue before the time limit: examples/run_slurm.sbatch
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #
 # BERT-large (24 layers, hidden 1024, 16 heads, seq 512) on the PILE with the recipe of the
 # random-LTD paper (Yao et al. 2022, BERT-large: 2M iterations, global batch 1024, 64 GPUs with

@@ -6,6 +6,9 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=7-00:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@300   # save and requeue before the time limit: examples/run_slurm.sbatch
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #
 # GPT-3 1.3B (XL: 24 layers, hidden 2048, 16 heads, seq 2048) on the PILE with the
 # hyper-parameters of Megatron-DeepSpeed's data_efficiency recipe
