@@ -615,7 +615,8 @@ def remove_stale_temporaries(prefix, log=print):
     import glob
 
     removed = []
-    for path in glob.glob(glob.escape(prefix) + ".[bi][id][nx].tmp.*"):
+    for path in (p for ext in (".bin", ".idx")
+                 for p in glob.glob(f"{glob.escape(prefix)}{ext}.tmp.*")):
         pid = path.rsplit(".", 1)[1]
         if not pid.isdigit() or _alive(int(pid)):
             continue
