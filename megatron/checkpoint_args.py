@@ -41,10 +41,11 @@ def given_dests(parser, argv):
     return set(vars(probe.parse_known_args(argv)[0]))
 
 
-def checkpoint_args(root):
-    """The ``args`` stored in the checkpoint directory ``root`` (its first rank's file)."""
-    from megatron.checkpointing import (TRACKER_FILENAME, iteration_dir, read_checkpoint_file,
-                                        read_tracker)
+def checkpoint_args(root, reading=None):
+    """The ``args`` stored in the checkpoint directory ``root`` (its first rank's file), read
+    as ``reading`` says (``megatron.checkpoint_files.ReadOptions``; default safe, verified)."""
+    from megatron.checkpoint_files import ReadOptions, read_checkpoint_file
+    from megatron.checkpointing import TRACKER_FILENAME, iteration_dir, read_tracker
 
     found = read_tracker(root) if os.path.isdir(root) else None
     if found is None:
@@ -56,7 +57,7 @@ def checkpoint_args(root):
     if not ranks:
         raise UserError(f"--use-checkpoint-args: {directory} holds no mp_rank_* directory")
     path = os.path.join(directory, ranks[0], "model_optim_rng.pt")
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, reading or ReadOptions())
     saved = ckpt.get("args") if isinstance(ckpt, dict) else None
     if saved is None or getattr(saved, "num_layers", None) is None:
         raise UserError(f"--use-checkpoint-args: {path} stores no model args")
@@ -69,7 +70,9 @@ def apply_checkpoint_args(args, given, log=None):
     root = args.load or getattr(args, "pretrained_checkpoint", None)
     if root is None:
         raise UserError("--use-checkpoint-args needs --load (or --pretrained-checkpoint)")
-    saved = checkpoint_args(root)
+    from megatron.checkpoint_files import ReadOptions
+
+    saved = checkpoint_args(root, ReadOptions.from_args(args))
     fields = MODEL_FIELDS + (MP_FIELDS if args.use_mp_args_from_checkpoint_args else ())
     taken = []
     for name in fields + FILE_FIELDS:

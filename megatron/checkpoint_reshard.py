@@ -30,6 +30,7 @@ import re
 
 import torch
 
+from megatron.checkpoint_files import ReadOptions, read_checkpoint_file
 from megatron.errors import UserError
 
 LAYER = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
@@ -102,13 +103,14 @@ def read_layout(root, iteration, release):
     return tp_size, pp_size, with_pp == {True}
 
 
-def load_shard(path):
-    """One rank's checkpoint dict with its ``model`` entry flattened to parameter names."""
-    from megatron.checkpointing import flat_model_state, read_checkpoint_file
+def load_shard(path, reading=ReadOptions()):
+    """One rank's checkpoint dict with its ``model`` entry flattened to parameter names;
+    ``reading``: how the file is read (``megatron.checkpoint_files.ReadOptions``)."""
+    from megatron.checkpointing import flat_model_state
 
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, reading)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     ckpt["model"] = flat_model_state(ckpt["model"])  # Megatron's nesting -> parameter names
@@ -137,7 +139,7 @@ def find_iteration(root, iteration=None, flag="--load"):
     return found
 
 
-def load_shards(root, iteration=None, flag="--load"):
+def load_shards(root, iteration=None, flag="--load", reading=ReadOptions()):
     """(iteration, release, {(tp, pp): checkpoint dict}, tp_size, pp_size)."""
     from megatron.checkpointing import checkpoint_file, iteration_dir
 
@@ -147,7 +149,7 @@ def load_shards(root, iteration=None, flag="--load"):
     for p in range(pp_size):
         for t in range(tp_size):
             path = checkpoint_file(root, iteration, t, p, 2 if pp_dirs else 1, release)
-            shards[(t, p)] = load_shard(path)
+            shards[(t, p)] = load_shard(path, reading)
     args = shards[(0, 0)].get("args")
     for name, size in (("tensor_model_parallel_size", tp_size),
                        ("pipeline_model_parallel_size", pp_size)):
@@ -209,12 +211,12 @@ def merge_model(shards, tp_size, pp_size):
     return {"order": order, "model": model, "num_layers": offset, "stages": stages}
 
 
-def read_full_model_state(root, iteration=None, flag="--load"):
+def read_full_model_state(root, iteration=None, flag="--load", reading=ReadOptions()):
     """(full model {name: tensor} with global layer numbers, the checkpoint's ``args``) of the
     Megatron checkpoint directory ``root`` (release or ``iter_*``; ``iteration``: that one
     instead of the tracker's), merged from every TP/PP shard. One-line UserErrors for a missing
     directory, tracker or shard, an unreadable file, or shards that do not fit together."""
-    _, _, shards, tp_size, pp_size = load_shards(root, iteration, flag)
+    _, _, shards, tp_size, pp_size = load_shards(root, iteration, flag, reading)
     full = merge_model(shards, tp_size, pp_size)
     return full["model"], shards[(0, 0)].get("args")
 

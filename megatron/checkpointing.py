@@ -17,7 +17,8 @@ loads the other's checkpoints; loading also accepts flat parameter names.
 
 Nothing is lost: each file is written to a temporary name, flushed to disk and renamed; the
 tracker file is replaced last, so a crash at any moment leaves ``latest`` naming a complete
-checkpoint.
+checkpoint. The temporary files of writers killed mid-save are removed at the next save (one
+process per host sweeps the --save tree; ``megatron.checkpoint_files.remove_stale_temporaries``).
 
 Parallel runs (``parallel=`` a ParallelState), as Megatron: every (tp, pp) rank has its own file;
 data-parallel rank 0 of each writes it, with ``rng_state`` the list of every DP rank's RNG states
@@ -33,7 +34,11 @@ Resuming from another TP/PP layout needs ``tools/checkpoint_util.py``; weights a
 
 Files from disk never run code: ``read_checkpoint_file`` unpickles with ``weights_only=True``
 and an allowlist (``argparse.Namespace``, numpy arrays for the RNG states, stand-ins for the
-objects of other Megatron code bases: enum members in ``args``, config records). Checkpoints
+objects of other Megatron code bases: enum members in ``args``, config records), after checking
+the file against the sizes and CRC-32s recorded in it when it was written
+(``megatron.checkpoint_files``; --unsafe-load-checkpoint and --no-verify-checkpoint relax
+either). A resume with another shape flag (--seq-length, --hidden-size, ...) names the flag, the
+checkpoint's value and the given one. Checkpoints
 of other Megatron tools load too: a PP = 1 checkpoint carrying ``word_embeddings_for_head``
 (ignored, as Megatron's loader does), args without ``seq_length``, a model-only checkpoint (no
 or an empty optimizer state: weights load for finetuning; resuming needs --no-load-optim). A
@@ -44,12 +49,15 @@ computes included -- is refused in one line.
 import argparse
 import dataclasses
 import os
-import pickle
 import re
+import socket
 
 import torch
 import torch.distributed as dist
 
+from megatron.checkpoint_files import (ForeignObject, ReadOptions,  # noqa: F401 (re-exported)
+                                       atomic_torch_save, atomic_write_text, check_save_dir,
+                                       read_checkpoint_file, remove_stale_temporaries)
 from megatron.errors import UserError
 from megatron.initialize import get_rng_state, set_rng_state
 from megatron.model.module import (HEAD_COPY_KEY, LoadPolicy, flat_model_state,  # noqa: F401
@@ -115,185 +123,6 @@ def read_tracker(root):
     return iteration, False
 
 
-class ForeignObject:
-    """Stand-in for an object of another Megatron code base in a checkpoint -- an enum member
-    in ``args`` (``megatron.core.enums.ModelType.encoder_or_decoder``), a config dataclass
-    (``megatron.core.optimizer.OptimizerConfig``), a rerun-state record: it keeps what was saved
-    (``value``: the enum's value; a dataclass's fields as attributes) and runs no code."""
-
-    def __init__(self, *value):
-        self.value = value[0] if len(value) == 1 else value
-
-    def __repr__(self):
-        return f"ForeignObject({vars(self)!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, ForeignObject) and vars(other) == vars(self)
-
-    def __hash__(self):
-        return hash(repr(sorted(vars(self).items(), key=lambda kv: kv[0])))
-
-
-_FOREIGN = re.compile(r"^megatron\.[A-Za-z_][\w.]*$")  # Megatron-LM / megatron-core classes
-
-
-def _allowed_globals():
-    """What a checkpoint may hold beyond tensors and plain containers: the args Namespace, the
-    numpy arrays of the saved RNG states (numpy 1 and 2 module names), and the harmless
-    standard types megatron-core's own allowlist names (SimpleNamespace, PosixPath, Signals,
-    BytesIO)."""
-    import io
-    import pathlib
-    import signal
-    import types
-
-    import numpy as np
-
-    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") \
-        else np.core.multiarray._reconstruct
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    dtypes = {type(np.dtype(t)) for t in (np.bool_, np.int8, np.int16, np.int32, np.int64,
-                                          np.uint8, np.uint16, np.uint32, np.uint64,
-                                          np.float16, np.float32, np.float64)}
-    allowed = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath, signal.Signals,
-               io.BytesIO, np.ndarray, np.dtype, reconstruct, scalar, *dtypes]
-    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(reconstruct, f"{module}._reconstruct"), (scalar, f"{module}.scalar")]
-    return allowed
-
-
-def _checkpoint_globals(path):
-    """The allowlist for ``path``: ``_allowed_globals`` plus a ``ForeignObject`` stand-in for
-    each ``megatron.*`` class the file names (one torch does not already allow). Anything else
-    is a one-line UserError."""
-    allowed = _allowed_globals()
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not the zip format (or damaged): torch.load below reports it
-        return allowed
-    known = {f"{g.__module__}.{g.__qualname__}" for g in allowed if not isinstance(g, tuple)}
-    known |= {name for g in allowed if isinstance(g, tuple) for name in g[1:]}
-    for name in names:
-        if name in known:
-            continue
-        if not _FOREIGN.match(name):
-            raise UserError(f"cannot read checkpoint {path}: it holds a {name} object, which is "
-                            "not on the allowlist of checkpoint contents (files from disk never "
-                            "run code)")
-        allowed.append((ForeignObject, name))
-    return allowed
-
-
-def read_checkpoint_file(path):
-    """``torch.load(weights_only=True)`` of one ``model_optim_rng.pt`` with the allowlist of
-    ``_checkpoint_globals``; a truncated, foreign or unsafe file (torch raises anything from
-    RuntimeError to UnpicklingError, some with several lines) becomes a one-line UserError
-    naming the file."""
-    try:
-        with torch.serialization.safe_globals(_checkpoint_globals(path)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except UserError:
-        raise
-    except Exception as err:
-        text = str(err).strip()
-        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in text:
-            found = re.search(r"GLOBAL (\S+)", text)
-            text = (f"it holds a {found.group(1) if found else 'Python'} object, which is not "
-                    "on the allowlist of checkpoint contents (files from disk never run code)")
-            raise UserError(f"cannot read checkpoint {path}: {text}") from None
-        raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
-                        f"{text.splitlines()[0] if text else 'unreadable'}") from None
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_error(path, err):
-    reason = getattr(err, "strerror", None)
-    if not reason:
-        text = str(err).strip()
-        reason = text.splitlines()[0] if text else type(err).__name__
-    return UserError(f"cannot write {path}: {reason}")
-
-
-def _remove_quietly(path):
-    try:
-        if os.path.exists(path):
-            os.remove(path)
-    except OSError:
-        pass
-
-
-def atomic_torch_save(obj, path):
-    """torch.save to ``path.tmp``, fsync, rename: ``path`` is either absent or complete.
-
-    A file system error (not writable, not a directory, disk full) is a one-line UserError
-    naming the file; the temporary file is removed and an existing ``path`` is left as it was.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
-        # A full disk surfaces from torch's zip writer as a RuntimeError ("enforce fail at
-        # inline_container.cc") raised while handling the OSError: report the OSError.
-        cause = err
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__context__
-        if cause is None and "inline_container" not in str(err) and "write" not in str(err):
-            raise
-        raise _write_error(path, cause or err) from None
-    finally:
-        _remove_quietly(tmp)
-    _fsync_dir(os.path.dirname(path))
-
-
-def check_save_dir(root):
-    """Fail at start-up, not at the first save hours later, when ``--save`` cannot be written:
-    create the directory and a probe file in it (removed again). One-line UserError."""
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise UserError(f"--save {root}: cannot write checkpoints there: Not a directory")
-    probe = os.path.join(root, f".write_probe.{os.getpid()}")
-    try:
-        os.makedirs(root, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise UserError(f"--save {root}: cannot write checkpoints there: {reason}") from None
-    finally:
-        _remove_quietly(probe)
-
-
-def atomic_write_text(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        raise _write_error(path, err) from None
-    finally:
-        _remove_quietly(tmp)
-    _fsync_dir(os.path.dirname(path))
-
-
 def _distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -339,6 +168,8 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
     parallel = parallel or ParallelState()
     root = args.save
     log(f"saving checkpoint at iteration {state.iteration:7d} to {root}")
+    if _first_rank_on_this_host():
+        remove_stale_temporaries(root, log)
     # Megatron keeps the consumed counters on args; keep them in sync for compatibility.
     args.consumed_train_samples = state.consumed_train_samples
     args.consumed_valid_samples = state.consumed_valid_samples
@@ -380,6 +211,17 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
             error = err
     _agree_on_error(error, root, tracker_path)
     log(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {root}")
+
+
+def _first_rank_on_this_host():
+    """Whether this process has the lowest global rank of its host (all-gathers the host
+    names): the one that sweeps the host's stale temporary files, which only a process of
+    the writer's host can judge (``megatron.checkpoint_files``)."""
+    if not _distributed():
+        return True
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.index(socket.gethostname()) == dist.get_rank()
 
 
 def _agree_on_error(error, root, tracker_path):
@@ -476,8 +318,22 @@ def check_model_config(saved, given, path, skip=()):
             raise UserError(f"checkpoint {path} was saved with {flag} "
                             f"{'on' if saved_value else 'off'} but this run has it "
                             f"{'on' if given_value else 'off'}")
+        default = " (it defaults to --seq-length)" if name == "max_position_embeddings" else ""
         raise UserError(f"checkpoint {path} was saved with {flag} {saved_value} but {flag} "
-                        f"{given_value} was given")
+                        f"{given_value} was given{default}")
+
+
+def check_resume_seq_length(ckpt_args, args, path):
+    """A one-line UserError naming --seq-length when a resume gives another one than the
+    checkpoint's and the checkpoint holds state counted in its sequences (our checkpoints: the
+    random-LTD schedule, kept even by dense runs, and the layer-token counters). Checkpoints of
+    Megatron-LM hold none and resume at another length, as there."""
+    saved, given = getattr(ckpt_args, "seq_length", None), getattr(args, "seq_length", None)
+    if saved is None or given is None or saved == given:
+        return
+    raise UserError(f"checkpoint {path} was saved with --seq-length {saved} but --seq-length "
+                    f"{given} was given: a resume continues its schedules at that length (pass "
+                    f"--seq-length {saved}, or --finetune to start anew from its weights)")
 
 
 def check_head_gelu(saved, model, path):
@@ -570,7 +426,7 @@ def _fit_vocab(full, ckpt_args, model, parallel, path, log):
 
 
 def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
-                            flag="--pretrained-checkpoint"):
+                            flag="--pretrained-checkpoint", reading=ReadOptions()):
     """Load the model weights (nothing else) of the Megatron checkpoint directory ``root``,
     saved with any TP/PP layout, into this rank's ``model`` (its pipeline stage and tensor
     shard, ``parallel``); returns the checkpoint's ``args``.
@@ -578,12 +434,13 @@ def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
     The checkpoint's model args must describe this model (``check_model_config``; the padded
     vocabulary may differ by padding only, see ``_fit_vocab``); ``policy`` (a ``LoadPolicy``)
     names the parameters it may lack or hold beyond this model (another head), reported in one
-    line. Every rank reads the files itself (no collectives)."""
+    line. Every rank reads the files itself (no collectives); ``reading``: how
+    (``ReadOptions``: the --unsafe-load-checkpoint and --no-verify-checkpoint flags)."""
     from megatron.checkpoint_reshard import model_state_for_rank, read_full_model_state
 
     parallel = parallel or ParallelState()
     model = _unwrap(model)
-    full, ckpt_args = read_full_model_state(root, flag=flag)
+    full, ckpt_args = read_full_model_state(root, flag=flag, reading=reading)
     saved, unknown = saved_model_config(ckpt_args, root)
     if saved is not None:
         check_model_config(saved, model.config, root, skip=("padded_vocab_size", *unknown))
@@ -617,6 +474,7 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
     parallel = parallel or ParallelState()
     model = _unwrap(model)
     root = args.load
+    reading = ReadOptions.from_args(args)
     if root is None:
         return TrainState(), None
     if os.path.exists(root) and not os.path.isdir(root):  # else "training from scratch" below
@@ -635,7 +493,8 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
     if weights_only and layout is not None and layout != given:
         log(f"loading model weights from {root} at iteration {iteration} (saved with TP "
             f"{layout[0]} x PP {layout[1]}, this run TP {given[0]} x PP {given[1]})")
-        ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load")
+        ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load",
+                                            reading=reading)
         log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")
         return TrainState(), {"args": ckpt_args, "iteration": iteration}
     path = checkpoint_file(root, iteration, parallel.tp_rank, parallel.pp_rank, parallel.pp_size,
@@ -651,10 +510,12 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
                         f"{'release' if release else f'iteration {iteration}'} "
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, reading)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
     _check_layout(ckpt.get("args"), args, path)
+    if not weights_only and "random_ltd_scheduler" in ckpt:
+        check_resume_seq_length(ckpt.get("args"), args, path)
     check_shapes(ckpt.get("args"), args, path, model)
     flat = _without_unused_head_copy(flat_model_state(ckpt["model"]), model)
     missing, ignored = load_flat_state(model, flat, path, policy)

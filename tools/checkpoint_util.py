@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from megatron.checkpoint_reshard import (check_divisible, even_stage_names,  # noqa: E402
                                          load_shards, merge_model, merge_tensors, shard_tensor)
+from megatron.checkpoint_files import ReadOptions, add_read_flags  # noqa: E402
 from megatron.checkpointing import (TRACKER_FILENAME, atomic_torch_save,  # noqa: E402
                                     atomic_write_text, checkpoint_file, megatron_model_state)
 from megatron.errors import UserError, run_main  # noqa: E402
@@ -283,13 +284,13 @@ def _reseed_copied_rng(rng_states, args, tp_rank, pp_rank, iteration, stage_copy
 
 # -- driver ----------------------------------------------------------------------------------------
 
-def convert(load, save, target_tp, target_pp, log=print):
+def convert(load, save, target_tp, target_pp, log=print, reading=ReadOptions()):
     if target_tp < 1 or target_pp < 1:
         raise UserError("--target-tensor-parallel-size and --target-pipeline-parallel-size "
                         "must be >= 1")
     if os.path.abspath(load) == os.path.abspath(save):
         raise UserError("--save must differ from --load")
-    iteration, release, shards, src_tp, src_pp = load_shards(load)
+    iteration, release, shards, src_tp, src_pp = load_shards(load, reading=reading)
     log(f"loaded iteration {iteration if not release else 'release'} from {load} "
         f"(TP {src_tp} x PP {src_pp})")
     full = merge(shards, src_tp, src_pp)
@@ -310,9 +311,10 @@ def main(argv=None):
     parser.add_argument("--save", required=True, help="directory for the converted checkpoint")
     parser.add_argument("--target-tensor-parallel-size", type=int, required=True)
     parser.add_argument("--target-pipeline-parallel-size", type=int, required=True)
+    add_read_flags(parser)
     args = parser.parse_args(argv)
     convert(args.load, args.save, args.target_tensor_parallel_size,
-            args.target_pipeline_parallel_size)
+            args.target_pipeline_parallel_size, reading=ReadOptions.from_args(args))
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from megatron.checkpoint_files import ReadOptions, add_read_flags  # noqa: E402
 from megatron.checkpoint_reshard import (check_divisible, full_model,  # noqa: E402
                                          read_full_model_state, split_model)
 from megatron.checkpointing import (CHECKPOINT_VERSION, TRACKER_FILENAME,  # noqa: E402
@@ -386,12 +387,13 @@ def _check_shapes(hf_state, model, load):
                             f"args describe {tuple(own[name].shape)}")
 
 
-def export(load, output, iteration=None, vocab_file=None, merge_file=None, log=print):
-    """Write the HF directory ``output`` from the Megatron checkpoint ``load``; returns the HF
-    class name."""
+def export(load, output, iteration=None, vocab_file=None, merge_file=None, log=print,
+           reading=ReadOptions()):
+    """Write the HF directory ``output`` from the Megatron checkpoint ``load`` (read as
+    ``reading`` says); returns the HF class name."""
     transformers = _transformers()
     _check_output_dir(output)
-    full, args = read_full_model_state(load, iteration, flag="--load")
+    full, args = read_full_model_state(load, iteration, flag="--load", reading=reading)
     config, _ = saved_model_config(args, load)
     if config is None:
         raise UserError(f"--load {load}: its args do not describe a GPT or BERT model "
@@ -506,11 +508,14 @@ def read_hf_config(directory):
     return raw, arch
 
 
-def read_hf_weights(directory):
+def read_hf_weights(directory, reading=ReadOptions()):
     """{name: tensor} of ``model.safetensors`` (or its shards, or ``pytorch_model.bin``, read
-    with weights_only=True), names without the ``transformer.``/``bert.`` prefix and with
-    legacy ``gamma``/``beta`` as ``weight``/``bias``."""
+    as a Megatron checkpoint file: verified, unpickled with the allowlist unless ``reading``
+    says otherwise), names without the ``transformer.``/``bert.`` prefix and with legacy
+    ``gamma``/``beta`` as ``weight``/``bias``."""
     from safetensors.torch import load_file
+
+    from megatron.checkpoint_files import read_checkpoint_file
 
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -530,11 +535,15 @@ def read_hf_weights(directory):
     else:
         raise UserError(f"--input {directory}: no model.safetensors (or pytorch_model.bin)")
     for path in paths:
+        if path.endswith(".bin"):
+            part = read_checkpoint_file(path, reading)
+            if not isinstance(part, dict):
+                raise UserError(f"{path}: expected a dict of tensors, found a "
+                                f"{type(part).__name__}")
+            state.update(part)
+            continue
         try:
-            if path.endswith(".bin"):
-                part = torch.load(path, map_location="cpu", weights_only=True)
-            else:
-                part = load_file(path)
+            part = load_file(path)
         except Exception as err:  # safetensors/torch report damage in many ways
             text = str(err).strip().splitlines()
             raise UserError(f"cannot read {path}: {type(err).__name__}: "
@@ -700,7 +709,8 @@ def _check_tied(hf, family, untied, path):
             raise UserError(f"{path}: {head} differs from {emb}, but this model ties them")
 
 
-def import_(directory, save, target_tp=1, target_pp=1, make_divisible=128, log=print):
+def import_(directory, save, target_tp=1, target_pp=1, make_divisible=128, log=print,
+            reading=ReadOptions()):
     """Write a Megatron checkpoint of ``target_tp`` x ``target_pp`` to ``save`` from the HF
     directory ``directory``; returns the checkpoint's args."""
     from megatron.arguments import flag_defaults
@@ -718,7 +728,7 @@ def import_(directory, save, target_tp=1, target_pp=1, make_divisible=128, log=p
         hf_config, settings = _gpt_settings(raw, path, transformers)
     else:
         hf_config, settings = _bert_settings(raw, path, transformers, directory)
-    hf = read_hf_weights(directory)
+    hf = read_hf_weights(directory, reading)
     if family == "gpt":
         hf = _strip_gpt_prefix(hf, arch)
     _check_tied(hf, family, settings.get("untie_embeddings_and_output_weights"), directory)
@@ -800,6 +810,7 @@ def parse_args(argv=None):
                      help="default: the tracker file's")
     exp.add_argument("--vocab-file", default=None, help="override the checkpoint's")
     exp.add_argument("--merge-file", default=None, help="override the checkpoint's")
+    add_read_flags(exp)
     imp = sub.add_parser("import", help="Hugging Face directory -> Megatron checkpoint")
     imp.add_argument("--input", required=True, help="Hugging Face model directory")
     imp.add_argument("--save", required=True, help="directory for the Megatron checkpoint")
@@ -807,16 +818,19 @@ def parse_args(argv=None):
     imp.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                      help="pad the vocabulary to a multiple of this x TP (Megatron's default)")
+    add_read_flags(imp)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     opts = parse_args(argv)
     if opts.command == "export":
-        export(opts.load, opts.output, opts.iteration, opts.vocab_file, opts.merge_file)
+        export(opts.load, opts.output, opts.iteration, opts.vocab_file, opts.merge_file,
+               reading=ReadOptions.from_args(opts))
     else:
         import_(opts.input, opts.save, opts.target_tensor_parallel_size,
-                opts.target_pipeline_parallel_size, opts.make_vocab_size_divisible_by)
+                opts.target_pipeline_parallel_size, opts.make_vocab_size_divisible_by,
+                reading=ReadOptions.from_args(opts))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@
 Reads ``<load>/latest_checkpointed_iteration.txt`` (or ``--iteration``), then
 ``<load>/iter_{:07d}/mp_rank_00/model_optim_rng.pt`` (``release/`` for release checkpoints): the
 model shape and tokenizer come from the checkpoint's ``args``. Runs on one process (TP = PP = 1)
-in fp32; use --device cuda on a GPU. Checkpoints are unpickled (they hold an argparse
-Namespace): load only checkpoints you trust.
+in fp32; use --device cuda on a GPU. Checkpoint files are read as by training (verified,
+unpickled with an allowlist: a file that would run code is refused; see
+``megatron.checkpoint_files``, and its --unsafe-load-checkpoint / --no-verify-checkpoint).
 """
 
 import argparse
@@ -20,8 +21,8 @@ if __name__ == "__main__":
 import torch
 
 from megatron.arguments import transformer_config_from_args
-from megatron.checkpointing import (TRACKER_FILENAME, flat_model_state, read_checkpoint_file,
-                                    read_tracker)
+from megatron.checkpoint_files import ReadOptions, add_read_flags, read_checkpoint_file
+from megatron.checkpointing import TRACKER_FILENAME, flat_model_state, read_tracker
 from megatron.errors import UserError, run_main
 from megatron.model import GPTModel, TransformerConfig
 from megatron.text_generation import generate
@@ -54,10 +55,11 @@ def config_from_args(args, **overrides) -> TransformerConfig:
         recompute_granularity=None, sequence_parallel=False, **overrides)
 
 
-def load_model(load_dir: str, iteration=None, device="cpu"):
-    """Build a GPTModel (eval mode, fp32) from a Megatron checkpoint directory -> (model, args)."""
+def load_model(load_dir: str, iteration=None, device="cpu", reading=ReadOptions()):
+    """Build a GPTModel (eval mode, fp32) from a Megatron checkpoint directory -> (model, args);
+    ``reading``: how the file is read (``ReadOptions``)."""
     path = checkpoint_path(load_dir, iteration)
-    ckpt = read_checkpoint_file(path)
+    ckpt = read_checkpoint_file(path, reading)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise UserError(f"{path} is not a Megatron checkpoint (needs 'model' and 'args')")
     args = ckpt["args"]
@@ -134,6 +136,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab-file", default=None, help="override the checkpoint's --vocab-file")
     p.add_argument("--merge-file", default=None, help="override the checkpoint's --merge-file")
     p.add_argument("--tokenizer-model", default=None, help="override --tokenizer-model")
+    add_read_flags(p)
     args = p.parse_args(argv)
     if args.top_k < 0:
         raise UserError(f"--top-k must be >= 0, got {args.top_k}")
@@ -148,7 +151,8 @@ def parse_args(argv=None):
 
 def main(argv=None, out=sys.stdout):
     opts = parse_args(argv)
-    model, ckpt_args = load_model(opts.load, opts.iteration, opts.device)
+    model, ckpt_args = load_model(opts.load, opts.iteration, opts.device,
+                                  ReadOptions.from_args(opts))
     tok = build_tokenizer_from_args(ckpt_args, opts.vocab_file, opts.merge_file,
                                     opts.tokenizer_model)
     generator = torch.Generator(device=opts.device).manual_seed(opts.seed)

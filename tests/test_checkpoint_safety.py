@@ -1,0 +1,373 @@
+"""Checkpoint files under fault injection (issue 12): a crafted pickle never runs, a flipped
+byte or a truncated file is one line naming it, writers killed mid-save leave nothing behind
+and lose nothing, a resume with another shape flag names the flag."""
+
+import glob
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.checkpoint_files import (ReadOptions, read_checkpoint_file,
+                                       remove_stale_temporaries, stale_temporaries,
+                                       temporary_name, verify_checkpoint_file)
+from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_tracker
+from megatron.errors import UserError
+from test_bad_input import assert_user_error, cli
+from training_helpers import gpt_argv, run
+
+GENERATE = ["--prompt", "hello", "--max-new-tokens", "2"]
+
+
+class _RunsCode:
+    """Unpickles as ``os.system(command)``: what a crafted checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data_prefix, tmp_path_factory):
+    """A 2-iteration GPT checkpoint saved by pretraining."""
+    ckpt = str(tmp_path_factory.mktemp("ckpt") / "ckpt")
+    run(gpt_argv(data_prefix, "--save", ckpt, "--eval-iters", "0", iters=2))
+    return ckpt
+
+
+def _copy(checkpoint, out):
+    shutil.copytree(checkpoint, out)
+    return str(out), checkpoint_file(str(out), 2)
+
+
+def _malicious_copy(checkpoint, out, marker):
+    """A copy whose file, unpickled without the allowlist, runs ``touch marker``."""
+    root, path = _copy(checkpoint, out)
+    ckpt = read_checkpoint_file(path)
+    ckpt["args"].payload = _RunsCode(f"touch {marker}")
+    torch.save(ckpt, path)
+    return root, path
+
+
+def _flip_tensor_byte(path):
+    """Flip one byte in the middle of the largest tensor record of ``path``."""
+    with zipfile.ZipFile(path) as archive:
+        info = max(archive.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)  # the local header's name and extra-field lengths
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        f.seek(name_length + extra_length + info.file_size // 2, os.SEEK_CUR)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+    return info.filename
+
+
+# -- files from disk never run code ----------------------------------------------------------------
+
+def test_crafted_pickle_is_refused_by_every_reader_and_runs_only_when_trusted(
+        checkpoint, tmp_path):
+    marker = tmp_path / "ran"
+    root, path = _malicious_copy(checkpoint, tmp_path / "evil", marker)
+    needles = (f"cannot read checkpoint {path}: it holds a posix.system object",
+               "--unsafe-load-checkpoint")
+    from tools import checkpoint_util, convert_hf, generate_text
+
+    readers = [lambda: read_checkpoint_file(path),
+               lambda: generate_text.main(["--load", root, *GENERATE]),
+               lambda: checkpoint_util.main(["--load", root, "--save", str(tmp_path / "out"),
+                                             "--target-tensor-parallel-size", "1",
+                                             "--target-pipeline-parallel-size", "1"]),
+               lambda: convert_hf.main(["export", "--load", root,
+                                        "--output", str(tmp_path / "hf")])]
+    for read in readers:
+        with pytest.raises(UserError) as info:
+            read()
+        assert all(n in str(info.value) for n in needles) and "\n" not in str(info.value)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # The payload is live: trusting the file (--unsafe-load-checkpoint) runs it.
+    read_checkpoint_file(path, ReadOptions(unsafe=True))
+    assert marker.exists()
+
+
+def test_crafted_pytorch_model_bin_is_refused_by_the_hf_import(tmp_path):
+    from tools import convert_hf
+
+    hf, marker = tmp_path / "hf", tmp_path / "ran"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2", "architectures": '
+                                    '["GPT2LMHeadModel"], "n_layer": 1, "n_embd": 8, '
+                                    '"n_head": 2, "n_positions": 8, "vocab_size": 16}')
+    torch.save({"wte.weight": torch.zeros(16, 8), "x": _RunsCode(f"touch {marker}")},
+               hf / "pytorch_model.bin")
+    with pytest.raises(UserError, match="it holds a posix.system object.*"
+                                        "--unsafe-load-checkpoint"):
+        convert_hf.main(["import", "--input", str(hf), "--save", str(tmp_path / "out")])
+    assert not marker.exists()
+
+
+def test_unlisted_harmless_type_needs_the_flag_and_warns_once(checkpoint, tmp_path, capsys):
+    import fractions
+
+    from megatron import checkpoint_files
+
+    root, path = _copy(checkpoint, tmp_path / "old")
+    ckpt = read_checkpoint_file(path)
+    ckpt["args"].ratio = fractions.Fraction(1, 3)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="holds a fractions.Fraction object.*"
+                                        "pass --unsafe-load-checkpoint only if you trust"):
+        read_checkpoint_file(path)
+    checkpoint_files._warned_unsafe.clear()
+    capsys.readouterr()
+    for _ in range(2):
+        assert read_checkpoint_file(path, ReadOptions(unsafe=True))["args"].ratio == \
+            fractions.Fraction(1, 3)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "--unsafe-load-checkpoint" in warnings[0]
+
+
+@pytest.mark.slow
+def test_crafted_checkpoint_through_the_command_lines(data_prefix, checkpoint, tmp_path):
+    """pretrain_gpt.py --load and the tools, as a user runs them: one line, exit 2, no code."""
+    marker = tmp_path / "ran"
+    root, path = _malicious_copy(checkpoint, tmp_path / "evil", marker)
+    needles = (path, "posix.system", "--unsafe-load-checkpoint")
+    assert_user_error(cli("pretrain_gpt.py", *gpt_argv(data_prefix, "--load", root, iters=4)),
+                      *needles)
+    assert_user_error(cli("tools/generate_text.py", "--load", root, *GENERATE), *needles)
+    assert_user_error(cli("tools/checkpoint_util.py", "--load", root, "--save", tmp_path / "o",
+                          "--target-tensor-parallel-size", "1",
+                          "--target-pipeline-parallel-size", "1"), *needles)
+    assert not marker.exists()
+
+
+# -- integrity ---------------------------------------------------------------------------------
+
+def test_flipped_byte_in_tensor_data_is_one_line_naming_the_file(data_prefix, checkpoint,
+                                                                 tmp_path):
+    root, path = _copy(checkpoint, tmp_path / "flipped")
+    original = read_checkpoint_file(path)
+    record = _flip_tensor_byte(path)
+    with pytest.raises(UserError) as info:
+        run(gpt_argv(data_prefix, "--load", root, iters=4))
+    message = str(info.value)
+    assert message.startswith(f"cannot read checkpoint {path}: it does not match the sizes "
+                              "and CRC-32s recorded when it was written") and "\n" not in message
+    assert record in message and "--no-verify-checkpoint" in message
+    # torch itself does not notice: without the check the damaged tensor loads.
+    damaged = read_checkpoint_file(path, ReadOptions(verify=False))
+    flat = [(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(original),
+                                   torch.utils._pytree.tree_leaves(damaged))
+            if torch.is_tensor(a)]
+    assert sum(not torch.equal(a, b) for a, b in flat) == 1
+
+
+def test_truncated_file_is_one_line_and_rewritten_or_legacy_files_load(checkpoint, tmp_path):
+    root, path = _copy(checkpoint, tmp_path / "cut")
+    data = open(path, "rb").read()
+    ckpt = read_checkpoint_file(path)
+    open(path, "wb").write(data[:-1000])
+    with pytest.raises(UserError, match=f"cannot read checkpoint {path}: .*truncated"):
+        read_checkpoint_file(path)
+    torch.save(ckpt, path)  # edited by hand with torch.save: its own records, verified
+    verify_checkpoint_file(path)
+    assert read_checkpoint_file(path)["iteration"] == 2
+    torch.save(ckpt, path, _use_new_zipfile_serialization=False)  # pre-1.6 format: no records
+    assert read_checkpoint_file(path)["iteration"] == 2
+
+
+# -- stale temporary files -----------------------------------------------------------------------
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _holder(path):
+    """A live process of another pid holding the writer's flock on ``path``."""
+    code = ("import fcntl, sys, time; f = open(sys.argv[1], 'ab'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_only_dead_writers_files_of_this_host_in_the_checkpoint_tree_are_removed(tmp_path):
+    root = tmp_path / "save"
+    rank_dir = root / "iter_0000004" / "mp_rank_00"
+    rank_dir.mkdir(parents=True)
+    (root / "other").mkdir()
+    target = str(rank_dir / "model_optim_rng.pt")
+    host = temporary_name(target).rsplit(".", 1)[0].split(".tmp.", 1)[1]
+    dead = _dead_pid()
+    files = {
+        "dead": f"{target}.tmp.{host}.{dead}",
+        "tracker-dead": str(root / f"{TRACKER_FILENAME}.tmp.{host}.{dead}"),
+        "alive": temporary_name(target),  # this process: a writer at work
+        "other-host": f"{target}.tmp.not-{host}.{dead}",
+        "outside": str(root / "other" / f"x.tmp.{host}.{dead}"),
+        "no-pid": f"{target}.tmp.{dead}",
+        "locked": str(rank_dir / f"optim.pt.tmp.{host}.{_dead_pid()}"),
+    }
+    for path in files.values():
+        open(path, "wb").write(b"x" * 1000)
+    holder = _holder(files["locked"])
+    try:
+        assert sorted(stale_temporaries(str(root))) == sorted([files["dead"],
+                                                               files["tracker-dead"]])
+        logs = []
+        assert remove_stale_temporaries(str(root), logs.append) == 2
+        assert len(logs) == 1 and "removed 2 temporary file(s)" in logs[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {k for k, p in files.items() if os.path.exists(p)} == \
+        {"alive", "other-host", "outside", "no-pid", "locked"}
+    assert stale_temporaries(str(root)) == [files["locked"]]  # its holder is gone now
+
+
+def _train_child(argv, events):
+    """Forked child: a training run that reports each log line, then its losses."""
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import pretrain_gpt
+
+    result = pretrain_gpt.pretrain(pretrain_gpt.datasets_provider, pretrain_gpt.model_provider,
+                                   pretrain_gpt.forward_step_provider, argv=argv,
+                                   log=lambda line: events.put(("log", str(line))))
+    events.put(("done", [(i, dict(loss)) for i, loss in result.train_losses]))
+
+
+def _start(argv):
+    ctx = multiprocessing.get_context("fork")
+    events = ctx.Queue()
+    child = ctx.Process(target=_train_child, args=(argv, events), daemon=True)
+    child.start()
+    return child, events
+
+
+def _next_event(events, child, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            return events.get(timeout=1)
+        except Exception:  # queue.Empty
+            if not child.is_alive():
+                raise AssertionError(f"training child died with exit code {child.exitcode}")
+    raise AssertionError("training child made no progress")
+
+
+def _run_to_end(argv):
+    child, events = _start(argv)
+    while True:
+        kind, payload = _next_event(events, child)
+        if kind == "done":
+            child.join(timeout=60)
+            return payload
+
+
+def _temporaries(root):
+    return glob.glob(os.path.join(root, "**", "*.tmp.*"), recursive=True)
+
+
+def _kill_during_save(argv, save, rng, wait_for_file):
+    """Start a run, SIGKILL it at a random moment of its first save; whether it left a
+    temporary file."""
+    child, events = _start(argv)
+    while True:
+        kind, payload = _next_event(events, child)
+        assert kind == "log", "the run ended before it was killed"
+        if payload.startswith("saving checkpoint"):
+            break
+    deadline = time.time() + 5
+    while wait_for_file and not _temporaries(save) and time.time() < deadline:
+        time.sleep(0.0005)
+    time.sleep(rng.uniform(0, 0.04 if wait_for_file else 0.3))
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(timeout=60)
+    return bool([p for p in _temporaries(save) if f".{child.pid}" in p])
+
+
+def _same(a, b):
+    if torch.is_tensor(b):
+        return torch.equal(a, b)
+    if isinstance(b, np.ndarray):
+        return np.array_equal(a, b)
+    return a == b
+
+
+def _final_state(root):
+    iteration, _ = read_tracker(root)
+    ckpt = read_checkpoint_file(checkpoint_file(root, iteration))
+    return iteration, ckpt["model"], ckpt["optimizer"], ckpt["rng_state"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_save_20_times_resumes_to_the_uninterrupted_final_state(data_prefix,
+                                                                            tmp_path):
+    iters, kills = 24, 20  # each launch completes at most one save before it is killed
+    argv = gpt_argv(data_prefix, "--save-interval", "1", "--eval-iters", "0",
+                    "--hidden-size", "256", "--log-interval", "1", iters=iters)
+    reference = str(tmp_path / "reference")
+    expected_losses = _run_to_end(argv + ["--save", reference])
+    save = str(tmp_path / "killed")
+    resume = argv + ["--save", save, "--load", save]
+    rng, left_files = random.Random(12), 0
+    for k in range(kills):
+        left_files += _kill_during_save(resume, save, rng, wait_for_file=k % 2 == 0)
+        found = read_tracker(save)
+        if found is not None:  # latest names a complete checkpoint that verifies
+            read_checkpoint_file(checkpoint_file(save, found[0]))
+    assert left_files >= 1, "no kill landed while a checkpoint file was being written"
+    losses = _run_to_end(resume)
+    assert _temporaries(save) == []  # the dead writers' files went at the next save
+    assert losses[-1][0] == iters and losses == expected_losses[-len(losses):]
+    done, expected = _final_state(save), _final_state(reference)
+    assert done[0] == expected[0] == iters
+    for got, want in zip(torch.utils._pytree.tree_leaves(done[1:]),
+                         torch.utils._pytree.tree_leaves(expected[1:])):
+        assert _same(got, want)
+
+
+# -- shape flags on resume -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--seq-length", "16"], "saved with --seq-length 32 but --seq-length 16 was given"),
+    (["--seq-length", "16", "--max-position-embeddings", "32"],
+     "saved with --seq-length 32 but --seq-length 16 was given"),
+    (["--hidden-size", "64"], "saved with --hidden-size 32 but --hidden-size 64 was given"),
+    (["--num-layers", "3"], "saved with --num-layers 2 but --num-layers 3 was given"),
+    (["--num-attention-heads", "8"], "--num-attention-heads 4 but --num-attention-heads 8"),
+    (["--ffn-hidden-size", "64"], "--ffn-hidden-size 128 but --ffn-hidden-size 64 was given"),
+    (["--tokenizer-type", "NullTokenizer", "--vocab-size", "100"],
+     "padded vocabulary of 1536 but the tokenizer gives 128"),
+])
+def test_resume_with_another_shape_flag_names_it(data_prefix, checkpoint, extra, needle):
+    with pytest.raises(UserError) as info:
+        run(gpt_argv(data_prefix, "--load", checkpoint, "--eval-iters", "0", iters=4) + extra)
+    message = str(info.value)
+    assert needle in message and checkpoint_file(checkpoint, 2) in message
+    assert "random-LTD" not in message and "\n" not in message
+
+
+def test_finetune_at_another_seq_length_names_the_position_embeddings(data_prefix, checkpoint):
+    with pytest.raises(UserError, match="--max-position-embeddings 32 but "
+                                        "--max-position-embeddings 16 was given \\(it "
+                                        "defaults to --seq-length\\)"):
+        run(gpt_argv(data_prefix, "--load", checkpoint, "--finetune", "--seq-length", "16",
+                     iters=2))
