@@ -99,7 +99,7 @@ def get_args(argv=None):
     g.add_argument("--tokenizer-backend", default="auto", choices=BACKENDS,
                    help="fast: gigatoken, a compiled tokenizer (pip install "
                         "'megatron-ltd[fast]'), for byte-level BPE (GPT2BPETokenizer, "
-                        "HFTokenizer BPE) and SentencePiece BPE with byte fallback; checked "
+                        "HFTokenizer BPE); checked "
                         "against the reference on the first documents of every run. hf: the "
                         "tokenizer's own library. auto: fast when installed, supported and "
                         "identical, else hf")
