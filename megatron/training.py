@@ -651,7 +651,7 @@ def check_step_is_finite(args, iteration, losses, update_successful, grad_norm, 
         if grad_norm is not None and not math.isfinite(grad_norm):
             bad.append(f"grad norm {grad_norm}")
         if bad:
-            raise UserError(f"iteration {iteration}: {', '.join(bad)} is not finite; stopped "
+            raise UserError(f"iteration {iteration}: not finite: {', '.join(bad)}; stopped "
                             f"without saving this state (--check-for-nan-in-loss-and-grad; the "
                             f"last checkpoint is the resume point; try a lower --lr)")
     return 0

@@ -176,13 +176,13 @@ def test_sigterm_from_outside_saves_exits_0_and_resumes_to_the_same_weights(data
     assert len(exits) == 1 and "received SIGTERM (--exit-signal-handler)" in exits[0], out
     stopped_at = int(exits[0].split()[3].rstrip(":"))
     assert 2 <= stopped_at < 30 and latest(ckpt) == str(stopped_at)
-    resumed = subprocess.run([sys.executable, "pretrain_gpt.py", *argv, "--load", ckpt,
-                              "--save", ckpt], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full = run(argv)[0]
-    saved = read_checkpoint_file(checkpoint_file(ckpt, 30))["model"]
-    _assert_nested_equal(full.model.state_dict_for_save_checkpoint(), saved)
+    reference = str(tmp_path / "reference")
+    for extra in (["--load", ckpt, "--save", ckpt], ["--save", reference]):
+        finished = _cli(*argv, *extra)  # the same environment (threads) as the stopped run
+        _, err = finished.communicate(timeout=300)
+        assert finished.returncode == 0, err[-3000:]
+    _assert_nested_equal(read_checkpoint_file(checkpoint_file(reference, 30))["model"],
+                         read_checkpoint_file(checkpoint_file(ckpt, 30))["model"])
 
 
 def _assert_nested_equal(a, b, where="model"):
@@ -192,3 +192,127 @@ def _assert_nested_equal(a, b, where="model"):
             _assert_nested_equal(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+# ---------------------------------------------------------------------------------------------
+# --check-for-nan-in-loss-and-grad, --max-consecutive-skipped
+
+
+def saved_iterations(ckpt):
+    return sorted(int(name[len("iter_"):]) for name in os.listdir(ckpt)
+                  if name.startswith("iter_"))
+
+
+@pytest.mark.slow
+def test_nan_loss_from_a_huge_lr_stops_before_any_save_of_it(data_prefix, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    argv = gpt_argv(data_prefix, "--lr", "1e10", "--save", ckpt, "--save-interval", "1",
+                    iters=20)
+    with pytest.raises(UserError, match=r"^iteration 3: not finite: lm loss nan.*"
+                                        r"--check-for-nan-in-loss-and-grad"):
+        run(argv)
+    assert latest(ckpt) == "2" and saved_iterations(ckpt) == [1, 2]
+    good = read_checkpoint_file(checkpoint_file(ckpt, 2))["model"]
+    assert all(torch.isfinite(t).all() for t in _tensors(good))
+    proc = _cli(*argv, "--save", str(tmp_path / "cli"))  # as a user sees it
+    status, line = one_line_error(proc, timeout=300)
+    assert status == 2 and line.startswith("error: iteration 3: not finite: lm loss nan")
+    assert latest(str(tmp_path / "cli")) == "2"
+    # Megatron's --no-check-for-nan-in-loss-and-grad keeps the old behaviour: it trains on
+    stray, _ = run(gpt_argv(data_prefix, "--lr", "1e10", "--no-check-for-nan-in-loss-and-grad",
+                            iters=4))
+    assert stray.state.iteration == 4 and stray.state.nan_iters >= 1
+
+
+@pytest.mark.slow
+def test_nan_parameters_are_never_saved(data_prefix, tmp_path):
+    """fp16 with a huge LR: the scaler skips the NaN losses, but the half-precision weights
+    overflow to inf; the save that would make them ``latest`` is refused."""
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(UserError, match=r"the model's parameters are not finite; not saving"):
+        run(gpt_argv(data_prefix, "--fp16", "--lr", "1e10", "--save", ckpt,
+                     "--save-interval", "1", iters=30))
+    last = int(latest(ckpt))
+    assert saved_iterations(ckpt)[-1] == last
+    good = read_checkpoint_file(checkpoint_file(ckpt, last))["model"]
+    assert all(torch.isfinite(t).all() for t in _tensors(good))
+
+
+def test_fp16_skipping_every_step_stops_after_max_consecutive_skipped(data_prefix):
+    with pytest.raises(UserError, match=r"^iteration 3: the fp16 loss scaler skipped 3 steps "
+                                        r"in a row \(--max-consecutive-skipped 3\)"):
+        run(gpt_argv(data_prefix, "--fp16", "--initial-loss-scale", "1e30",
+                     "--max-consecutive-skipped", "3", iters=8))
+
+
+def _tensors(tree):
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, torch.Tensor):
+        yield tree
+
+
+# ---------------------------------------------------------------------------------------------
+# --distributed-timeout-minutes: a frozen or dead peer ends the other ranks in one line
+
+
+def launch_ranks(argv, world_size=2):
+    """pretrain_gpt.py on ``world_size`` gloo ranks as torchrun starts them (rank 0's stdout
+    piped, the others' discarded); every rank's stderr is piped."""
+    from distributed_harness import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "pretrain_gpt.py", *map(str, argv)], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def one_line_error(proc, timeout):
+    """Wait for ``proc``; its exit status and its one error line, the last on stderr (torch's
+    start-up warnings may come before it; no traceback)."""
+    _, err = proc.communicate(timeout=timeout)
+    lines = err.strip().splitlines()
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return proc.returncode, lines[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
+def test_a_frozen_or_dead_peer_ends_the_other_rank_in_one_line(data_prefix, fault):
+    """SIGSTOP (a frozen process, a stuck kernel, a swapped-out node) of rank 1 under
+    --distributed-timeout-minutes 1: rank 0 ends within the minute and a little, naming the
+    timeout and rank 1; SIGKILL (a dead process): rank 0 ends at once, naming rank 1."""
+    argv = gpt_argv(data_prefix, "--log-interval", "1", "--eval-interval", "1000",
+                    "--distributed-timeout-minutes", "1", iters=100000)
+    procs = launch_ranks(argv)
+    try:
+        _wait_for_line(procs[0], " iteration        3/")
+        procs[1].send_signal(getattr(signal, fault))
+        start = time.time()
+        status, line = one_line_error(procs[0], timeout=180)
+        waited = time.time() - start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert status == 2
+    if fault == "SIGSTOP":
+        assert 55 < waited < 150, waited
+        assert line == ("error: rank 0: no answer from rank 1 within "
+                        "--distributed-timeout-minutes 1 (a frozen or stuck process or node); "
+                        "stopped")
+    else:
+        assert waited < 30, waited
+        assert line == ("error: rank 0: lost the connection to rank 1 (its process ended or "
+                        "its node went away); stopped")
