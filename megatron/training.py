@@ -372,10 +372,11 @@ def uses_main_grads(args) -> bool:
     """Gradients accumulate and all-reduce in fp32 ``main_grad`` buffers: bf16 (Megatron forces
     --accumulate-allreduce-grads-in-fp32 for it, also where ``args`` lacks the flag), or fp16
     with the flag; never for fp32 parameters."""
-    dtype = getattr(args, "params_dtype", "fp32")
-    if dtype == "bf16":
+    dtype = params_torch_dtype(args)  # a torch dtype, as Megatron saves it, or our older names
+    if dtype == torch.bfloat16:
         return True
-    return dtype == "fp16" and bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False))
+    return dtype == torch.float16 and bool(getattr(args, "accumulate_allreduce_grads_in_fp32",
+                                                   False))
 
 
 @dataclasses.dataclass
