@@ -231,16 +231,9 @@ def test_unsupported_tokenizers_use_the_reference(tmp_path, capsys, gpt2):
 
 
 def test_fast_without_gigatoken_is_one_line(tmp_path, capsys, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_gigatoken(name, *args, **kwargs):
-        if name == "gigatoken":
-            raise ImportError("No module named 'gigatoken'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_gigatoken)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gigatoken" else real_find_spec(name, *a))
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
     _fails(capsys, preprocess_data, ["--input", src, "--output-prefix", tmp_path / "o",
                                      "--tokenizer-backend", "fast", *GPT2],

@@ -22,6 +22,7 @@ first documents of the run; any difference means the reference is used (``auto``
 warning) or the run stops (``fast``).
 """
 
+import importlib.util
 import itertools
 import re
 import sys
@@ -168,24 +169,15 @@ def _version(package):
         return "?"
 
 
-def make_backend(name, tokenizer, threads):
-    """The backend ``name`` ('fast' or 'hf'), as already chosen by ``choose_backend``."""
-    if name == "fast":
-        return GigatokenBackend(tokenizer, threads)
-    return ReferenceBackend(tokenizer)
+def first_difference(backend, tokenizer, texts):
+    """The first text ``backend`` encodes differently from ``tokenizer.tokenize``, or None.
 
-
-def first_difference(backend, reference, texts):
-    """The first text ``backend`` encodes differently from ``reference``, or None."""
-    for start in range(0, len(texts), 64):
-        batch = texts[start:start + 64]
-        got, want = backend.encode(batch), reference.encode(batch)
-        if np.array_equal(got[1], want[1]) and np.array_equal(got[0], want[0]):
-            continue
-        for text in batch:
-            a, b = backend.encode([text]), reference.encode([text])
-            if not np.array_equal(a[0], b[0]):
-                return text
+    One text at a time on the reference side: its batch call would start HF tokenizers' thread
+    pool in this process, which then warns and turns itself off in forked workers."""
+    flat, lengths = backend.encode(texts)
+    for text, ids in zip(texts, np.split(flat, np.cumsum(lengths)[:-1])):
+        if ids.tolist() != list(tokenizer.tokenize(text)):
+            return text
     return None
 
 
@@ -202,12 +194,10 @@ def choose_backend(choice, tokenizer, sample_texts, threads, warn=None):
     if choice == "hf":
         return reference, "hf (the tokenizer's own library)"
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
-    try:
-        import gigatoken  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("gigatoken") is None:
         if choice == "fast":
             raise UserError("--tokenizer-backend fast: gigatoken is not installed (pip install "
-                            "'megatron-ltd[fast]' or pip install gigatoken)") from None
+                            "'megatron-ltd[fast]' or pip install gigatoken)")
         return reference, "hf (gigatoken is not installed: pip install 'megatron-ltd[fast]')"
     try:
         fast = GigatokenBackend(tokenizer, threads=False)  # no thread pool before any fork
@@ -215,7 +205,7 @@ def choose_backend(choice, tokenizer, sample_texts, threads, warn=None):
         if choice == "fast":
             raise UserError(f"--tokenizer-backend fast: {err}") from None
         return reference, f"hf ({err})"
-    differing = first_difference(fast, reference, list(PROBES) + list(sample_texts))
+    differing = first_difference(fast, tokenizer, list(PROBES) + list(sample_texts))
     if differing is not None:
         shown = differing if len(differing) <= 60 else differing[:57] + "..."
         msg = (f"gigatoken {fast.version} encodes {shown!r} differently from "

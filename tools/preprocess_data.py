@@ -54,7 +54,7 @@ import numpy as np
 
 from megatron.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype
 from megatron.errors import UserError, run_main
-from tools.preprocess_backends import BACKENDS, choose_backend, make_backend
+from tools.preprocess_backends import BACKENDS, ReferenceBackend, choose_backend
 from tools.preprocess_workers import OrderedWorkers
 
 _READ_BLOCK = 1 << 20  # bytes read from an input file at a time
@@ -449,12 +449,11 @@ def document_layout(lengths, sentences_per_doc, eod):
 class Encoder:
     """Turns a chunk of JSON lines into token arrays, one set per JSON key."""
 
-    def __init__(self, cfg, tokenizer=None, backend=None):
+    def __init__(self, cfg, tokenizer, backend):
         self.cfg = cfg
         self.keys = cfg["json_keys"]
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer_from(cfg)
-        self.backend = backend if backend is not None else make_backend(
-            cfg["tokenizer_backend"], self.tokenizer, threads=False)
+        self.tokenizer = tokenizer
+        self.backend = backend  # tools/preprocess_backends.py: texts -> ragged ids
         self.dtype = np.dtype(cfg["dtype"])
         self.max_id = np.iinfo(self.dtype).max
         self.eod = self.tokenizer.eod if cfg["append_eod"] else None
@@ -562,12 +561,13 @@ class Encoder:
 _WORKER_ENCODER = None
 
 
-def _init_worker(cfg):
+def _init_worker(encoder):
+    """Runs in each forked worker: it inherits the parent's encoder (nothing is rebuilt)."""
     global _WORKER_ENCODER
     # One thread per worker: --workers sets the parallelism. Without this every worker's HF
     # tokenizer would also start a thread per core (workers x cores threads on big machines).
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER_ENCODER = Encoder(cfg)
+    _WORKER_ENCODER = encoder
 
 
 def _encode_in_worker(chunk):
@@ -698,16 +698,15 @@ def _main(argv):
         chunks = read_chunks(paths, args.chunk_bytes)
         first = next(chunks, None)
         chunks = itertools.chain([first] if first is not None else [], chunks)
-        reader = Encoder(cfg, tokenizer, backend=make_backend("hf", tokenizer, threads=False))
+        reader = Encoder(cfg, tokenizer, ReferenceBackend(tokenizer))
         backend, note = choose_backend(args.tokenizer_backend, tokenizer,
                                        _sample_texts(reader, first), threads=args.workers == 1)
-        cfg["tokenizer_backend"] = backend.name
         print(f"Tokenizer backend: {note}", file=sys.stderr)
+        encoder = Encoder(cfg, tokenizer, backend)
         if args.workers == 1:
-            encoder = Encoder(cfg, tokenizer, backend)
             results = ((chunk, encoder.encode(chunk)) for chunk in chunks)
         else:
-            pool = OrderedWorkers(args.workers, _init_worker, (cfg,), _encode_in_worker)
+            pool = OrderedWorkers(args.workers, _init_worker, (encoder,), _encode_in_worker)
             results = pool.imap(chunks, ahead=4 * args.workers, describe=_describe_chunk)
         print(f"Time to startup: {time.time() - startup}")
         start = time.time()
