@@ -17,8 +17,9 @@ loads the other's checkpoints; loading also accepts flat parameter names.
 
 Nothing is lost: each file is written to a temporary name, flushed to disk and renamed; the
 tracker file is replaced last, so a crash at any moment leaves ``latest`` naming a complete
-checkpoint. The temporary files of writers killed mid-save are removed at the next save (one
-process per host sweeps the --save tree; ``megatron.checkpoint_files.remove_stale_temporaries``).
+checkpoint. The temporary files of writers killed mid-save are removed at the next save: the
+first save of each process (only a dead process leaves them) sweeps the --save tree, one process
+per host (``megatron.checkpoint_files.remove_stale_temporaries``).
 
 Parallel runs (``parallel=`` a ParallelState), as Megatron: every (tp, pp) rank has its own file;
 data-parallel rank 0 of each writes it, with ``rng_state`` the list of every DP rank's RNG states
@@ -168,8 +169,7 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
     parallel = parallel or ParallelState()
     root = args.save
     log(f"saving checkpoint at iteration {state.iteration:7d} to {root}")
-    if _first_rank_on_this_host():
-        remove_stale_temporaries(root, log)
+    _sweep_once(root, log)
     # Megatron keeps the consumed counters on args; keep them in sync for compatibility.
     args.consumed_train_samples = state.consumed_train_samples
     args.consumed_valid_samples = state.consumed_valid_samples
@@ -211,6 +211,21 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
             error = err
     _agree_on_error(error, root, tracker_path)
     log(f"  successfully saved checkpoint at iteration {state.iteration:7d} to {root}")
+
+
+_swept = set()  # save directories this process has swept (every rank sweeps at the same save)
+
+
+def _sweep_once(root, log):
+    """At this process's first save to ``root``, remove what writers killed mid-save left
+    there: they were dead processes, since a living one removes its own temporary files even
+    when it fails; later saves skip the walk of a tree that may hold hundreds of iterations."""
+    key = os.path.abspath(root)
+    if key in _swept:
+        return
+    _swept.add(key)
+    if _first_rank_on_this_host():
+        remove_stale_temporaries(root, log)
 
 
 def _first_rank_on_this_host():

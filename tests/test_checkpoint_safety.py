@@ -374,3 +374,16 @@ def test_finetune_at_another_seq_length_names_the_position_embeddings(data_prefi
                                         "defaults to --seq-length\\)"):
         run(gpt_argv(data_prefix, "--load", checkpoint, "--finetune", "--seq-length", "16",
                      iters=2))
+
+
+def test_the_first_save_of_a_run_sweeps_what_killed_writers_left(data_prefix, checkpoint,
+                                                                  tmp_path):
+    root, path = _copy(checkpoint, tmp_path / "resumed")
+    dead = _dead_pid()
+    stale = temporary_name(checkpoint_file(root, 4)).rsplit(".", 1)[0] + f".{dead}"
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "wb").write(b"x" * 4096)
+    _, logs = run(gpt_argv(data_prefix, "--load", root, "--save", root, "--eval-iters", "0",
+                           "--override-opt_param-scheduler", iters=4))
+    assert not os.path.exists(stale) and _temporaries(root) == []
+    assert [line for line in logs if "removed 1 temporary file(s)" in line]
