@@ -110,7 +110,8 @@ def _iterators(dataloader_type, dataset, consumed_train=0, consumed_valid=0, dp_
 
     args = argparse.Namespace(train_iters=100, train_samples=None, global_batch_size=4,
                               eval_interval=10, eval_iters=1, micro_batch_size=2,
-                              num_workers=0, dataloader_type=dataloader_type, seed=0)
+                              num_workers=0, dataloader_type=dataloader_type, seed=0,
+                              skip_train=False, padded_vocab_size=1 << 20)
     state = argparse.Namespace(iteration=iteration, consumed_train_samples=consumed_train,
                                consumed_valid_samples=consumed_valid)
     if state_out is not None:
