@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from megatron.arguments import params_torch_dtype, parse_args
+from megatron.batch_rampup import current_global_batch_size, train_iters_for_samples
 from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, save_checkpoint
 from megatron.dist_signal_handler import DistributedSignalHandler, exit_signals
 from megatron.errors import UserError
@@ -303,7 +304,7 @@ def resolve_train_iters(args, ltd=None):
     if args.train_iters is not None:
         return args.train_iters
     if args.train_samples is not None:
-        args.train_iters = args.train_samples // args.global_batch_size
+        args.train_iters = train_iters_for_samples(args, args.train_samples)  # ramp-up aware
         return args.train_iters
     args.train_iters_from_tokens = args.train_layer_tokens is None
     if ltd is not None:
@@ -330,7 +331,8 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
     wraps it in ``cyclic_iter``, so each pass of the random sampler ends an epoch and the next
     one starts (a new order) instead of raising StopIteration. The validation iterator is
     built once and continues from ``consumed_valid_samples`` across evaluations."""
-    from megatron.data.samplers import build_pretraining_data_loader, cyclic_iter
+    from megatron.data.samplers import (build_pretraining_data_loader, checked_token_ids,
+                                        cyclic_iter)
 
     # As Megatron (build_train_valid_test_data_loaders): a checkpoint from before the consumed
     # sample counters were saved resumes after the samples its iterations consumed, not at 0.
@@ -346,6 +348,8 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
     log(f"    validation: {num_samples[1]}")
     log(f"    test:       {num_samples[2]}")
     train_ds, valid_ds, test_ds = datasets_provider(args, tokenizer, num_samples)
+    if train_ds is None and not args.skip_train and state.iteration < args.train_iters:
+        raise UserError(_no_training_data(args))
 
     def loader(dataset, consumed):
         if dataset is None:
@@ -355,12 +359,23 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
             dp_size=parallel.dp_size, num_workers=args.num_workers,
             dataloader_type=args.dataloader_type, seed=args.seed)
         if args.dataloader_type == "cyclic":
-            return iter(cyclic_iter(data_loader))
-        return iter(data_loader)
+            data_loader = cyclic_iter(data_loader)
+        return checked_token_ids(iter(data_loader), dataset, args.padded_vocab_size)
 
     return (loader(train_ds, state.consumed_train_samples),
             loader(valid_ds, state.consumed_valid_samples),
             loader(test_ds, 0))
+
+
+def _no_training_data(args):
+    """Why there is no training dataset, naming the flag to change."""
+    if args.data_path:
+        return (f"--split {args.split}: the training split of --data-path gets no documents; "
+                f"give it a share (e.g. --split 949,50,1), or --skip-train to only evaluate")
+    if args.valid_data_path or args.test_data_path:
+        return ("--train-data-path: required to train (only --valid-data-path/--test-data-path "
+                "were given), or --skip-train to only evaluate")
+    return "no training data: give --data-path (or --train-data-path), or --skip-train"
 
 
 def flops_per_iteration(args, kept_lengths=None, flops_per_sample=transformer_flops_per_sample):
@@ -432,17 +447,23 @@ class StepRunner:
             token_drop=token_drop, forward_only=forward_only,
             no_sync=None if forward_only else no_sync_factory(self.wrapped))
 
-    def _schedule(self, data_iterator, token_drop, forward_only):
-        return reduce_loss_dicts(self._run_schedule(data_iterator, token_drop, forward_only),
+    def _schedule(self, data_iterator, token_drop, forward_only, num_microbatches=None):
+        return reduce_loss_dicts(self._run_schedule(data_iterator, token_drop, forward_only,
+                                                    num_microbatches=num_microbatches),
                                  self.parallel)
 
-    def train_step(self, data_iterator, token_drop=None):
-        """One optimizer step over the global batch; (losses, update_successful, grad_norm)."""
+    def train_step(self, data_iterator, token_drop=None, batch_size=None):
+        """One optimizer step over the global batch (``batch_size`` samples: this step's under
+        --rampup-batch-size; default --global-batch-size); (losses, update_successful,
+        grad_norm)."""
         self.optimizer.zero_grad()
         if self.main_grads:
             zero_main_grads(self.model)
         self.model.train()
-        losses = self._schedule(data_iterator, token_drop, forward_only=False)
+        micro_batches = None if batch_size is None else \
+            batch_size // (self.args.micro_batch_size * self.parallel.dp_size)
+        losses = self._schedule(data_iterator, token_drop, forward_only=False,
+                                num_microbatches=micro_batches)
         if self.main_grads and self.parallel.dp_size > 1 and self.parallel.dp_group is not None:
             allreduce_gradients(self.model, self.parallel.dp_group)
         allreduce_embedding_grads(self.model, self.parallel)
@@ -708,21 +729,22 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         dual = ltd.full_pass  # SCTD: the full-sequence pass runs too
         kept = ltd.reserved_length
         per_layer = ltd.tokens_per_layer() if ltd.enabled else None
-        losses, ok, grad_norm = step.train_step(train_iter, token_drop)
+        batch = current_global_batch_size(args, state.consumed_train_samples)  # ramp-up
+        losses, ok, grad_norm = step.train_step(train_iter, token_drop, batch_size=batch)
         skipped_in_row = check_step_is_finite(args, state.iteration + 1, losses, ok, grad_norm,
                                               skipped_in_row)
         # As Megatron-DeepSpeed: "consumed tokens" grow by the layer-averaged sequence length
         # (the full length when nothing is dropped), and the token-based LR sees the count
         # from before this step.
         tokens_before = state.consumed_train_tokens
-        state.consumed_train_tokens += args.global_batch_size * ltd.effective_seq_length()
-        ltd.end_iteration(step.parallel)
+        state.consumed_train_tokens += batch * ltd.effective_seq_length()
+        ltd.end_iteration(step.parallel, batch_size=batch)
         if ok:
-            scheduler.step(increment=args.global_batch_size,
+            scheduler.step(increment=batch,
                            token_num=ltd.consumed_layer_tokens if layer_token_lr
                            else tokens_before)
         state.iteration += 1
-        state.consumed_train_samples += args.global_batch_size
+        state.consumed_train_samples += batch
         if not ok:
             state.skipped_iters += 1
         if any(math.isnan(v) or math.isinf(v) for v in losses.values()):

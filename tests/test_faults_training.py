@@ -316,3 +316,92 @@ def test_a_frozen_or_dead_peer_ends_the_other_rank_in_one_line(data_prefix, faul
         assert waited < 30, waited
         assert line == ("error: rank 0: lost the connection to rank 1 (its process ended or "
                         "its node went away); stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Index caches never run code; bad data ends in one line
+
+
+class _WritesMarker:
+    """Unpickling this runs ``open(path, 'w')``: the marker appears if a loader unpickles."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _plant(path, payload, as_npy):
+    if as_npy:  # an object-dtype .npy: numpy unpickles its body when allow_pickle=True
+        array = np.empty(1, dtype=object)
+        array[0] = payload
+        np.save(path, array, allow_pickle=True)
+    else:  # a bare pickle: np.load falls back to pickle.load when allow_pickle=True
+        import pickle
+
+        with open(path, "wb") as f:
+            pickle.dump(payload, f)
+
+
+@pytest.mark.parametrize("as_npy", [False, True], ids=["pickle", "object-npy"])
+def test_a_planted_index_cache_is_refused_and_never_run(tmp_path, as_npy):
+    from training_helpers import make_corpus
+
+    prefix = make_corpus(tmp_path)
+    run(gpt_argv(prefix, iters=2))  # builds the index cache
+    caches = sorted((tmp_path / "index-cache").glob("*_shuffle_idx.npy"))
+    assert caches
+    marker = tmp_path / "code-ran"
+    probe = tmp_path / "probe.npy"
+    _plant(str(probe), _WritesMarker(str(marker)), as_npy)
+    np.load(str(probe), allow_pickle=True)  # the payload is live: it runs where unpickled
+    assert marker.exists()
+    marker.unlink()
+    for cache in caches:
+        _plant(str(cache), _WritesMarker(str(marker)), as_npy)
+    with pytest.raises(UserError) as err:
+        run(gpt_argv(prefix, iters=2))
+    assert any(str(err.value).startswith(f"{cache}: ") for cache in caches), err.value
+    assert "delete it to rebuild" in str(err.value)
+    assert not marker.exists()
+
+
+def _dataset(path, docs, dtype=np.uint16):
+    from megatron.data.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(path) + ".bin", dtype=dtype)
+    for doc in docs:
+        builder.add_document(np.asarray(doc, dtype=dtype), [len(doc)])
+    builder.finalize(str(path) + ".idx")
+    return str(path)
+
+
+def test_token_ids_beyond_the_vocabulary_name_the_dataset(data_prefix, tmp_path):
+    """Data preprocessed with a larger vocabulary: one line naming the dataset when the batch
+    is built (also as a member of a blend), not an IndexError in the embedding."""
+    foreign = _dataset(tmp_path / "foreign_text_document",
+                       [np.arange(60000, 60100) for _ in range(50)])
+    for data_path in ([foreign], ["1", data_prefix, "1", foreign]):
+        with pytest.raises(UserError) as err:
+            run(gpt_argv(data_prefix, "--data-path", *data_path, "--num-workers", "1",
+                         iters=20))
+        message = str(err.value)
+        assert message.startswith(f"{foreign}: token id 6") and "[0, 1536)" in message, message
+
+
+@pytest.mark.slow
+def test_empty_training_split_and_empty_dataset_say_which(data_prefix, tmp_path):
+    with pytest.raises(UserError, match=r"^--split 0,100,0: the training split of --data-path "
+                                        r"gets no documents"):
+        run(gpt_argv(data_prefix, "--split", "0,100,0"))
+    empty = _dataset(tmp_path / "empty_text_document", [])
+    with pytest.raises(UserError, match=f"^--data-path: {empty} holds no documents"):
+        run(gpt_argv(empty))
+    hollow = _dataset(tmp_path / "hollow_text_document", [[] for _ in range(5)])
+    with pytest.raises(UserError, match=f"^{hollow}: the train split has 5 document\\(s\\) "
+                                        f"with 0 tokens"):
+        run(gpt_argv(hollow))
+    # evaluation only needs no training split
+    result, _ = run(gpt_argv(data_prefix, "--split", "0,100,0", "--skip-train"))
+    assert result.state.iteration == 0

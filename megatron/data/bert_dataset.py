@@ -95,7 +95,7 @@ def get_samples_mapping(indexed_dataset, data_prefix, num_epochs, max_num_sample
     (delete it to rebuild): it is never silently rebuilt, since another rank may be reading it.
     ``max_num_samples`` 0/None with ``num_epochs`` None builds one epoch (Megatron raises).
     """
-    from megatron.data.gpt_dataset import _atomic_save, _build_lock
+    from megatron.data.gpt_dataset import _atomic_save, _build_lock, load_index_array
 
     if doc_idx is None:
         doc_idx = indexed_dataset.doc_idx
@@ -136,14 +136,7 @@ def get_samples_mapping(indexed_dataset, data_prefix, num_epochs, max_num_sample
 
     log(f" > loading indexed mapping from {path}")
     start = time.time()
-    try:
-        mapping = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as err:
-        raise UserError(f"{path}: unreadable samples mapping ({err}); delete it to rebuild") \
-            from None
-    if mapping.ndim != 2 or mapping.shape[1] != 3 or mapping.dtype.kind not in "iu":
-        raise UserError(f"{path}: expected an [n, 3] integer samples mapping, got shape "
-                        f"{mapping.shape} dtype {mapping.dtype}; delete it to rebuild")
+    mapping = load_index_array(path, "samples mapping", ndim=2, columns=3)
     if mapping.shape[0]:
         lo, hi = int(doc_idx[0]), int(doc_idx[-1])
         for row in (mapping[0], mapping[-1]):

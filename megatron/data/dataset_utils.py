@@ -160,6 +160,9 @@ def _build_split_datasets(factory, data_prefix, splits_string, num_samples, flag
     units (GPT: sequences, BERT: documents)."""
     indexed_dataset = get_indexed_dataset_(data_prefix, flag, log)
     total = factory.num_units(indexed_dataset)
+    if total == 0:
+        raise UserError(f"{flag}: {data_prefix} holds no documents (an empty .bin/.idx "
+                        f"pair); was the preprocessing input empty?")
     splits = get_train_valid_test_split_(splits_string, total)
     log(" > dataset split:")
     result = []

@@ -204,6 +204,24 @@ def _atomic_save(path, write):
         raise
 
 
+def load_index_array(path, what, ndim, columns=None):
+    """A cached index array, memory-mapped, read without pickle (``allow_pickle=False``): the
+    cache files are plain integer arrays, and their names are predictable hashes, so a file
+    planted there must never run code. Anything else -- a pickle, an object array, another
+    shape, a truncated file -- is a UserError naming the file. It is refused rather than
+    rebuilt: another rank may be reading it, and a planted file is worth a look."""
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise UserError(f"{path}: unreadable {what} ({err}); delete it to rebuild") from None
+    if array.ndim != ndim or array.dtype.kind not in "iu" \
+            or (columns is not None and array.shape[1] != columns):
+        expected = f"[n, {columns}]" if columns is not None else f"{ndim}-dimensional"
+        raise UserError(f"{path}: expected a {expected} integer {what}, got shape "
+                        f"{array.shape} dtype {array.dtype}; delete it to rebuild")
+    return array
+
+
 @contextlib.contextmanager
 def _build_lock(path):
     """Exclusive advisory lock so concurrent ranks build an index once; the atomic renames keep
@@ -230,7 +248,7 @@ def _build_and_save(files, desc, name, directory, documents, sizes, num_samples,
     doc_idx, sample_idx, shuffle_idx, _ = compute_index_mappings(
         documents, sizes, num_samples, seq_length, seed, log)
     for key, array in (("doc", doc_idx), ("sample", sample_idx), ("shuffle", shuffle_idx)):
-        _atomic_save(files[key], lambda f, a=array: np.save(f, a, allow_pickle=True))
+        _atomic_save(files[key], lambda f, a=array: np.save(f, a, allow_pickle=False))
     _atomic_save(files["desc"], lambda f: f.write(desc.encode("utf-8")))
 
 
@@ -270,11 +288,15 @@ def _build_index_mappings(name, data_prefix, documents, sizes, splits_string, nu
 
     start = time.time()
     log(f" > loading doc-idx mapping from {files['doc']}")
-    doc_idx = np.load(files["doc"], allow_pickle=True, mmap_mode="r")
+    doc_idx = load_index_array(files["doc"], "doc-idx mapping", ndim=1)
     log(f" > loading sample-idx mapping from {files['sample']}")
-    sample_idx = np.load(files["sample"], allow_pickle=True, mmap_mode="r")
+    sample_idx = load_index_array(files["sample"], "sample-idx mapping", ndim=2, columns=2)
     log(f" > loading shuffle-idx mapping from {files['shuffle']}")
-    shuffle_idx = np.load(files["shuffle"], allow_pickle=True, mmap_mode="r")
+    shuffle_idx = load_index_array(files["shuffle"], "shuffle-idx mapping", ndim=1)
+    if shuffle_idx.shape[0] > sample_idx.shape[0] - 1:
+        raise UserError(f"{files['shuffle']}: {shuffle_idx.shape[0]} samples, but the "
+                        f"sample-idx mapping beside it holds {sample_idx.shape[0] - 1}; delete "
+                        f"its {desc_hash}* files to rebuild them")
     log(f"    loaded indexed file in {time.time() - start:3.3f} seconds"
         f"{' (cached)' if loaded_from_cache else ''}")
     log(f"    total number of documents: {documents.shape[0]}")

@@ -9,6 +9,8 @@ contiguous slice of each such chunk, so all ranks together see exactly what one 
 import numpy as np
 import torch
 
+from megatron.errors import UserError
+
 
 def _check(total_samples, consumed_samples, micro_batch_size, data_parallel_rank,
            data_parallel_size):
@@ -170,6 +172,33 @@ class WithSampleIndex(torch.utils.data.Dataset):
         return {**self.dataset[idx], "index": int(idx)}
 
 
+def checked_token_ids(batches, dataset, vocab_size, key="text"):
+    """``batches`` (dicts of tensors), each checked for token ids outside ``[0, vocab_size)``
+    (the padded vocabulary: the embedding's rows) as it is built: data preprocessed with
+    another tokenizer ends in one line naming its dataset, not deep in the embedding (a
+    device-side assert on GPU). Cost: one min/max over the micro-batch's ``key`` tensor, on
+    the CPU before it moves to the device."""
+    for batch in batches:
+        tokens = batch.get(key) if isinstance(batch, dict) else None
+        if isinstance(tokens, torch.Tensor) and tokens.numel() and not tokens.is_floating_point():
+            low, high = (int(v) for v in torch.aminmax(tokens))
+            if low < 0 or high >= vocab_size:
+                bad = low if low < 0 else high
+                row = int((tokens == bad).flatten(1).any(1).nonzero()[0])
+                raise UserError(f"{_source_of(dataset, batch, row)}: token id {bad} is outside "
+                                f"the model's vocabulary [0, {vocab_size}) (padded); was the "
+                                f"data preprocessed with this --tokenizer-type / --vocab-file?")
+        yield batch
+
+
+def _source_of(dataset, batch, row):
+    """The path prefix of the dataset that gave row ``row`` of ``batch`` (a blend's member
+    through the batch's ``dataset_idx``)."""
+    if "dataset_idx" in batch and hasattr(dataset, "datasets"):
+        dataset = dataset.datasets[int(batch["dataset_idx"][row])]
+    return getattr(dataset, "data_prefix", None) or type(dataset).__name__
+
+
 def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                   num_workers=0, dataloader_type="single", drop_last=True,
                                   data_sharding=True, seed=0):
@@ -193,7 +222,6 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
             micro_batch_size=micro_batch_size, data_parallel_rank=dp_rank,
             data_parallel_size=dp_size, data_sharding=data_sharding)
     else:
-        from megatron.errors import UserError
         raise UserError(f"--dataloader-type: expected 'single' or 'cyclic', got "
                         f"{dataloader_type!r}")
     generator = torch.Generator().manual_seed(seed)
