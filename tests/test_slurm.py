@@ -1,9 +1,14 @@
-"""Preemption under a real SLURM (issue 12): nothing lost, the requeued job ends where an
+"""Preemption under SLURM (issue 12): nothing lost, the requeued job ends where an
 uninterrupted one does.
 
-``tests/slurm/setup_local_slurm.sh`` brings up a one-node cluster on this machine (Debian's
-slurm-wlm daemons and a private munged, with their own configuration, ports and state; the
-packages are installed with apt-get when missing). Each test submits
+The protocol of ``examples/run_slurm.sbatch`` with srun and scontrol stubbed (fast): SIGUSR1 to
+the batch shell reaches srun and is followed by ``scontrol requeue`` only after an exit 0 with
+``--load`` = ``--save``; a finish, a failure, SIGTERM, ``REQUEUE=0``, another ``--load`` or no
+``--save`` never requeue; the flags it adds.
+
+Then a real SLURM (slow): ``tests/slurm/setup_local_slurm.sh`` brings up a one-node cluster on
+this machine (Debian's slurm-wlm daemons and a private munged, with their own configuration,
+ports and state; the packages are installed with apt-get when missing). Each test submits
 ``examples/run_slurm.sbatch pretrain_gpt.py ...`` with sbatch as 2 tasks on one node (gloo on
 CPU, DP 2), exactly as a user submits it; the script adds ``--exit-signal-handler --exit-signal
 SIGUSR1``.
@@ -18,12 +23,13 @@ SIGUSR1``.
   the cancelled job is not requeued.
 
 Where the daemons cannot start (not root and SLURM not installed, no apt-get, a container that
-forbids them) the tests skip with the setup script's one-line reason, which pytest's ``-ra``
+forbids them) these skip with the setup script's one-line reason, which pytest's ``-ra``
 summary prints.
 """
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,15 +41,93 @@ import torch
 from distributed_harness import free_port
 from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_checkpoint_file
 from test_examples import _clean_env
+from test_examples import _stub
 from training_helpers import ROOT, gpt_argv
 
-pytestmark = pytest.mark.slow
-
+SCRIPT = os.path.join(ROOT, "examples", "run_slurm.sbatch")
 SETUP = os.path.join(ROOT, "tests", "slurm", "setup_local_slurm.sh")
 ITERS = 300        # ~15 ms each here: the signal lands well inside the run
 SIGNAL_AFTER = 20  # iterations logged before the signal is sent
 ITERATION = re.compile(r"^ iteration\s+(\d+)/\s*\d+ \|.*\| lm loss: (\S+) \|", re.M)
 
+
+# -- the script's side, srun and scontrol stubbed ---------------------------------------------
+
+# srun: records its argv, "started", and then "USR1" (exit STUB_SIGNAL_STATUS) when signalled,
+# or "finished" (exit 0) after STUB_SECONDS.
+SRUN_STUB = """printf '%s\\0' "$@" > "$ARGV_FILE"
+trap 'echo USR1 >> "$EVENTS"; exit "${STUB_SIGNAL_STATUS:-0}"' USR1
+echo started >> "$EVENTS"
+for _ in $(seq $((STUB_SECONDS * 10))); do sleep 0.1; done
+echo finished >> "$EVENTS"
+"""
+SCONTROL_STUB = 'echo "scontrol $*" >> "$EVENTS"\n'
+
+
+def _run_stubbed(tmp_path, flags, signum=None, seconds=30, **env):
+    """run_slurm.sbatch pretrain_gpt.py FLAGS inside a fake job 77, ``signum`` sent to the shell
+    once srun runs -> (process, events, srun's argv)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _stub(str(bin_dir), "srun", SRUN_STUB)
+    _stub(str(bin_dir), "scontrol", SCONTROL_STUB)
+    events, argv = tmp_path / "events", tmp_path / "argv"
+    run_env = _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", EVENTS=events,
+                         ARGV_FILE=argv, STUB_SECONDS=seconds, SLURM_JOB_ID=77,
+                         SLURM_NTASKS=2, SLURM_JOB_NODELIST="localhost", MASTER_ADDR="localhost",
+                         **env)
+    proc = subprocess.Popen(["bash", SCRIPT, "pretrain_gpt.py", *flags], env=run_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if signum is not None:
+        deadline = time.monotonic() + 30
+        while "started" not in _read(events) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+    proc.stdout_text, proc.stderr_text = proc.communicate(timeout=60)
+    return proc, _read(events).splitlines(), _read(argv).split("\0")[:-1]
+
+
+def test_usr1_reaches_srun_and_the_job_is_requeued(tmp_path):
+    proc, events, argv = _run_stubbed(tmp_path, ["--save", "/ckpt"], signal.SIGUSR1)
+    assert proc.returncode == 0, proc.stderr_text
+    assert events == ["started", "USR1", "scontrol requeue 77"]
+    assert "job 77 saved a checkpoint in /ckpt after SIGUSR1; requeueing it (restart 1)" \
+        in proc.stdout_text
+    entry = next(i for i, arg in enumerate(argv) if arg.endswith("pretrain_gpt.py"))
+    assert argv[entry + 1:] == ["--exit-signal-handler", "--exit-signal", "SIGUSR1",
+                                "--load", "/ckpt", "--save", "/ckpt"]
+
+
+@pytest.mark.parametrize("flags,signum,env,status,expected", [
+    (["--save", "/c", "--load", "/c"], None, {}, 0, ["started", "finished"]),
+    (["--save", "/c"], signal.SIGUSR1, {"STUB_SIGNAL_STATUS": 1}, 1, ["started", "USR1"]),
+    (["--save", "/c"], signal.SIGUSR1, {"REQUEUE": 0}, 0, ["started", "USR1"]),
+    (["--save", "/c", "--load", "/base"], signal.SIGUSR1, {}, 0, ["started", "USR1"]),
+    (["--save=/c/", "--load", "/c"], signal.SIGTERM, {}, 0, ["started", "finished"]),
+    ([], signal.SIGUSR1, {}, 0, ["started", "finished"]),
+], ids=["finished", "failed-after-usr1", "REQUEUE=0", "load-is-not-save", "sigterm-waited-out",
+        "no-save"])
+def test_no_requeue(tmp_path, flags, signum, env, status, expected):
+    """Requeued only after a SIGUSR1 that ended in exit 0 with --load = --save. SIGTERM is not
+    passed on (SLURM signals the tasks itself) but waited out; without --save nothing catches
+    SIGUSR1, so it is not passed on either and the run goes on."""
+    proc, events, argv = _run_stubbed(tmp_path, flags, signum, seconds=1, **env)
+    assert proc.returncode == status, proc.stderr_text
+    assert events == expected
+    assert ("--exit-signal-handler" in argv) == bool(flags)
+    if not flags:
+        assert "has no --exit-signal-handler here (no --save?); running on" in proc.stderr_text
+
+
+def test_another_exit_signal_is_refused_in_one_line(tmp_path):
+    proc, events, _ = _run_stubbed(tmp_path, ["--save", "/c", "--exit-signal", "SIGUSR2"])
+    assert proc.returncode == 2 and events == []
+    assert proc.stderr_text.splitlines() == [
+        "run_slurm.sbatch: --exit-signal SIGUSR2: this script forwards SIGUSR1 "
+        "(#SBATCH --signal=B:USR1@300) to the tasks; drop --exit-signal"]
+
+
+# -- a real SLURM ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory):
@@ -73,7 +157,7 @@ def _submit(env, tmp_path, name, *flags):
         ["sbatch", "--parsable", f"--job-name={name}", "--nodes=1", "--ntasks=2",
          "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--overcommit",
          "--time=10", f"--output={out}", f"--chdir={ROOT}",
-         os.path.join(ROOT, "examples", "run_slurm.sbatch"), "pretrain_gpt.py", *flags],
+         SCRIPT, "pretrain_gpt.py", *flags],
         env=job_env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0], out
@@ -167,6 +251,7 @@ def _stopped_at(text, signal_name):
     return stop
 
 
+@pytest.mark.slow
 def test_usr1_saves_requeues_and_resumes_as_an_uninterrupted_job(slurm_env, data_prefix,
                                                                  tmp_path):
     ref_ckpt, ckpt = str(tmp_path / "reference"), str(tmp_path / "preempted")
@@ -195,6 +280,7 @@ def test_usr1_saves_requeues_and_resumes_as_an_uninterrupted_job(slurm_env, data
     _assert_same_checkpoint(ref_ckpt, ckpt, ITERS)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_before_the_kill_and_is_not_requeued(slurm_env, data_prefix, tmp_path):
     """scancel (SIGTERM to every process of the job, as at the time limit): the tasks save and
     exit 0 within KillWait; the batch shell does not end the job before them."""
