@@ -242,3 +242,34 @@ def test_kill_9_of_the_main_process_leaves_nothing_after_the_next_run(tmp_path):
     assert "Removed 1 stale temporary file(s)" in done.stderr
     assert sorted(os.listdir(tmp_path)) == ["big.jsonl", "o_text_document.bin",
                                             "o_text_document.idx"]
+
+
+def test_long_documents_are_encoded_in_bounded_batches(tok):
+    """One 50 MB document peaked at 6.5 GB: the HF library's per-token objects for the whole
+    text at once. The reference backend hands the library at most ~max_piece_chars at a time
+    and gives the same ids."""
+    from tools.preprocess_backends import ReferenceBackend
+
+    seen = []
+
+    class Counting:
+        tokenizer_type = tok.tokenizer_type
+
+        def tokenize(self, text):
+            seen.append(len(text))
+            return tok.tokenize(text)
+
+        def tokenize_batch(self, texts):
+            seen.append(sum(map(len, texts)))
+            return tok.tokenize_batch(texts)
+
+    words = make_records(300, seed=6)
+    long_text = " ".join(r["text"] for r in words)  # ~13,000 characters
+    texts = ["short", long_text, "", "another short one", long_text[:900]]
+    backend = ReferenceBackend(Counting(), max_piece_chars=1000)
+    flat, lengths = backend.encode(texts)
+    assert max(seen) <= 1000 + 20  # a piece ends at the first cut place past the limit
+    assert len(seen) > len(long_text) // 1020
+    assert np.split(flat, np.cumsum(lengths)[:-1])[1].tolist() == tok.tokenize(long_text)
+    assert [a.tolist() for a in np.split(flat, np.cumsum(lengths)[:-1])] == \
+        [tok.tokenize(t) for t in texts]

@@ -90,32 +90,52 @@ def cut_points(text, max_chars):
 
 
 class ReferenceBackend:
-    """The Megatron tokenizer's own ``tokenize_batch`` (``--tokenizer-backend hf``)."""
+    """The Megatron tokenizer's own ``tokenize_batch`` (``--tokenizer-backend hf``).
+
+    Texts are encoded in batches of at most about ``max_piece_chars`` characters, each turned
+    into arrays at once: the library's per-token objects (HF Encodings, Python ints) never
+    exist for more than one batch. A longer text is cut into pieces (``cut_points``) when the
+    tokenizer type allows it, else encoded whole.
+    """
 
     name = "hf"
 
     def __init__(self, tokenizer, max_piece_chars=1 << 20):
         self.tokenizer = tokenizer
-        self.max_piece_chars = max_piece_chars if tokenizer.tokenizer_type in _CUTTABLE else 0
+        self.max_piece_chars = max_piece_chars
+        self.cuttable = tokenizer.tokenizer_type in _CUTTABLE
 
     def encode(self, texts):
         limit = self.max_piece_chars
-        if not limit or all(len(t) <= limit for t in texts):
+        if sum(map(len, texts)) <= limit:  # the usual case: one batch
             return _ragged(self.tokenizer.tokenize_batch(texts))
-        pieces, counts = [], []
+        flats, lengths, batch, size = [], [], [], 0
         for text in texts:
-            bounds = [0, *cut_points(text, limit), len(text)] if len(text) > limit else None
-            if bounds is None:
-                pieces.append(text)
-                counts.append(1)
+            bounds = [0, len(text)]
+            if self.cuttable and len(text) > limit:
+                bounds[1:1] = cut_points(text, limit)
+            if len(bounds) > 2 or size + len(text) > limit:
+                self._flush(batch, flats, lengths)
+                batch, size = [], 0
+            if len(bounds) > 2:  # one long text: its pieces, summed into one length
+                pieces = [self._encode_one(text[a:b]) for a, b in zip(bounds, bounds[1:])]
+                flats.extend(pieces)
+                lengths.append(np.array([sum(map(len, pieces))]))
             else:
-                pieces.extend(text[a:b] for a, b in zip(bounds, bounds[1:]))
-                counts.append(len(bounds) - 1)
-        flat, piece_lengths = _ragged(self.tokenizer.tokenize_batch(pieces))
-        ends = np.cumsum(counts)
-        lengths = np.add.reduceat(piece_lengths, ends - np.asarray(counts)) if pieces else \
-            np.zeros(0, dtype=np.int64)
-        return flat, lengths
+                batch.append(text)
+                size += len(text)
+        self._flush(batch, flats, lengths)
+        return (np.concatenate(flats) if flats else np.zeros(0, np.int64),
+                np.concatenate(lengths))
+
+    def _encode_one(self, text):
+        return np.asarray(self.tokenizer.tokenize(text), dtype=np.int64)
+
+    def _flush(self, batch, flats, lengths):
+        if batch:
+            flat, batch_lengths = _ragged(self.tokenizer.tokenize_batch(batch))
+            flats.append(flat)
+            lengths.append(batch_lengths)
 
 
 class GigatokenBackend:

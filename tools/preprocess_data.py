@@ -578,17 +578,17 @@ def _describe_chunk(chunk):
     return f"{chunk.path} from line {chunk.first_line}"
 
 
-def _sample_texts(encoder, chunk, max_texts=200, max_chars=1 << 18):
-    """The first texts (sentences with --split-sentences) of ``chunk``, bad lines skipped: what
-    the fast backend is checked on before the run."""
+def _sample_texts(encoder, chunk, max_texts=200, max_chars=1 << 18, max_text_chars=1 << 14):
+    """The first texts (sentences with --split-sentences) of ``chunk``, bad lines skipped, long
+    ones cut short: what the fast backend is checked on before the run."""
     texts, size = [], 0
     lines = chunk.data.split(b"\n") if chunk is not None else []
     for line in lines:
         parsed = encoder.parse(line) if line.strip() else None
         for value in parsed if isinstance(parsed, list) else ():
             for text in encoder._sentences(value):
-                texts.append(text)
-                size += len(text)
+                texts.append(text[:max_text_chars])
+                size += len(texts[-1])
                 if len(texts) >= max_texts or size >= max_chars:
                     return texts
     return texts
