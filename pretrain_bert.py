@@ -152,7 +152,8 @@ PROVIDER = Provider(model=model_provider, datasets=datasets_provider,
 
 
 def main(argv=None):
-    return pretrain(PROVIDER, argv=argv)
+    # As Megatron-LM's pretrain_bert.py: its launch scripts leave --tokenizer-type out.
+    return pretrain(PROVIDER, argv=argv, args_defaults={"tokenizer_type": "BertWordPieceLowerCase"})
 
 
 if __name__ == "__main__":

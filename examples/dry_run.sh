@@ -47,6 +47,7 @@ procs = f"{world} process" + ("es" if world != 1 else "")
 try:
     import numpy as np
     from megatron.arguments import parse_args
+    from megatron.batch_rampup import train_iters_for_samples
     from megatron.errors import UserError
     from megatron.ltd.config import random_ltd_config_from_args  # imports torch: fail here
     from megatron.ltd.schedule import RandomLTDScheduler
@@ -71,10 +72,14 @@ except UserError as e:
     print(f"DRY_RUN: rejected for {procs}: {e}", file=sys.stderr)
     sys.exit(1)
 ltd = "random-LTD" if cfg is not None and cfg.enabled else "dense"
+ramp = ""
+if a.rampup_batch_size is not None:
+    ramp = (f" (ramped up from {a.rampup_batch_size[0]} by {a.rampup_batch_size[1]} over "
+            f"{a.rampup_batch_size[2]:,} samples)")
 print(f"DRY_RUN: flags valid for {procs}: TP {a.tensor_model_parallel_size} x "
       f"PP {a.pipeline_model_parallel_size} x DP {a.data_parallel_size}; micro-batch "
       f"{a.micro_batch_size} x {a.num_micro_batches} micro-batches x DP "
-      f"{a.data_parallel_size} = global batch {a.global_batch_size}; {a.num_layers} layers, "
+      f"{a.data_parallel_size} = global batch {a.global_batch_size}{ramp}; {a.num_layers} layers, "
       f"hidden {a.hidden_size}, seq {a.seq_length}; {ltd} ({name})", file=sys.stderr)
 if ltd == "dense":
     sys.exit(0)
@@ -97,7 +102,7 @@ if not (getattr(a, "train_tokens", None) or getattr(a, "train_layer_tokens", Non
     if a.train_iters:
         run_iters = int(a.train_iters)
     elif a.train_samples:
-        run_iters = int(a.train_samples) // gbs
+        run_iters = train_iters_for_samples(a, int(a.train_samples))
 tokens_per_iter = gbs * s
 if cfg.schedule == "constant":
     horizon, growth = None, "constant"

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from megatron.compat_flags import ATTENTION_BACKENDS
 from megatron.errors import UserError
 
 
@@ -29,9 +30,11 @@ def build_parser(extra_args_provider=None):
                 _add_mixed_precision_args, _add_distributed_args, _add_validation_args,
                 _add_data_args, _add_logging_args):
         add(parser)
+    from megatron.compat_flags import add_compat_args
     from megatron.ltd.config import add_random_ltd_args
 
     add_random_ltd_args(parser)
+    add_compat_args(parser)
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser
@@ -66,8 +69,13 @@ def _require(cond, message):
 
 def validate_args(args, world_size=1):
     """Fill derived values and check flag combinations; raises UserError naming the flag."""
+    from megatron.compat_flags import (add_megatron_saved_fields, apply_compat_args,
+                                       emit_warnings)
+
     args.world_size = world_size
     args.rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    # Launch-script flags of Megatron-DeepSpeed / Megatron-LM: mapped, refused, or one warning.
+    emit_warnings(args, apply_compat_args(args))
 
     # -- parallel layout
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -116,9 +124,6 @@ def validate_args(args, world_size=1):
              f"--global-batch-size {args.global_batch_size} is not divisible by "
              f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.rampup_batch_size is not None:
-        raise UserError("--rampup-batch-size is not supported yet (batch-size ramp-up is not "
-                        "implemented); leave it out")
 
     # -- training length: iterations, samples, or tokens
     given = [f for f in ("train_iters", "train_samples") if getattr(args, f) is not None]
@@ -149,6 +154,10 @@ def validate_args(args, world_size=1):
     _require(args.lr is not None or args.skip_train, "--lr is required")
     if args.min_lr is not None and args.lr is not None:
         _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+
+    from megatron.batch_rampup import parse_rampup
+
+    parse_rampup(args)  # --rampup-batch-size: the batch grows with the consumed samples
 
     # -- precision
     _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
@@ -243,6 +252,7 @@ def validate_args(args, world_size=1):
     args.consumed_valid_samples = 0
     args.consumed_train_tokens = 0
     args.padded_vocab_size = None  # set once the tokenizer is built
+    add_megatron_saved_fields(args)
     return args
 
 
@@ -332,6 +342,7 @@ def transformer_config_from_args(args, **overrides):
         params_dtype=params_torch_dtype(args),
         recompute_granularity=get("recompute_granularity"),
         sequence_parallel=bool(get("sequence_parallel")),
+        attention_backend=ATTENTION_BACKENDS[get("attention_backend") or "auto"],
         init_seed=get("seed"),
     )
     fields.update(overrides)
@@ -409,7 +420,9 @@ def _add_training_args(parser):
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="Samples per optimizer step (default micro * DP); the rest is gradient "
                         "accumulation.")
-    g.add_argument("--rampup-batch-size", nargs="*", default=None)
+    g.add_argument("--rampup-batch-size", nargs="*", default=None,
+                   help="START INCREMENT SAMPLES: the global batch grows from START by "
+                        "INCREMENT to --global-batch-size over SAMPLES consumed samples.")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="Recompute each layer's activations in backward.")
     g.add_argument("--recompute-granularity", default=None, choices=["full"])

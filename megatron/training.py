@@ -378,9 +378,11 @@ def _no_training_data(args):
     return "no training data: give --data-path (or --train-data-path), or --skip-train"
 
 
-def flops_per_iteration(args, kept_lengths=None, flops_per_sample=transformer_flops_per_sample):
-    """Model FLOPs of one iteration: the global batch times ``flops_per_sample``."""
-    return args.global_batch_size * flops_per_sample(args, kept_lengths)
+def flops_per_iteration(args, kept_lengths=None, flops_per_sample=transformer_flops_per_sample,
+                        batch_size=None):
+    """Model FLOPs of one iteration: the global batch (``batch_size`` under
+    --rampup-batch-size) times ``flops_per_sample``."""
+    return (batch_size or args.global_batch_size) * flops_per_sample(args, kept_lengths)
 
 
 def uses_main_grads(args) -> bool:
@@ -770,13 +772,13 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
                           state.consumed_train_samples, state.consumed_train_tokens,
                           ltd.consumed_layer_tokens)
         flops = flops_per_iteration(args, ltd.kept_lengths if ltd.enabled else None,
-                                    flops_per_sample)
+                                    flops_per_sample, batch_size=batch)
         if dual:
-            flops += flops_per_iteration(args, None, flops_per_sample)
+            flops += flops_per_iteration(args, None, flops_per_sample, batch_size=batch)
         logger.training_step(state, losses, optimizer.param_groups[0]["lr"], grad_norm,
                              float(optimizer.get_loss_scale()), skipped=not ok, extra=extra,
-                             flops=flops,
-                             layer_tokens=ltd.consumed_layer_tokens)
+                             flops=flops, layer_tokens=ltd.consumed_layer_tokens,
+                             batch_size=batch)
 
         if args.eval_interval and state.iteration % args.eval_interval == 0 \
                 and args.eval_iters > 0 and valid_iter is not None:

@@ -107,13 +107,15 @@ class TrainingLogger:
             self.writer.add_scalar(f"{tag} vs layer tokens", value, layer_tokens)
 
     def training_step(self, state, loss_dict, lr, grad_norm, loss_scale, skipped, extra=None,
-                      flops=None, layer_tokens=None):
+                      flops=None, layer_tokens=None, batch_size=None):
         """Record one iteration; print a line every --log-interval iterations.
 
         ``extra``: {tensorboard tag: (console label or None for TensorBoard only, value)};
-        ``flops``: model FLOPs of this iteration; ``layer_tokens``: consumed so far.
+        ``flops``: model FLOPs of this iteration; ``layer_tokens``: consumed so far;
+        ``batch_size``: this iteration's global batch (--rampup-batch-size; default the flag's).
         """
         args = self.args
+        batch = batch_size or args.global_batch_size
         self.interval_iters += 1
         self.interval_flops += flops or 0.0
         self.train_history.append(state.iteration, loss_dict)
@@ -137,7 +139,7 @@ class TrainingLogger:
             if args.log_learning_rate_to_tensorboard:
                 self.scalar("learning-rate/learning-rate", lr, *axes)
             if args.log_batch_size_to_tensorboard:
-                self.scalar("batch-size/batch-size", args.global_batch_size, *axes)
+                self.scalar("batch-size/batch-size", batch, *axes)
             for key, value in loss_dict.items():
                 self.scalar(f"lm-loss-training/{key}", float(value), *axes)
             if args.fp16 and args.log_loss_scale_to_tensorboard:
@@ -157,14 +159,14 @@ class TrainingLogger:
             return
         elapsed = time.time() - self.interval_start
         per_iter = elapsed / max(self.interval_iters, 1)
-        tokens_per_iter = args.global_batch_size * args.seq_length
+        tokens_per_iter = batch * args.seq_length
         parts = [
             f" iteration {it:8d}/{args.train_iters:8d}",
             f"consumed samples: {samples:12d}",
             f"consumed tokens: {tokens:12d}",
             f"elapsed time per iteration (ms): {per_iter * 1000.0:.1f}",
             f"learning rate: {lr:.3E}",
-            f"global batch size: {args.global_batch_size:5d}",
+            f"global batch size: {batch:5d}",
         ]
         for key, total in self.loss_sums.items():
             parts.append(f"{key}: {total / max(self.loss_key_counts.get(key, 0), 1):.6E}")
@@ -178,7 +180,7 @@ class TrainingLogger:
             parts.append(f"{label}: {value:{spec}}")
         parts.append(f"number of skipped iterations: {self.skipped:3d}")
         parts.append(f"number of nan iterations: {self.nan:3d}")
-        parts.append(f"samples per second: {args.global_batch_size / per_iter:.3f}")
+        parts.append(f"samples per second: {batch / per_iter:.3f}")
         parts.append(f"tokens per second: {tokens_per_iter / per_iter:.1f}")
         if self.interval_flops:
             tflops = self.interval_flops / elapsed / args.world_size / 1e12

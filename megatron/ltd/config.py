@@ -32,6 +32,7 @@ tokens), GPT-3 350M (GBS 256: the same 210B tokens = 400,000 steps) and BERT-lar
 GBS 1024, 2M steps, encoder).
 """
 
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -304,6 +305,34 @@ def load_deepspeed_config(path) -> dict:
     return data
 
 
+PRE_RELEASE_KEYS = {"randomltd_layer_num": "random_ltd_layer_num",
+                    "randomltd_layer_id": "random_ltd_layer_id",
+                    "randomltd_schedule": "random_ltd_schedule"}
+
+
+def released_layout(data: dict, where) -> dict:
+    """A JSON in DeepSpeed's 2022 pre-release layout (``dynamic_train.random_ltd`` with
+    ``randomltd_*`` keys, as Megatron-DeepSpeed's examples/random_ltd configs) rewritten to the
+    released one (``data_efficiency.data_routing.random_ltd``, ``random_ltd_*`` keys), so both
+    configure the same run. Its ``micro_batch_size`` (the template's fixed 4, whatever the run's
+    micro-batch) is informational; ``saving_layer_tokens`` other than -1 (off) is refused."""
+    old = data.get("dynamic_train", {}).get("random_ltd") \
+        if isinstance(data.get("dynamic_train"), dict) else None
+    if not isinstance(old, dict) or "data_efficiency" in data:
+        return data
+    old = copy.deepcopy(old)  # (the caller's dict stays as given)
+    section = {PRE_RELEASE_KEYS.get(k, k): v for k, v in old.items() if k != "micro_batch_size"}
+    sched_cfg = section.get("random_ltd_schedule", {}).get("schedule_config", {})
+    saving = sched_cfg.pop("saving_layer_tokens", -1) if isinstance(sched_cfg, dict) else -1
+    if saving != -1:
+        raise UserError(f"--deepspeed-config {where}: dynamic_train.random_ltd.randomltd_schedule"
+                        f".schedule_config.saving_layer_tokens = {saving!r} is not supported "
+                        "(only -1, off)")
+    enabled = old.get("enabled", False)
+    return {**data, "data_efficiency": {"enabled": enabled, "data_routing": {
+        "enabled": enabled, "random_ltd": section}}}
+
+
 class _Json:
     """Typed access to the JSON with errors naming the file and the key path."""
 
@@ -398,7 +427,7 @@ def random_ltd_config_from_args(args) -> Optional[RandomLTDConfig]:
     section_on = None  # None: no random_ltd section in the JSON
     if ds_source is not None:
         where = "<dict>" if isinstance(ds_source, dict) else ds_source
-        js = _Json(load_deepspeed_config(ds_source), where)
+        js = _Json(released_layout(load_deepspeed_config(ds_source), where), where)
         # DeepSpeed's train_batch_size is the global batch; our flags decide the batch, so a
         # JSON that says otherwise would be silently overruled.
         _merge("--global-batch-size", g("global_batch_size"), js, "train_batch_size",

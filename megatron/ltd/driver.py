@@ -166,8 +166,9 @@ class TokenDroppingDriver:
             with torch.no_grad():
                 self.importance.observe(labels, per_token_loss, loss_mask, tokens)
 
-    def end_iteration(self, parallel=None):
-        """Account the finished optimizer step (and apply TokenBypass's per-step EMA update);
+    def end_iteration(self, parallel=None, batch_size=None):
+        """Account the finished optimizer step of ``batch_size`` samples (default the global
+        batch; --rampup-batch-size varies it) and apply TokenBypass's per-step EMA update;
         returns its layer tokens. Called on every rank."""
         if self.importance is not None:
             if parallel is not None and parallel.world_size > 1:
@@ -175,7 +176,7 @@ class TokenDroppingDriver:
             self.importance.step()
         # (SCTD's dual step: the scheduler counts the full-sequence pass, s * L per sample.)
         self._dual = False
-        return self.scheduler.step(self.global_batch_size)
+        return self.scheduler.step(batch_size or self.global_batch_size)
 
     def _share_importance_update(self, parallel):
         """Make TokenBypass's table update the same on every rank: the last pipeline stage (the

@@ -79,6 +79,11 @@ class TransformerConfig:
     use_flash_attn: bool = False
     """SDPA is always used; True restricts it to its flash kernel (Megatron's --use-flash-attn;
     not on our command line)."""
+    attention_backend: str = "auto"
+    """Attention kernel (--attention-backend, Megatron-LM's choices mapped in
+    ``megatron.compat_flags``): 'auto' picks by device, dropout and mask (SDPA, or on CPU with
+    dropout the kernels of ``megatron.model.attention``); 'sdpa' always torch's
+    scaled_dot_product_attention; 'core' always Megatron's CoreAttention (``core_attention``)."""
     apply_residual_connection_post_layernorm: bool = False
     """Megatron's post-LN variant, the original BERT: each residual branch starts from the
     LayerNorm's output instead of its input (--apply-residual-connection-post-layernorm)."""
@@ -135,6 +140,8 @@ class TransformerConfig:
             need(self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
                  f"--rotary-percent ({self.rotary_percent}) x --kv-channels ({self.kv_channels}) "
                  f"must give an even number of rotated channels, got {self.rotary_dim}")
+        need(self.attention_backend in ("auto", "sdpa", "core"),
+             f"attention backend must be auto, sdpa or core, got {self.attention_backend!r}")
         need(self.params_dtype in (torch.float32, torch.bfloat16, torch.float16),
              f"params dtype must be float32, bfloat16 (--bf16) or float16 (--fp16), "
              f"got {self.params_dtype}")

@@ -167,9 +167,13 @@ class ParallelAttention(nn.Module):
         if self.config.use_flash_attn:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-        cpu_dropout = dropout_p > 0 and q.device.type == "cpu" and not self.config.use_flash_attn
+        backend = self.config.attention_backend
+        cpu_dropout = dropout_p > 0 and q.device.type == "cpu" and not self.config.use_flash_attn \
+            and backend == "auto"
         with rng, kernel:
-            if cpu_dropout and _masks_the_future(attention_mask, is_causal):
+            if backend == "core":  # --attention-backend unfused/local: Megatron's CoreAttention
+                context = core_attention(q, k, v, mask, is_causal, dropout_p)
+            elif cpu_dropout and _masks_the_future(attention_mask, is_causal):
                 # SDPA has no fused CPU kernel with dropout; this one skips the masked future
                 context = causal_attention_with_dropout(q, k, v, dropout_p,
                                                         mask=attention_mask)
