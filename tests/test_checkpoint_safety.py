@@ -78,14 +78,19 @@ def _flip_tensor_byte(path):
 # -- files from disk never run code ----------------------------------------------------------------
 
 def test_crafted_pickle_is_refused_by_every_reader_and_runs_only_when_trusted(
-        checkpoint, tmp_path):
+        data_prefix, checkpoint, tmp_path):
     marker = tmp_path / "ran"
     root, path = _malicious_copy(checkpoint, tmp_path / "evil", marker)
     needles = (f"cannot read checkpoint {path}: it holds a posix.system object",
                "--unsafe-load-checkpoint")
+    from megatron.arguments import parse_args
     from tools import checkpoint_util, convert_hf, generate_text
 
     readers = [lambda: read_checkpoint_file(path),
+               lambda: run(gpt_argv(data_prefix, "--load", root, iters=4)),
+               lambda: run(gpt_argv(data_prefix, "--load", root, "--finetune", iters=4)),
+               lambda: parse_args(gpt_argv(data_prefix, "--load", root,
+                                           "--use-checkpoint-args")),
                lambda: generate_text.main(["--load", root, *GENERATE]),
                lambda: checkpoint_util.main(["--load", root, "--save", str(tmp_path / "out"),
                                              "--target-tensor-parallel-size", "1",
@@ -167,6 +172,8 @@ def test_flipped_byte_in_tensor_data_is_one_line_naming_the_file(data_prefix, ch
     assert message.startswith(f"cannot read checkpoint {path}: it does not match the sizes "
                               "and CRC-32s recorded when it was written") and "\n" not in message
     assert record in message and "--no-verify-checkpoint" in message
+    _, logs = run(gpt_argv(data_prefix, "--load", root, "--no-verify-checkpoint", iters=2))
+    assert f"  successfully loaded checkpoint from {root} at iteration 2" in logs  # as asked
     # torch itself does not notice: without the check the damaged tensor loads.
     damaged = read_checkpoint_file(path, ReadOptions(verify=False))
     flat = [(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(original),
