@@ -13,6 +13,7 @@ Ctrl-C (SIGINT) is graceful the same way the first time; a second Ctrl-C raises
 does not want to wait for the iteration and the save.
 """
 
+import functools
 import signal
 from typing import Optional
 
@@ -70,6 +71,14 @@ class DistributedSignalHandler:
         if self.received is None:
             self.received = sig
 
+    @property
+    def worker_init_fn(self):
+        """For the DataLoader's workers (None without signals): they ignore the signals, which
+        SLURM sends to every process of the step, so the main process alone decides; torch's
+        own SIGTERM handler in a worker would otherwise end it and fail the main process with
+        "DataLoader worker ... is killed by signal"."""
+        return functools.partial(ignore_signals, self.signals) if self.signals else None
+
     def __enter__(self):
         try:
             for sig in self.signals:
@@ -88,3 +97,9 @@ class DistributedSignalHandler:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+
+def ignore_signals(signals, worker_id=None):
+    """Ignore ``signals`` in this process (a data loader worker: ``worker_init_fn``)."""
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)

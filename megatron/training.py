@@ -214,8 +214,9 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
             or (pretrained is not None and state.iteration == 0):
         optimizer.reload_model_params()
 
-    train_iter, valid_iter, test_iter = build_data_iterators(args, state, tokenizer,
-                                                             provider.datasets, parallel, log)
+    train_iter, valid_iter, test_iter = build_data_iterators(
+        args, state, tokenizer, provider.datasets, parallel, log,
+        worker_init_fn=signal_handler.worker_init_fn if signal_handler is not None else None)
     step = StepRunner(args, parallel, model,
                       wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
                       optimizer, provider.forward_step(args, tokenizer),
@@ -326,11 +327,13 @@ def train_valid_test_num_samples(args):
             args.eval_iters * args.global_batch_size)
 
 
-def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, log):
+def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, log,
+                         worker_init_fn=None):
     """Train/valid/test iterators, as Megatron: 'single' iterates the loader once; 'cyclic'
     wraps it in ``cyclic_iter``, so each pass of the random sampler ends an epoch and the next
     one starts (a new order) instead of raising StopIteration. The validation iterator is
-    built once and continues from ``consumed_valid_samples`` across evaluations."""
+    built once and continues from ``consumed_valid_samples`` across evaluations.
+    ``worker_init_fn``: run in each data loader worker (--exit-signal-handler's)."""
     from megatron.data.samplers import (build_pretraining_data_loader, checked_token_ids,
                                         cyclic_iter)
 
@@ -357,7 +360,8 @@ def build_data_iterators(args, state, tokenizer, datasets_provider, parallel, lo
         data_loader = build_pretraining_data_loader(
             dataset, consumed, args.micro_batch_size, dp_rank=parallel.dp_rank,
             dp_size=parallel.dp_size, num_workers=args.num_workers,
-            dataloader_type=args.dataloader_type, seed=args.seed)
+            dataloader_type=args.dataloader_type, seed=args.seed,
+            worker_init_fn=worker_init_fn)
         if args.dataloader_type == "cyclic":
             data_loader = cyclic_iter(data_loader)
         return checked_token_ids(iter(data_loader), dataset, args.padded_vocab_size)

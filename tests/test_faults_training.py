@@ -139,10 +139,11 @@ def test_exit_signal_spellings():
 
 
 def _cli(*argv, **kwargs):
+    """pretrain_gpt.py in its own session (process group), as a job step runs it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "pretrain_gpt.py", *map(str, argv)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kwargs)
+                            start_new_session=True, **kwargs)
 
 
 def _wait_for_line(proc, prefix, timeout=120):
@@ -161,13 +162,14 @@ def _wait_for_line(proc, prefix, timeout=120):
 @pytest.mark.slow
 def test_sigterm_from_outside_saves_exits_0_and_resumes_to_the_same_weights(data_prefix,
                                                                              tmp_path):
-    """As SLURM does it: SIGTERM to a running pretrain_gpt.py mid-run."""
+    """As SLURM does it: SIGTERM to every process of a running pretrain_gpt.py (its data
+    loader workers too) mid-run."""
     ckpt = str(tmp_path / "ckpt")
-    argv = gpt_argv(data_prefix, "--log-interval", "1", iters=30)
+    argv = gpt_argv(data_prefix, "--log-interval", "1", "--num-workers", "2", iters=30)
     proc = _cli(*argv, "--exit-signal-handler", "--save", ckpt)
     try:
         _wait_for_line(proc, " iteration        2/")
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
@@ -405,3 +407,63 @@ def test_empty_training_split_and_empty_dataset_say_which(data_prefix, tmp_path)
     # evaluation only needs no training split
     result, _ = run(gpt_argv(data_prefix, "--split", "0,100,0", "--skip-train"))
     assert result.state.iteration == 0
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_saves_on_every_rank_and_both_exit_0(data_prefix, tmp_path):
+    """SIGUSR1 (sbatch --signal) to rank 1 only: the ranks agree at the iteration's end, both
+    save that iteration and exit 0; the pair resumes from it."""
+    ckpt = str(tmp_path / "ckpt")
+    argv = gpt_argv(data_prefix, "--log-interval", "1", "--eval-interval", "1000",
+                    "--distributed-timeout-minutes", "1", "--save", ckpt, iters=40)
+    procs = launch_ranks([*argv, "--exit-signal-handler", "--exit-signal", "SIGUSR1"])
+    try:
+        _wait_for_line(procs[0], " iteration        2/")
+        procs[1].send_signal(signal.SIGUSR1)
+        outs = [proc.communicate(timeout=120) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    exits = [line for line in outs[0][0].splitlines() if line.startswith("exiting at")]
+    assert len(exits) == 1 and "received SIGUSR1" in exits[0], outs[0][0][-2000:]
+    stopped_at = int(exits[0].split()[3].rstrip(":"))
+    assert 2 <= stopped_at < 40 and latest(ckpt) == str(stopped_at)
+    resumed = launch_ranks([*argv, "--load", ckpt])
+    try:
+        outs = [proc.communicate(timeout=300) for proc in resumed]
+    finally:
+        for proc in resumed:
+            proc.kill()
+    assert [proc.returncode for proc in resumed] == [0, 0], [err[-2000:] for _, err in outs]
+    assert latest(ckpt) == "40"
+
+
+def test_a_failed_point_to_point_wait_names_its_peer():
+    from megatron.parallel.initialize import PeerWaitError, communication_failure
+    from megatron.parallel.p2p import _wait_all
+
+    class Op:
+        def __init__(self, peer):
+            self.peer = peer
+
+    class Request:
+        def __init__(self, error=None):
+            self.error = error
+
+        def wait(self):
+            if self.error:
+                raise RuntimeError(self.error)
+
+    gloo_timeout = ("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                    "waiting 60000ms for recv operation to complete")
+    with pytest.raises(PeerWaitError) as err:
+        _wait_all([Op(3), Op(5)], [Request(), Request(gloo_timeout)])
+    assert err.value.peer == 5
+    assert communication_failure(err.value, 1, rank=4, world_size=8) == (
+        "rank 4: no answer from rank 5 within --distributed-timeout-minutes 1 (a frozen or "
+        "stuck process or node); stopped")
+    # a collective does not say whom it waited on, unless only one other rank exists
+    assert "from a peer rank" in communication_failure(RuntimeError(gloo_timeout), 10, 0, 8)
+    assert communication_failure(RuntimeError("shape mismatch in timed out op"), 10, 0, 2) \
+        is None  # not torch.distributed's: keeps its traceback

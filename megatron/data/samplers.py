@@ -201,7 +201,7 @@ def _source_of(dataset, batch, row):
 
 def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, dp_rank, dp_size,
                                   num_workers=0, dataloader_type="single", drop_last=True,
-                                  data_sharding=True, seed=0):
+                                  data_sharding=True, seed=0, worker_init_fn=None):
     """DataLoader over ``dataset`` for one DP rank, resuming after ``consumed_samples``.
 
     ``dataloader_type``: 'single' (sequential, Megatron's default) or 'cyclic' (random order per
@@ -228,7 +228,7 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
     return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=batch_sampler,
                                        num_workers=num_workers, collate_fn=collate_samples,
                                        pin_memory=torch.cuda.is_available(),
-                                       generator=generator)
+                                       generator=generator, worker_init_fn=worker_init_fn)
 
 
 class _Padded(torch.utils.data.Dataset):
