@@ -373,6 +373,15 @@ def _checkpoint_globals(path):
     return allowed
 
 
+def _refused_type(text):
+    """The object a weights-only unpickling error names (its message runs over many lines)."""
+    for pattern in (r"GLOBAL (\S+)", r"got <class '([^']+)'>", r"function `?([\w.]+)"):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(1)
+    return "Python"
+
+
 _warned_unsafe = []  # the first file read with --unsafe-load-checkpoint, once per process
 
 
@@ -402,8 +411,7 @@ def read_checkpoint_file(path, options=ReadOptions()):
         raise
     except Exception as err:
         text = str(err).strip()
-        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in text:
-            found = re.search(r"GLOBAL (\S+)", text)
-            raise _refusal(path, found.group(1) if found else "Python") from None
+        if isinstance(err, pickle.UnpicklingError) and "WeightsUnpickler" in text:
+            raise _refusal(path, _refused_type(text)) from None
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
                         f"{text.splitlines()[0] if text else 'unreadable'}") from None
