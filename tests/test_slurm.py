@@ -104,19 +104,22 @@ def test_usr1_reaches_srun_and_the_job_is_requeued(tmp_path):
     (["--save", "/c"], signal.SIGUSR1, {"REQUEUE": 0}, 0, ["started", "USR1"]),
     (["--save", "/c", "--load", "/base"], signal.SIGUSR1, {}, 0, ["started", "USR1"]),
     (["--save=/c/", "--load", "/c"], signal.SIGTERM, {}, 0, ["started", "finished"]),
+    (["--save", "/c"], signal.SIGINT, {}, 0, ["started", "USR1"]),
     ([], signal.SIGUSR1, {}, 0, ["started", "finished"]),
 ], ids=["finished", "failed-after-usr1", "REQUEUE=0", "load-is-not-save", "sigterm-waited-out",
-        "no-save"])
+        "sigint-as-usr1", "no-save"])
 def test_no_requeue(tmp_path, flags, signum, env, status, expected):
     """Requeued only after a SIGUSR1 that ended in exit 0 with --load = --save. SIGTERM is not
-    passed on (SLURM signals the tasks itself) but waited out; without --save nothing catches
-    SIGUSR1, so it is not passed on either and the run goes on."""
+    passed on (SLURM signals the tasks itself) but waited out; SIGINT reaches srun as SIGUSR1
+    (a save, not a requeue); without --save nothing catches SIGUSR1, so it is not passed on
+    either and the run goes on."""
     proc, events, argv = _run_stubbed(tmp_path, flags, signum, seconds=1, **env)
     assert proc.returncode == status, proc.stderr_text
     assert events == expected
     assert ("--exit-signal-handler" in argv) == bool(flags)
     if not flags:
-        assert "has no --exit-signal-handler here (no --save?); running on" in proc.stderr_text
+        assert "SIGUSR1: pretrain_gpt.py has no --exit-signal-handler here (no --save?); " \
+               "running on" in proc.stderr_text
 
 
 def test_another_exit_signal_is_refused_in_one_line(tmp_path):
@@ -233,10 +236,14 @@ def _flags(data_prefix, save):
                     "--save", save, "--save-interval", str(10 * ITERS), iters=ITERS)
 
 
+def _wait_for_iteration(out, what):
+    _wait_until(f"{what} did not log iteration {SIGNAL_AFTER}",
+                lambda: SIGNAL_AFTER in _losses(_read(out)), 300, out)
+
+
 def _signal_mid_run(env, job, out, *scancel_flags):
     """Once SIGNAL_AFTER iterations are logged: scancel SCANCEL_FLAGS JOB."""
-    _wait_until(f"job {job} did not log iteration {SIGNAL_AFTER}",
-                lambda: SIGNAL_AFTER in _losses(_read(out)), 300, out)
+    _wait_for_iteration(out, f"job {job}")
     subprocess.run(["scancel", *scancel_flags, job], env=env, check=True, timeout=30)
 
 
@@ -298,3 +305,36 @@ def test_sigterm_saves_before_the_kill_and_is_not_requeued(slurm_env, data_prefi
     with open(os.path.join(ckpt, TRACKER_FILENAME)) as f:
         assert f.read().strip() == str(stop)
     read_checkpoint_file(checkpoint_file(ckpt, stop))  # complete and verified
+
+
+@pytest.mark.slow
+def test_ctrl_c_inside_an_allocation_saves_and_exits_0(slurm_env, data_prefix, tmp_path):
+    """``bash examples/run_slurm.sbatch ...`` typed inside an allocation, then one Ctrl-C
+    (SIGINT to the terminal's foreground process group: the script and srun). srun alone takes
+    one Ctrl-C as a request for its tasks' status (two abort them); the script turns it into
+    SIGUSR1 for the tasks: every rank saves, exit 0, nothing requeued."""
+    alloc = subprocess.run(["salloc", "--no-shell", "--ntasks=2", "--overcommit", "--time=10"],
+                           env=slurm_env, capture_output=True, text=True, timeout=120)
+    granted = re.search(r"Granted job allocation (\d+)", alloc.stderr)
+    assert granted, alloc.stderr
+    job, ckpt, out = granted.group(1), str(tmp_path / "interrupted"), tmp_path / "run.out"
+    env = dict(slurm_env, SLURM_JOB_ID=job, SLURM_NTASKS="2", SRUN_ARGS="--overcommit",
+               PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+    with open(out, "w") as log:
+        proc = subprocess.Popen(["bash", SCRIPT, "pretrain_gpt.py", *_flags(data_prefix, ckpt)],
+                                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        _wait_for_iteration(out, "the run")
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["scancel", job], env=slurm_env, capture_output=True)
+    text = _read(out)
+    assert status == 0, text[-4000:]
+    stop = _stopped_at(text, "SIGUSR1")
+    assert "requeueing" not in text
+    with open(os.path.join(ckpt, TRACKER_FILENAME)) as f:
+        assert f.read().strip() == str(stop)
