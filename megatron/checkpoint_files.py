@@ -379,7 +379,7 @@ def _refused_type(text):
         found = re.search(pattern, text)
         if found:
             return found.group(1)
-    return "Python"
+    return None
 
 
 _warned_unsafe = []  # the first file read with --unsafe-load-checkpoint, once per process
@@ -411,7 +411,10 @@ def read_checkpoint_file(path, options=ReadOptions()):
         raise
     except Exception as err:
         text = str(err).strip()
-        if isinstance(err, pickle.UnpicklingError) and "WeightsUnpickler" in text:
-            raise _refusal(path, _refused_type(text)) from None
+        if isinstance(err, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+            refused = _refused_type(text)
+            if refused:
+                raise _refusal(path, refused) from None
+            text = text.split("WeightsUnpickler error:", 1)[1].strip()  # garbage: the reason
         raise UserError(f"cannot read checkpoint {path}: {type(err).__name__}: "
                         f"{text.splitlines()[0] if text else 'unreadable'}") from None
