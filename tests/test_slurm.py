@@ -4,7 +4,8 @@ uninterrupted one does.
 The protocol of ``examples/run_slurm.sbatch`` with srun and scontrol stubbed (fast): SIGUSR1 to
 the batch shell reaches srun and is followed by ``scontrol requeue`` only after an exit 0 with
 ``--load`` = ``--save``; a finish, a failure, SIGTERM, ``REQUEUE=0``, another ``--load`` or no
-``--save`` never requeue; the flags it adds.
+``--save`` never requeue; SIGINT reaches the tasks as SIGUSR1; the flags it adds; the recipe
+scripts, which exec it, take the signal the same way.
 
 Then a real SLURM (slow): ``tests/slurm/setup_local_slurm.sh`` brings up a one-node cluster on
 this machine (Debian's slurm-wlm daemons and a private munged, with their own configuration,
@@ -40,8 +41,7 @@ import torch
 
 from distributed_harness import free_port
 from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_checkpoint_file
-from test_examples import _clean_env
-from test_examples import _stub
+from test_examples import _clean_env, _fake_bert_pile, _fake_pile, _stub
 from training_helpers import ROOT, gpt_argv
 
 SCRIPT = os.path.join(ROOT, "examples", "run_slurm.sbatch")
@@ -64,9 +64,9 @@ echo finished >> "$EVENTS"
 SCONTROL_STUB = 'echo "scontrol $*" >> "$EVENTS"\n'
 
 
-def _run_stubbed(tmp_path, flags, signum=None, seconds=30, **env):
-    """run_slurm.sbatch pretrain_gpt.py FLAGS inside a fake job 77, ``signum`` sent to the shell
-    once srun runs -> (process, events, srun's argv)."""
+def _run_stubbed(tmp_path, flags, signum=None, seconds=30, script=SCRIPT, **env):
+    """``script`` (run_slurm.sbatch pretrain_gpt.py) FLAGS inside a fake job 77, ``signum`` sent
+    to the shell once srun runs -> (process, events, srun's argv)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stub(str(bin_dir), "srun", SRUN_STUB)
@@ -76,7 +76,8 @@ def _run_stubbed(tmp_path, flags, signum=None, seconds=30, **env):
                          ARGV_FILE=argv, STUB_SECONDS=seconds, SLURM_JOB_ID=77,
                          SLURM_NTASKS=2, SLURM_JOB_NODELIST="localhost", MASTER_ADDR="localhost",
                          **env)
-    proc = subprocess.Popen(["bash", SCRIPT, "pretrain_gpt.py", *flags], env=run_env,
+    command = [script, "pretrain_gpt.py"] if script == SCRIPT else [script]
+    proc = subprocess.Popen(["bash", *command, *flags], env=run_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if signum is not None:
         deadline = time.monotonic() + 30
@@ -120,6 +121,22 @@ def test_no_requeue(tmp_path, flags, signum, env, status, expected):
     if not flags:
         assert "SIGUSR1: pretrain_gpt.py has no --exit-signal-handler here (no --save?); " \
                "running on" in proc.stderr_text
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt3_350M.sh", "pretrain_bert_large.sh"])
+def test_recipe_scripts_take_the_signal_through_exec(tmp_path, script):
+    """The recipe scripts (sbatch'ed themselves) end in run_slurm.sbatch by exec: the batch
+    shell that SLURM signals is the one that forwards the signal and requeues."""
+    data = _fake_bert_pile(str(tmp_path / "pile")) if "bert" in script \
+        else _fake_pile(str(tmp_path / "pile"), "pile_all")[0]
+    proc, events, argv = _run_stubbed(tmp_path, [], signal.SIGUSR1,
+                                      script=os.path.join(ROOT, "examples", script),
+                                      DATA_PATH=data, LAUNCHER="slurm", PYTHON=sys.executable,
+                                      CHECKPOINT_DIR=tmp_path / "ckpt",
+                                      CHECKPOINT_PATH=tmp_path / "ckpt")
+    assert proc.returncode == 0, proc.stderr_text
+    assert events == ["started", "USR1", "scontrol requeue 77"]
+    assert argv.count("--exit-signal-handler") == 1
 
 
 def test_another_exit_signal_is_refused_in_one_line(tmp_path):
