@@ -88,6 +88,24 @@ def _fast(tokenizer):
     return GigatokenBackend(tokenizer, threads=False)
 
 
+@pytest.fixture(scope="module")
+def hf_byte_level(tmp_path_factory):
+    """A byte-level BPE tokenizer.json with <|endoftext|> as an added special token, saved as
+    transformers does (--tokenizer-type HFTokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([r["text"] for r in make_records(300)], trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"], show_progress=False))
+    path = tmp_path_factory.mktemp("hf") / "byte_level"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
+    return str(path)
+
+
 def _ids(backend, texts):
     flat, lengths = backend.encode(texts)
     return [a.tolist() for a in np.split(np.asarray(flat), np.cumsum(lengths)[:-1])] \
@@ -104,6 +122,14 @@ def _ids(backend, texts):
 def test_fast_equals_reference_gpt2(gpt2, texts):
     fast = _fast(gpt2)
     assert _ids(fast, texts) == [gpt2.tokenize(t) for t in texts]
+
+
+@needs_gigatoken
+@settings(PROPERTY, max_examples=100)  # transformers' own call is slow per text
+@given(st.lists(TEXTS, min_size=1, max_size=6))
+def test_fast_equals_reference_hf_tokenizer_json(hf_byte_level, texts):
+    tok = _tokenizer("HFTokenizer", tokenizer_model=hf_byte_level)
+    assert _ids(_fast(tok), texts) == [tok.tokenize(t) for t in texts]
 
 
 @needs_gigatoken

@@ -159,7 +159,7 @@ class GigatokenBackend:
             elif kind in _NOT_IDENTICAL:
                 raise ValueError(_NOT_IDENTICAL[kind])
             elif kind == "HFTokenizer":
-                self._tok = gigatoken.Tokenizer(tokenizer._ctor_args[0])
+                self._tok = gigatoken.Tokenizer(tokenizer._tok)  # the transformers tokenizer
             else:
                 raise ValueError(f"{kind} is not byte-level or SentencePiece BPE")
         except Exception as err:  # gigatoken refuses models it cannot reproduce
