@@ -400,3 +400,15 @@ def test_the_first_save_of_a_run_sweeps_what_killed_writers_left(data_prefix, ch
                            "--override-opt_param-scheduler", iters=4))
     assert not os.path.exists(stale) and _temporaries(root) == []
     assert [line for line in logs if "removed 1 temporary file(s)" in line]
+
+
+def _sweeper_body(rank, world_size):
+    from megatron.checkpointing import _first_rank_on_this_host
+
+    return _first_rank_on_this_host()
+
+
+def test_one_rank_per_host_sweeps():
+    from distributed_harness import run_distributed
+
+    assert run_distributed(_sweeper_body, world_size=2) == [True, False]
