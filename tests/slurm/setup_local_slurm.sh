@@ -37,7 +37,8 @@ install() {
         command -v "$prog" >/dev/null || missing+=("$prog")
     done
     [[ ${#missing[@]} -eq 0 ]] && return 0
-    [[ $(id -u) -eq 0 ]] || fail "${missing[*]} not installed and not root: apt-get install ${PACKAGES[*]}"
+    [[ $(id -u) -eq 0 ]] ||
+        fail "${missing[*]} not installed and not root: apt-get install ${PACKAGES[*]}"
     command -v apt-get >/dev/null || fail "${missing[*]} not installed and no apt-get here"
     if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
                "${PACKAGES[@]}" || { apt-get update &&
@@ -123,6 +124,7 @@ node_idle() {
 start() {
     mkdir -p "$DIR"
     install
+    [[ $(id -u) -eq 0 ]] || fail "slurmd must run as root (it starts each job as its user)"
     write_config
     if ! alive "$DIR/munged.pid"; then
         munged --force --socket="$DIR/munge/munge.socket" --key-file="$DIR/munge/munge.key" \
