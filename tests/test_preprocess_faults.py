@@ -273,3 +273,20 @@ def test_long_documents_are_encoded_in_bounded_batches(tok):
     assert np.split(flat, np.cumsum(lengths)[:-1])[1].tolist() == tok.tokenize(long_text)
     assert [a.tolist() for a in np.split(flat, np.cumsum(lengths)[:-1])] == \
         [tok.tokenize(t) for t in texts]
+
+
+def test_merge_removes_stale_temporaries_of_its_output(tmp_path, capsys):
+    from tools import merge_datasets
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
+    (tmp_path / "shards").mkdir()
+    run(["--input", src, "--output-prefix", tmp_path / "shards" / "a", *GPT2])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"merged.bin.tmp.{dead.pid}"
+    stale.write_bytes(b"partial")
+    merge_datasets.main(["--input", str(tmp_path / "shards"), "--output-prefix",
+                         str(tmp_path / "merged")])
+    assert not stale.exists() and "Removed 1 stale temporary file(s)" in capsys.readouterr().err
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("merged")) == \
+        ["merged.bin", "merged.idx"]

@@ -7,7 +7,8 @@
 ``--input DIR`` merges every prefix in DIR that has both a .bin and an .idx, in sorted order (as
 Megatron-LM), except the output prefix itself if it is in DIR; ``--inputs`` merges the given
 prefixes in the order given. All inputs must share one token dtype. Writes
-``<output-prefix>.bin/.idx`` (under temporary names until complete).
+``<output-prefix>.bin/.idx`` (under temporary names until complete; those of an earlier run
+that was killed are removed).
 """
 
 import argparse
@@ -25,6 +26,7 @@ from megatron.data.indexed_dataset import (
     index_file_path,
 )
 from megatron.errors import UserError, run_main
+from tools.preprocess_data import remove_stale_temporaries
 
 
 def get_args(argv=None):
@@ -80,6 +82,7 @@ def main(argv=None):
     dtype = datasets[0].dtype
     del datasets
 
+    remove_stale_temporaries(args.output_prefix, log=lambda msg: print(msg, file=sys.stderr))
     start = time.time()
     with IndexedDatasetBuilder(data_file_path(args.output_prefix), dtype=dtype) as builder:
         for prefix in prefixes:
