@@ -123,6 +123,20 @@ def test_crafted_pytorch_model_bin_is_refused_by_the_hf_import(tmp_path):
     assert not marker.exists()
 
 
+def test_genuine_pytorch_model_bin_reads_as_its_safetensors_twin(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tools.convert_hf import read_hf_weights
+
+    config = transformers.GPT2Config(vocab_size=16, n_positions=8, n_embd=8, n_layer=1,
+                                     n_head=2)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "st")
+    (tmp_path / "bin").mkdir()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # HF's legacy file
+    st, legacy = read_hf_weights(str(tmp_path / "st")), read_hf_weights(str(tmp_path / "bin"))
+    assert st and all(torch.equal(st[k], legacy[k]) for k in st)
+
+
 def test_unlisted_harmless_type_needs_the_flag_and_warns_once(checkpoint, tmp_path, capsys):
     import fractions
 

@@ -51,7 +51,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from megatron.checkpoint_files import ReadOptions, add_read_flags  # noqa: E402
+from megatron.checkpoint_files import (ReadOptions, add_read_flags,  # noqa: E402
+                                       read_checkpoint_file)
 from megatron.checkpoint_reshard import (check_divisible, full_model,  # noqa: E402
                                          read_full_model_state, split_model)
 from megatron.checkpointing import (CHECKPOINT_VERSION, TRACKER_FILENAME,  # noqa: E402
@@ -514,8 +515,6 @@ def read_hf_weights(directory, reading=ReadOptions()):
     says otherwise), names without the ``transformer.``/``bert.`` prefix and with legacy
     ``gamma``/``beta`` as ``weight``/``bias``."""
     from safetensors.torch import load_file
-
-    from megatron.checkpoint_files import read_checkpoint_file
 
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
