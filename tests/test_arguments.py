@@ -105,10 +105,13 @@ def test_lr_warmup_init_starts_the_warmup():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 + (1e-3 - 1e-4) / 2)
 
 
-@pytest.mark.parametrize("extra", [["--rampup-batch-size"],
-                                   ["--rampup-batch-size", "16", "8", "300000"]])
-def test_rampup_batch_size_is_refused_even_without_values(extra):
-    with pytest.raises(UserError, match="--rampup-batch-size"):
+@pytest.mark.parametrize("extra, message", [
+    (["--rampup-batch-size"], "expects three integers START INCREMENT SAMPLES, got nothing"),
+    (["--rampup-batch-size", "16", "8", "300000"], "START 16 must be in 1 .. "
+                                                   "--global-batch-size 2")])
+def test_rampup_batch_size_values_are_checked(extra, message):
+    """(The ramp itself: tests/test_batch_rampup.py.)"""
+    with pytest.raises(UserError, match="--rampup-batch-size.*" + message):
         parse(*extra)
 
 
