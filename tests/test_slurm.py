@@ -88,15 +88,23 @@ def _run_stubbed(tmp_path, flags, signum=None, seconds=30, script=SCRIPT, **env)
     return proc, _read(events).splitlines(), _read(argv).split("\0")[:-1]
 
 
-def test_usr1_reaches_srun_and_the_job_is_requeued(tmp_path):
-    proc, events, argv = _run_stubbed(tmp_path, ["--save", "/ckpt"], signal.SIGUSR1)
+@pytest.mark.parametrize("restart", [False, True], ids=["first-start", "restart"])
+def test_usr1_reaches_srun_and_the_job_is_requeued(tmp_path, restart):
+    """Only --save given: --load = --save is added once --save holds a checkpoint (a requeued
+    job), not before (the flags stay as given, e.g. for --use-checkpoint-args)."""
+    ckpt = tmp_path / "ckpt"
+    if restart:
+        ckpt.mkdir()
+        (ckpt / TRACKER_FILENAME).write_text("33")
+    proc, events, argv = _run_stubbed(tmp_path, ["--save", str(ckpt)], signal.SIGUSR1,
+                                      SLURM_RESTART_COUNT=int(restart))
     assert proc.returncode == 0, proc.stderr_text
     assert events == ["started", "USR1", "scontrol requeue 77"]
-    assert "job 77 saved a checkpoint in /ckpt after SIGUSR1; requeueing it (restart 1)" \
-        in proc.stdout_text
+    assert f"job 77 saved a checkpoint in {ckpt} after SIGUSR1; requeueing it " \
+           f"(restart {int(restart) + 1})" in proc.stdout_text
     entry = next(i for i, arg in enumerate(argv) if arg.endswith("pretrain_gpt.py"))
-    assert argv[entry + 1:] == ["--exit-signal-handler", "--exit-signal", "SIGUSR1",
-                                "--load", "/ckpt", "--save", "/ckpt"]
+    assert argv[entry + 1:] == ["--exit-signal-handler", "--exit-signal", "SIGUSR1"] \
+        + (["--load", str(ckpt)] if restart else []) + ["--save", str(ckpt)]
 
 
 @pytest.mark.parametrize("flags,signum,env,status,expected", [
