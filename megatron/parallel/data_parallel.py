@@ -67,11 +67,22 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelState,
         device_ids = [first.device.index]
     ddp = DistributedDataParallel(model, device_ids=device_ids,
                                   process_group=parallel.dp_group,
-                                  bucket_cap_mb=bucket_cap_mb, broadcast_buffers=False,
-                                  find_unused_parameters=False)
+                                  bucket_cap_mb=bucket_cap_mb, find_unused_parameters=False,
+                                  **_no_buffer_sync(DistributedDataParallel))
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
         ddp.register_comm_hook(parallel.dp_group, allreduce_hook)
     return ddp
+
+
+def _no_buffer_sync(ddp_class):
+    """DDP's flag for "do not broadcast buffers before every forward" (our buffers are equal on
+    every rank by construction): ``forward_sync_buffers=False`` where torch has it (it
+    deprecates ``broadcast_buffers``, with a FutureWarning on every rank), else the old name."""
+    import inspect
+
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def attach_main_grads(model: nn.Module) -> nn.Module:
