@@ -192,7 +192,7 @@ def _tree_rss(pid):
 
 def measure(cmd, env=None):
     """Run ``cmd``; wall seconds, CPU seconds (all its processes), peak resident memory of the
-    process tree (PSS, sampled every 20 ms with psutil; else the largest single process's)."""
+    process tree (PSS, sampled every 0.1 s with psutil; else the largest single process's)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -202,7 +202,7 @@ def measure(cmd, env=None):
     def sample():
         while proc.poll() is None:
             peak[0] = max(peak[0], _tree_rss(proc.pid))
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     sampler = None
     if importlib.util.find_spec("psutil") is not None:
@@ -225,28 +225,29 @@ def run_tool(corpus, prefix, workers, tok_args, env=None, level="document", back
            "--output-prefix", prefix, "--append-eod", "--workers", str(workers),
            "--log-interval", "100000000", "--tokenizer-backend", backend, *tok_args]
     row = measure(cmd, env)
-    done = re.search(r"Done: (\d+) documents, (\d+) tokens, ([\d.]+) MB in ([\d.]+) s",
-                     row.pop("stderr"))
+    done = re.search(r"Done: (\d+) documents, (\d+) tokens, ([\d.]+) MB in ([\d.]+) s .*; "
+                     r"([\d.]+) CPU-s", row.pop("stderr"))
     row.pop("stdout")
     with open(f"{prefix}_text_{level}.idx", "rb") as f:  # sequences: the header's count
         seqs = int(np.frombuffer(f.read(26), "<u8", 1, 18)[0])
     row.update(workers=workers, backend=backend, docs=int(done.group(1)), seqs=seqs,
                tokens=int(done.group(2)), mb=float(done.group(3)), loop=float(done.group(4)),
+               loop_cpu=float(done.group(5)),
                cmd=" ".join(map(str, cmd)))
     return row
 
 
 _CEILING = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, {root!r})
 import gigatoken
 from megatron.tokenizer import build_tokenizer
 tok = build_tokenizer("GPT2BPETokenizer", vocab_file={vocab!r}, merge_file={merges!r})
 lib = gigatoken.Tokenizer(tok._tok)
-start = time.perf_counter()
+start, cpu = time.perf_counter(), sum(os.times()[:2])
 ids = lib.encode_files(gigatoken.JsonlFileSource([{corpus!r}], "text"))
-seconds = time.perf_counter() - start
-print(json.dumps({{"seconds": seconds, "docs": len(ids),
+seconds, cpu = time.perf_counter() - start, sum(os.times()[:2]) - cpu
+print(json.dumps({{"loop": seconds, "loop_cpu": cpu, "docs": len(ids),
                   "tokens": int(len(ids.layout.content))}}))
 """
 
@@ -419,29 +420,38 @@ def main(argv=None):
     print(f"cpus: {os.cpu_count()}; load average (1/5/15 min, max of before and after): "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; tokenizer threads: "
           f"{args.tokenizer_threads}")
-    print("MB/s: JSON MB over the tool's encode loop (startup excluded; wall s includes it); "
-          "MB/cpu-s: per core; RSS: peak of all processes")
+    print("MB/s, Mtok/s: over the encode loop (zstd, JSON, tokenize, write; startup excluded, "
+          "wall s includes it); /cpu-s: the same per CPU-second of the loop (per core); "
+          "RSS: peak of all processes (PSS); x hf, x lib: MB/s ratios to the best hf run and "
+          "to the library, /core: the same per CPU-second")
     print(f"{'path':>4} {'backend':>8} {'workers':>7} {'wall s':>7} {'loop s':>7} {'MB/s':>7} "
-          f"{'Mtok/s':>7} {'cpu s':>6} {'MB/cpu-s':>8} {'RSS MB':>7} {'vs hf':>7} "
-          f"{'vs lib':>7}")
-    hf_best = {}  # the best hf run of each path: the "vs hf" baseline
+          f"{'Mtok/s':>7} {'cpu-s':>6} {'MB/cpu-s':>8} {'Mtok/cpu-s':>10} {'RSS MB':>7} "
+          f"{'x hf':>6} {'/core':>6} {'x lib':>6} {'/core':>6}")
+
+    def rates(r):
+        return r["mb"] / r["loop"], r["mb"] / r["loop_cpu"]
+
+    hf_best = {}  # the best hf run of each path: the "x hf" baseline
     for r in rows:
         if r["backend"] == "hf":
-            hf_best[r["path"]] = max(hf_best.get(r["path"], 0), r["mb"] / r["loop"])
+            best = hf_best.get(r["path"], (0, 0))
+            hf_best[r["path"]] = tuple(map(max, best, rates(r)))
+    table = list(rows)
     if ceiling is not None:
-        lib_mbs = first["mb"] / ceiling["seconds"]
-        print(f"{'gpt':>4} {'library':>8} {'all':>7} {ceiling['wall']:>7.2f} "
-              f"{ceiling['seconds']:>7.2f} {lib_mbs:>7.2f} "
-              f"{ceiling['tokens'] / ceiling['seconds'] / 1e6:>7.3f} {ceiling['cpu']:>6.1f} "
-              f"{first['mb'] / ceiling['cpu']:>8.2f} {ceiling['rss_mb']:>7.0f}")
-    for r in rows:
-        mbs = r["mb"] / r["loop"]
-        vs_hf = f"{mbs / hf_best[r['path']]:.2f}x" if r["path"] in hf_best else "-"
-        vs_lib = f"{mbs / lib_mbs:.2f}x" if ceiling is not None and r["path"] == "gpt" else "-"
+        table.insert(0, dict(ceiling, path="gpt", backend="library", workers="all",
+                             mb=first["mb"]))
+    for r in table:
+        wall_rate, core_rate = rates(r)
+        ratios = []
+        for base in (hf_best.get(r["path"]),
+                     rates(table[0]) if ceiling is not None and r["path"] == "gpt" else None):
+            ratios += [f"{wall_rate / base[0]:.2f}", f"{core_rate / base[1]:.2f}"] if base \
+                else ["-", "-"]
         print(f"{r['path']:>4} {r['backend']:>8} {r['workers']:>7} {r['wall']:>7.2f} "
-              f"{r['loop']:>7.2f} {mbs:>7.2f} {r['tokens'] / r['loop'] / 1e6:>7.3f} "
-              f"{r['cpu']:>6.1f} {r['mb'] / r['cpu']:>8.2f} {r['rss_mb']:>7.0f} {vs_hf:>7} "
-              f"{vs_lib:>7}")
+              f"{r['loop']:>7.2f} {wall_rate:>7.2f} {r['tokens'] / r['loop'] / 1e6:>7.3f} "
+              f"{r['loop_cpu']:>6.2f} {core_rate:>8.2f} "
+              f"{r['tokens'] / r['loop_cpu'] / 1e6:>10.3f} {r['rss_mb']:>7.0f} "
+              + " ".join(f"{x:>6}" for x in ratios))
     if ceiling is not None:
         gpt = [r for r in rows if r["path"] == "gpt"]
         same = all(r["tokens"] == ceiling["tokens"] + r["docs"] for r in gpt)  # + EOD each

@@ -26,9 +26,18 @@ Megatron-LM, a key whose value is an array of strings is a document already spli
 sentences (one sequence per non-empty element, not split again), e.g. Megatron's ``*_ss.json``.
 
 Input is streamed (.jsonl/.json, .zst, .gz; never decompressed to disk), cut into chunks of many
-lines, and tokenized by ``--workers`` processes; results are written in input order, so the
-output is byte-identical for any number of workers. Outputs are written under temporary names
-and renamed only when complete: after an error or Ctrl-C nothing exists under the final names.
+lines (memory is bounded whatever the input size), and tokenized by ``--workers`` processes
+(tools/preprocess_workers.py: a worker that dies is an error, never a hang); results are
+written in input order, so the output is byte-identical for any number of workers. Outputs are
+written under temporary names and renamed only when complete: after an error or Ctrl-C nothing
+exists under the final names, and the temporaries of a run killed with -9 are removed by the
+next run on the same prefix.
+
+Tokenization goes through ``--tokenizer-backend`` (tools/preprocess_backends.py): ``fast``
+(gigatoken, compiled byte-level BPE, ``pip install 'megatron-ltd[fast]'``), ``hf`` (the
+tokenizer's own library) or ``auto`` (fast when installed, supported and identical to the
+reference on fixed edge cases and the run's first documents; else hf, with one warning if it
+differed). Both give the same bytes.
 
 ``--partitions`` is accepted for command-line compatibility with Megatron-LM but changes nothing:
 Megatron splits the input into N files, encodes them separately and merges the results, which
@@ -641,6 +650,12 @@ def _alive(pid):
     return True
 
 
+def _cpu_seconds():
+    """CPU time of this process (all threads) and of its workers that have ended."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def _terminated(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -709,7 +724,7 @@ def _main(argv):
             pool = OrderedWorkers(args.workers, _init_worker, (encoder,), _encode_in_worker)
             results = pool.imap(chunks, ahead=4 * args.workers, describe=_describe_chunk)
         print(f"Time to startup: {time.time() - startup}")
-        start = time.time()
+        start, start_cpu = time.time(), _cpu_seconds()
         next_log = args.log_interval
         for chunk, (n_docs, bad, error, per_key) in results:
             if error is not None:
@@ -755,9 +770,11 @@ def _main(argv):
 
     elapsed = max(time.time() - start, 1e-9)
     tokens = sum(tokens.values())
+    cpu = _cpu_seconds() - start_cpu
     print(f"Done: {docs} documents, {tokens} tokens, {nbytes / 1024 / 1024:.2f} MB in "
           f"{elapsed:.2f} s ({docs / elapsed:.2f} docs/s, "
-          f"{nbytes / elapsed / 1024 / 1024:.2f} MB/s).", file=sys.stderr)
+          f"{nbytes / elapsed / 1024 / 1024:.2f} MB/s; {cpu:.2f} CPU-s, "
+          f"{nbytes / max(cpu, 1e-9) / 1024 / 1024:.2f} MB per CPU-s).", file=sys.stderr)
     if bad_count:
         print(f"Skipped {bad_count} bad lines (--skip-bad-lines); first: "
               + "; ".join(f"{where}: {why}" for where, why in bad_first), file=sys.stderr)
