@@ -159,10 +159,10 @@ def test_another_exit_signal_is_refused_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def slurm_env(tmp_path_factory):
-    """The environment that reaches the local cluster (SLURM_CONF); stops the daemons
-    afterwards when this fixture started them."""
-    env = _clean_env(MEGATRON_LTD_SLURM_DIR=str(tmp_path_factory.getbasetemp() / "slurm"))
-    env.update(MEGATRON_LTD_SLURM_PORT=str(free_port()), MEGATRON_LTD_SLURMD_PORT=str(free_port()))
+    """The environment that reaches a cluster of this test session's own (SLURM_CONF: its
+    directory and ports); its daemons are stopped afterwards."""
+    env = _clean_env(MEGATRON_LTD_SLURM_DIR=tmp_path_factory.getbasetemp() / "slurm",
+                     MEGATRON_LTD_SLURM_PORT=free_port(), MEGATRON_LTD_SLURMD_PORT=free_port())
     done = subprocess.run(["bash", SETUP, "start"], env=env, capture_output=True, text=True,
                           timeout=900)
     if done.returncode != 0:
