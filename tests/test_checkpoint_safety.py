@@ -268,67 +268,96 @@ def test_only_dead_writers_files_of_this_host_in_the_checkpoint_tree_are_removed
     assert stale_temporaries(str(root)) == [files["locked"]]  # its holder is gone now
 
 
-def _train_child(argv, events):
-    """Forked child: a training run that reports each log line, then its losses."""
+def _train_rank(rank, world_size, argv, events):
+    """One rank of a forked training run: reports each log line, returns its losses."""
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
     import pretrain_gpt
 
     result = pretrain_gpt.pretrain(pretrain_gpt.datasets_provider, pretrain_gpt.model_provider,
                                    pretrain_gpt.forward_step_provider, argv=argv,
                                    log=lambda line: events.put(("log", str(line))))
-    events.put(("done", [(i, dict(loss)) for i, loss in result.train_losses]))
+    return [(i, dict(loss)) for i, loss in result.train_losses]
 
 
-def _start(argv):
+def _single_process(body, rank, world_size, port, args, results):
+    """``distributed_harness._worker`` without torch.distributed: one process, as users run."""
+    try:
+        results.put((rank, "ok", body(rank, world_size, *args)))
+    except BaseException:  # noqa: B902 - report everything to the parent
+        import traceback
+
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def _start(argv, world_size):
+    """Fork ``world_size`` ranks of ``_train_rank`` (gloo when several); one queue carries
+    ("log", line) events and each rank's (rank, "ok", losses) or (rank, "error", traceback)."""
+    from distributed_harness import _worker, free_port
+
     ctx = multiprocessing.get_context("fork")
-    events = ctx.Queue()
-    child = ctx.Process(target=_train_child, args=(argv, events), daemon=True)
-    child.start()
-    return child, events
+    events, port = ctx.Queue(), free_port()
+    target = _worker if world_size > 1 else _single_process
+    ranks = [ctx.Process(target=target, daemon=True,
+                         args=(_train_rank, r, world_size, port, (argv, events), events))
+             for r in range(world_size)]
+    for rank in ranks:
+        rank.start()
+    return ranks, events
 
 
-def _next_event(events, child, timeout=300):
+def _next_event(events, ranks, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            return events.get(timeout=1)
+            event = events.get(timeout=1)
         except Exception:  # queue.Empty
-            if not child.is_alive():
-                raise AssertionError(f"training child died with exit code {child.exitcode}")
-    raise AssertionError("training child made no progress")
+            if not all(r.is_alive() for r in ranks):
+                raise AssertionError(f"a rank died: exit codes {[r.exitcode for r in ranks]}")
+            continue
+        if event[1] == "error":
+            raise AssertionError(f"rank {event[0]} failed:\n{event[2]}")
+        return event
+    raise AssertionError("the training run made no progress")
 
 
-def _run_to_end(argv):
-    child, events = _start(argv)
-    while True:
-        kind, payload = _next_event(events, child)
-        if kind == "done":
-            child.join(timeout=60)
-            return payload
+def _run_to_end(argv, world_size):
+    """Rank 0's losses of a run that finishes."""
+    ranks, events = _start(argv, world_size)
+    losses = {}
+    while len(losses) < world_size:
+        event = _next_event(events, ranks)
+        if event[1] == "ok":
+            losses[event[0]] = event[2]
+    for rank in ranks:
+        rank.join(timeout=60)
+    return losses[0]
 
 
 def _temporaries(root):
     return glob.glob(os.path.join(root, "**", "*.tmp.*"), recursive=True)
 
 
-def _kill_during_save(argv, save, rng, wait_for_file):
-    """Start a run, SIGKILL it at a random moment of its first or second save (while its
-    file is being written, or up to 0.3 s after the save began); whether it left a temporary
-    file."""
-    child, events = _start(argv)
-    saves = rng.randint(1, 2)
-    while saves:
-        kind, payload = _next_event(events, child)
-        assert kind == "log", "the run ended before it was killed"
-        saves -= payload.startswith("saving checkpoint")
+def _kill_during_save(argv, world_size, save, rng, wait_for_file):
+    """Start a run, SIGKILL all its ranks at a random moment of its first or second save
+    (while a file is being written, or up to 0.3 s after the save began); whether it left a
+    temporary file."""
+    ranks, events = _start(argv, world_size)
+    saves, started = rng.randint(1, 2), set()  # every rank logs the start of a save
+    while len(started) < saves:
+        event = _next_event(events, ranks)
+        assert event[0] == "log", "the run ended before it was killed"
+        if event[1].startswith("saving checkpoint at iteration"):
+            started.add(event[1].split()[4])
     deadline = time.time() + 5
     while wait_for_file and not _temporaries(save) and time.time() < deadline:
         time.sleep(0.0005)
     time.sleep(rng.uniform(0, 0.04 if wait_for_file else 0.3))
-    os.kill(child.pid, signal.SIGKILL)
-    child.join(timeout=60)
-    return bool([p for p in _temporaries(save) if f".{child.pid}" in p])
+    for rank in ranks:
+        os.kill(rank.pid, signal.SIGKILL)
+    for rank in ranks:
+        rank.join(timeout=60)
+    pids = {f".{rank.pid}" for rank in ranks}
+    return any(p.endswith(tuple(pids)) for p in _temporaries(save))
 
 
 def _same(a, b):
@@ -339,39 +368,56 @@ def _same(a, b):
     return a == b
 
 
-def _final_state(root):
+def _rank_files(root):
+    """Every rank's file of the iteration ``latest`` names (their contents must verify)."""
     iteration, _ = read_tracker(root)
-    ckpt = read_checkpoint_file(checkpoint_file(root, iteration))
-    return iteration, ckpt["model"], ckpt["optimizer"], ckpt["rng_state"]
+    paths = sorted(glob.glob(os.path.join(root, f"iter_{iteration:07d}", "mp_rank_*",
+                                          "model_optim_rng.pt")))
+    return iteration, [read_checkpoint_file(path) for path in paths]
+
+
+def _kill_and_resume(data_prefix, tmp_path, world_size, kills, iters, *flags):
+    """Kill a run ``kills`` times during saves, resume it each time, and compare its end with
+    an uninterrupted run's: losses, weights, optimizer and RNG states, bitwise."""
+    argv = gpt_argv(data_prefix, "--save-interval", "1", "--eval-iters", "0",
+                    "--log-interval", "1", *flags, iters=iters)
+    reference = str(tmp_path / "reference")
+    expected_losses = _run_to_end(argv + ["--save", reference], world_size)
+    save = str(tmp_path / "killed")
+    resume = argv + ["--save", save, "--load", save]
+    rng, left_files = random.Random(12), 0
+    for k in range(kills):
+        left_files += _kill_during_save(resume, world_size, save, rng, wait_for_file=k % 2 == 0)
+        if read_tracker(save) is not None:  # latest names a complete checkpoint that verifies
+            _rank_files(save)
+    assert left_files >= 1, "no kill landed while a checkpoint file was being written"
+    assert read_tracker(save) is not None, "no save completed between the kills"
+    losses = _run_to_end(resume, world_size)
+    assert _temporaries(save) == []  # the dead writers' files went at the next save
+    assert losses[0][0] > 1 and losses[-1][0] == iters  # it resumed
+    assert losses == expected_losses[-len(losses):]
+    (done, files), (expected, want_files) = _rank_files(save), _rank_files(reference)
+    assert done == expected == iters and len(files) == len(want_files)
+    for got, want in zip(files, want_files):
+        for key in ("model", "optimizer", "rng_state"):
+            for a, b in zip(torch.utils._pytree.tree_leaves(got[key]),
+                            torch.utils._pytree.tree_leaves(want[key])):
+                assert _same(a, b), key
+    return len(files)
 
 
 @pytest.mark.slow
 def test_kill_9_during_save_20_times_resumes_to_the_uninterrupted_final_state(data_prefix,
                                                                             tmp_path):
-    iters, kills = 44, 20  # each launch completes at most two saves before it is killed
-    argv = gpt_argv(data_prefix, "--save-interval", "1", "--eval-iters", "0",
-                    "--hidden-size", "256", "--log-interval", "1", iters=iters)
-    reference = str(tmp_path / "reference")
-    expected_losses = _run_to_end(argv + ["--save", reference])
-    save = str(tmp_path / "killed")
-    resume = argv + ["--save", save, "--load", save]
-    rng, left_files = random.Random(12), 0
-    for k in range(kills):
-        left_files += _kill_during_save(resume, save, rng, wait_for_file=k % 2 == 0)
-        found = read_tracker(save)
-        if found is not None:  # latest names a complete checkpoint that verifies
-            read_checkpoint_file(checkpoint_file(save, found[0]))
-    assert read_tracker(save) is not None, "no save completed between the kills"
-    assert left_files >= 1, "no kill landed while a checkpoint file was being written"
-    losses = _run_to_end(resume)
-    assert _temporaries(save) == []  # the dead writers' files went at the next save
-    assert losses[0][0] > 1 and losses[-1][0] == iters  # it resumed
-    assert losses == expected_losses[-len(losses):]
-    done, expected = _final_state(save), _final_state(reference)
-    assert done[0] == expected[0] == iters
-    for got, want in zip(torch.utils._pytree.tree_leaves(done[1:]),
-                         torch.utils._pytree.tree_leaves(expected[1:])):
-        assert _same(got, want)
+    # Each launch completes at most two saves before it is killed: 44 iterations outlast 20.
+    assert _kill_and_resume(data_prefix, tmp_path, 1, 20, 44, "--hidden-size", "256") == 1
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_tensor_parallel_run_during_save_resumes_exactly(data_prefix, tmp_path):
+    """Two ranks write two files per checkpoint: a kill between them never moves latest."""
+    assert _kill_and_resume(data_prefix, tmp_path, 2, 8, 20, "--hidden-size", "256",
+                            "--tensor-model-parallel-size", "2") == 2
 
 
 # -- shape flags on resume -------------------------------------------------------------------------
