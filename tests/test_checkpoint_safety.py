@@ -479,3 +479,14 @@ def test_one_rank_per_host_sweeps():
     from distributed_harness import run_distributed
 
     assert run_distributed(_sweeper_body, world_size=2) == [True, False]
+
+
+def test_checkpoint_util_removes_what_a_killed_conversion_left(checkpoint, tmp_path):
+    from tools import checkpoint_util
+
+    out = str(tmp_path / "converted")
+    stale = temporary_name(checkpoint_file(out, 2)).rsplit(".", 1)[0] + f".{_dead_pid()}"
+    os.makedirs(os.path.dirname(stale))
+    open(stale, "wb").write(b"x" * 4096)
+    checkpoint_util.convert(checkpoint, out, 1, 1, log=lambda *_: None)
+    assert _temporaries(out) == [] and read_checkpoint_file(checkpoint_file(out, 2))

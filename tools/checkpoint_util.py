@@ -19,7 +19,8 @@ RNG states do not map between layouts: each target file takes those of source ra
 of its own (Megatron's seeds mixed with the iteration: the tracker's for a copied TP rank, the
 default generators' too for a copied stage), so no two TP ranks or stages draw the same
 dropout masks (a resumed run is not bit-identical in its dropout streams).
-Files are written atomically and the tracker last.
+Files are written atomically and the tracker last; what an earlier conversion killed while
+writing left in --save is removed first.
 
 (Megatron-LM's tools/checkpoint_util.py converts the model only; a converted checkpoint there
 must be loaded with --no-load-optim --no-load-rng.)
@@ -38,7 +39,8 @@ import torch  # noqa: E402
 
 from megatron.checkpoint_reshard import (check_divisible, even_stage_names,  # noqa: E402
                                          load_shards, merge_model, merge_tensors, shard_tensor)
-from megatron.checkpoint_files import ReadOptions, add_read_flags  # noqa: E402
+from megatron.checkpoint_files import (ReadOptions, add_read_flags,  # noqa: E402
+                                       remove_stale_temporaries)
 from megatron.checkpointing import (TRACKER_FILENAME, atomic_torch_save,  # noqa: E402
                                     atomic_write_text, checkpoint_file, megatron_model_state)
 from megatron.errors import UserError, run_main  # noqa: E402
@@ -295,6 +297,7 @@ def convert(load, save, target_tp, target_pp, log=print, reading=ReadOptions()):
         f"(TP {src_tp} x PP {src_pp})")
     full = merge(shards, src_tp, src_pp)
     targets = split(full, shards, src_tp, target_tp, target_pp)
+    remove_stale_temporaries(save, log)  # of an earlier conversion killed while writing
     for (t, p), ckpt in sorted(targets.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         ckpt = {**ckpt, "model": megatron_model_state(ckpt["model"])}
         atomic_torch_save(ckpt, checkpoint_file(save, iteration, t, p, target_pp, release))
