@@ -223,6 +223,20 @@ def test_truncated_file_is_one_line_and_rewritten_or_legacy_files_load(checkpoin
     assert read_checkpoint_file(path)["iteration"] == 2
 
 
+def test_a_file_written_without_crcs_loads_unverified(checkpoint, tmp_path):
+    serialization = pytest.importorskip("torch.utils.serialization",
+                                        reason="torch before 2.6 always writes the CRCs")
+    root, path = _copy(checkpoint, tmp_path / "no-crc")
+    ckpt = read_checkpoint_file(path)
+    serialization.config.save.compute_crc32 = False  # its records are all zero
+    try:
+        torch.save(ckpt, path)
+    finally:
+        serialization.config.save.compute_crc32 = True
+    _flip_tensor_byte(path)
+    assert read_checkpoint_file(path)["iteration"] == 2  # nothing to verify against
+
+
 # -- stale temporary files -----------------------------------------------------------------------
 
 def _dead_pid():
