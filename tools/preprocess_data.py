@@ -541,7 +541,7 @@ class Encoder:
                 return 0, bad, f"{chunk.path} (lines {chunk.first_line}-{last}): {err}", None
         return len(columns[0]) if columns else 0, bad, None, per_key
 
-    def _sentences(self, text):
+    def sentences(self, text):
         """A text's sentences: an array value is split already; else --split-sentences."""
         if isinstance(text, list):
             return text
@@ -552,7 +552,7 @@ class Encoder:
         if self.split is None and all(isinstance(text, str) for text in texts):
             sentences, per_doc = texts, np.ones(len(texts), dtype=np.int64)
         else:
-            split = [self._sentences(text) for text in texts]
+            split = [self.sentences(text) for text in texts]
             sentences = [s for doc in split for s in doc]
             per_doc = np.fromiter(map(len, split), dtype=np.int64, count=len(split))
         flat, lengths = self.backend.encode(sentences)
@@ -595,7 +595,7 @@ def _sample_texts(encoder, chunk, max_texts=200, max_chars=1 << 18, max_text_cha
     for line in lines:
         parsed = encoder.parse(line) if line.strip() else None
         for value in parsed if isinstance(parsed, list) else ():
-            for text in encoder._sentences(value):
+            for text in encoder.sentences(value):
                 texts.append(text[:max_text_chars])
                 size += len(texts[-1])
                 if len(texts) >= max_texts or size >= max_chars:
