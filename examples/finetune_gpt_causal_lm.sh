@@ -6,12 +6,16 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=1-00:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@300   # save and requeue before the time limit: examples/run_slurm.sbatch
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #
 # GPT-2 causal-LM finetuning on PTB, WikiText-2 or WikiText-103 with random-LTD, TokenBypass or
 # neither (the random-LTD paper's Appendix D.4: global batch 32, constant lr 5e-5, the
 # checkpoint's sequence length), through tasks/causal_lm/finetune.py. The global batch of 32
 # is kept on any GPU count (micro-batch MICRO_BATCH per GPU; 8 GPUs x 4 = one micro-batch per
-# step); rerunning the same command after a preemption resumes from SAVE.
+# step); rerunning the same command after a preemption resumes from SAVE, and under sbatch
+# the job saves and requeues itself before its time limit (examples/run_slurm.sbatch).
 #
 #   sbatch examples/finetune_gpt_causal_lm.sh                          # PTB, random-LTD 128
 #   TASK=wikitext103 LTD_START=256 sbatch examples/finetune_gpt_causal_lm.sh

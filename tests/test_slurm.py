@@ -64,9 +64,10 @@ echo finished >> "$EVENTS"
 SCONTROL_STUB = 'echo "scontrol $*" >> "$EVENTS"\n'
 
 
-def _run_stubbed(tmp_path, flags, signum=None, seconds=30, script=SCRIPT, **env):
-    """``script`` (run_slurm.sbatch pretrain_gpt.py) FLAGS inside a fake job 77, ``signum`` sent
-    to the shell once srun runs -> (process, events, srun's argv)."""
+def _run_stubbed(tmp_path, flags, signum=None, seconds=30, command=(SCRIPT, "pretrain_gpt.py"),
+                 **env):
+    """``bash COMMAND FLAGS`` inside a fake job 77, ``signum`` sent to the shell once srun runs
+    -> (process, events, srun's argv)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stub(str(bin_dir), "srun", SRUN_STUB)
@@ -76,7 +77,6 @@ def _run_stubbed(tmp_path, flags, signum=None, seconds=30, script=SCRIPT, **env)
                          ARGV_FILE=argv, STUB_SECONDS=seconds, SLURM_JOB_ID=77,
                          SLURM_NTASKS=2, SLURM_JOB_NODELIST="localhost", MASTER_ADDR="localhost",
                          **env)
-    command = [script, "pretrain_gpt.py"] if script == SCRIPT else [script]
     proc = subprocess.Popen(["bash", *command, *flags], env=run_env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if signum is not None:
@@ -131,20 +131,50 @@ def test_no_requeue(tmp_path, flags, signum, env, status, expected):
                "running on" in proc.stderr_text
 
 
-@pytest.mark.parametrize("script", ["pretrain_gpt3_350M.sh", "pretrain_bert_large.sh"])
+def _recipe_inputs(directory, script):
+    """Empty stand-ins for the inputs ``script`` checks before it launches -> its variables."""
+    if script == "pretrain_bert_large.sh":
+        return {"DATA_PATH": _fake_bert_pile(str(directory))}
+    if script == "finetune_gpt_causal_lm.sh":
+        directory.mkdir()
+        for name in ("ptb.train.txt", "ptb.valid.txt", TRACKER_FILENAME):
+            (directory / name).touch()
+        return {"TEXT_DIR": directory, "PRETRAINED": directory}
+    return {"DATA_PATH": _fake_pile(str(directory), "pile_all")[0]}
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt3_350M.sh", "pretrain_bert_large.sh",
+                                    "finetune_gpt_causal_lm.sh"])
 def test_recipe_scripts_take_the_signal_through_exec(tmp_path, script):
     """The recipe scripts (sbatch'ed themselves) end in run_slurm.sbatch by exec: the batch
-    shell that SLURM signals is the one that forwards the signal and requeues."""
-    data = _fake_bert_pile(str(tmp_path / "pile")) if "bert" in script \
-        else _fake_pile(str(tmp_path / "pile"), "pile_all")[0]
+    shell that SLURM signals is the one that forwards the signal and requeues. finetune.py
+    gets the handler among pretrain_gpt.py's flags (after its '--') and resumes from --save
+    by itself."""
     proc, events, argv = _run_stubbed(tmp_path, [], signal.SIGUSR1,
-                                      script=os.path.join(ROOT, "examples", script),
-                                      DATA_PATH=data, LAUNCHER="slurm", PYTHON=sys.executable,
+                                      command=[os.path.join(ROOT, "examples", script)],
+                                      LAUNCHER="slurm", PYTHON=sys.executable,
                                       CHECKPOINT_DIR=tmp_path / "ckpt",
-                                      CHECKPOINT_PATH=tmp_path / "ckpt")
+                                      CHECKPOINT_PATH=tmp_path / "ckpt", SAVE=tmp_path / "ckpt",
+                                      **_recipe_inputs(tmp_path / "inputs", script))
     assert proc.returncode == 0, proc.stderr_text
     assert events == ["started", "USR1", "scontrol requeue 77"]
     assert argv.count("--exit-signal-handler") == 1
+    if script == "finetune_gpt_causal_lm.sh":
+        assert argv[argv.index("--") + 1:][-3:] == ["--exit-signal-handler", "--exit-signal",
+                                                    "SIGUSR1"]
+        assert "--load" not in argv
+
+
+@pytest.mark.parametrize("flags", [["--save", "/c"], ["--save", "/c", "--", "--fp16"]],
+                         ids=["no-separator", "separator"])
+def test_causal_lm_finetune_gets_the_handler_after_its_separator(tmp_path, flags):
+    proc, events, argv = _run_stubbed(tmp_path, flags, signal.SIGUSR1,
+                                      command=[SCRIPT, "tasks/causal_lm/finetune.py"])
+    assert proc.returncode == 0, proc.stderr_text
+    assert events == ["started", "USR1", "scontrol requeue 77"]
+    entry = next(i for i, arg in enumerate(argv) if arg.endswith("finetune.py"))
+    assert argv[entry + 1:] == [*flags, *([] if "--" in flags else ["--"]),
+                                "--exit-signal-handler", "--exit-signal", "SIGUSR1"]
 
 
 def test_another_exit_signal_is_refused_in_one_line(tmp_path):
