@@ -1,7 +1,7 @@
 """Flags of Megatron-DeepSpeed's and Megatron-LM's published launch scripts, and the ``args``
 fields their checkpoint tools read.
 
-The launch scripts (their list, expanded for 64 ranks, is checked in under
+The launch scripts (their command lines, expanded for their ranks, are checked in under
 ``tests/assets/launch_scripts``) pass flags that belong to DeepSpeed's engine or to kernels this
 framework does not have. Each one is either mapped onto its native equivalent here, or accepted
 with ONE warning line (rank 0, at start-up) saying what it would have done, or -- where running
@@ -15,11 +15,12 @@ without it would silently train something else -- refused by name:
 - ``--no-pipeline-parallel``: DeepSpeed's non-pipelined model; requires a pipeline size of 1.
 - ``--deepspeed-activation-checkpointing``: DeepSpeed's implementation of Megatron's activation
   recompute; with ``--checkpoint-activations`` our recompute does the same, alone it does nothing
-  (as there).
+  (as there) and says so in one warning line.
 - ``--attention-backend``: Megatron-LM's kernel choice -> ours (``megatron.model.config``
   ``attention_backend``): flash and fused -> torch's SDPA, unfused and local -> our
   ``core_attention`` (Megatron's CoreAttention), auto -> the default selection.
-- ``--log-optimizer-states-to-tensorboard``: accepted with a warning (not logged here).
+- ``--log-optimizer-states-to-tensorboard``: the norms of Adam's moments and of the weights
+  in TensorBoard under Megatron-DeepSpeed's tags (``megatron.optim.state_stats``).
 - ``--data-efficiency-curriculum-learning``: refused (curriculum learning reorders the data;
   running without it would be another experiment).
 
@@ -53,8 +54,8 @@ def add_compat_args(parser):
                    help="Attention kernel (Megatron-LM): flash/fused -> torch SDPA, "
                         "unfused/local -> Megatron's CoreAttention, auto -> the default choice.")
     g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
-                   help="Megatron-DeepSpeed's optimizer-state norms in TensorBoard (not logged "
-                        "here: one warning).")
+                   help="Megatron-DeepSpeed's optimizer/* TensorBoard tags: L1/L2 norms and "
+                        "largest values of Adam's moments and of the weights.")
     g.add_argument("--data-efficiency-curriculum-learning", action="store_true",
                    help="Megatron-DeepSpeed's curriculum learning (not implemented: refused).")
     # Kernel-fusion switches Megatron saves in args: no effect on the math here.
@@ -85,13 +86,10 @@ def apply_compat_args(args):
     if args.data_efficiency_curriculum_learning:
         raise NotImplementedYet("--data-efficiency-curriculum-learning: Megatron-DeepSpeed's "
                                 "curriculum learning is not implemented; leave the flag out")
-    if args.zero_stage in (2, 3):
-        raise UserError(f"--zero-stage {args.zero_stage}: ZeRO stage {args.zero_stage} shards "
-                        f"{'gradients' if args.zero_stage == 2 else 'gradients and parameters'}"
-                        ", which only DeepSpeed's engine (--deepspeed) does; use --zero-stage 1 "
-                        "(= --use-distributed-optimizer) or 0")
-    if args.zero_stage == 1:
-        args.use_distributed_optimizer = True
+    # --zero-stage and the DeepSpeed JSON's fp16/bf16/ZeRO/clipping/batch entries
+    from megatron.ds.config import apply_deepspeed_json
+
+    apply_deepspeed_json(args)
     if args.no_pipeline_parallel and args.pipeline_model_parallel_size != 1:
         raise UserError(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size "
                         f"{args.pipeline_model_parallel_size} (it needs 1)")
@@ -101,10 +99,6 @@ def apply_compat_args(args):
         warnings.append("--deepspeed-activation-checkpointing has no effect without "
                         "--checkpoint-activations (it selects DeepSpeed's implementation of "
                         "activation recompute, which this run does not use)")
-    if args.log_optimizer_states_to_tensorboard:
-        warnings.append("--log-optimizer-states-to-tensorboard is not implemented: the norms "
-                        "and largest absolute values of Adam's states are not written to "
-                        "TensorBoard (training is unaffected)")
     return warnings
 
 

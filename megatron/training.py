@@ -770,6 +770,12 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
             extra["num-zeros/num-zeros"] = ("num zeros", float(step.num_zeros))
         if args.log_params_norm:
             extra["params-norm/params-norm"] = ("params norm", step.params_norm())
+        if args.log_optimizer_states_to_tensorboard and args.tensorboard_dir \
+                and state.iteration % args.tensorboard_log_interval == 0:
+            from megatron.optim.state_stats import optimizer_state_stats
+
+            for tag, value in optimizer_state_stats(optimizer, step.parallel).items():
+                extra[tag] = (None, value)  # TensorBoard only (Megatron-DeepSpeed's tags)
         if args.log_world_size_to_tensorboard \
                 and state.iteration % args.tensorboard_log_interval == 0:
             logger.scalar("world-size/world-size", args.world_size, state.iteration,
