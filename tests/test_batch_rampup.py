@@ -6,7 +6,7 @@
 - a real run: each step runs batch / (micro x DP) micro-batches (its first loss is that of a
   run with the first step's batch), consumed samples, the LR (stepped in samples, as Megatron)
   and random-LTD's layer tokens follow the step's batch, the log prints it; resume continues the
-  ramp (slow).
+  ramp; under PP 2 and DP 2 the losses are the one-process run's (slow).
 """
 
 import re
@@ -16,6 +16,7 @@ import torch
 
 from megatron.arguments import parse_args
 from megatron.batch_rampup import BatchSizeRampup
+from distributed_harness import run_distributed
 from megatron.errors import UserError
 from training_helpers import gpt_argv, run
 
@@ -120,3 +121,25 @@ def test_resume_continues_the_ramp(data_prefix, tmp_path):
     assert [loss for _, loss in resumed.train_losses] == \
         [loss for _, loss in whole.train_losses][3:]
     assert _logged(logs, "global batch size") == [6, 8]  # iterations 4 and 6 of 2, 2, 4 | 6, 8, 8
+
+
+def _losses(rank, world_size, argv):
+    result, _ = run(argv)
+    return [loss["lm loss"] for _, loss in result.train_losses], \
+        result.state.consumed_train_samples
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"],
+                                    ["--micro-batch-size", "1"]], ids=["pp2", "dp2"])
+def test_ramp_under_pipeline_and_data_parallelism_matches_one_process(data_prefix, layout):
+    """PP 2 (1, 1, 2, 3, 4, 4 micro-batches through the 1F1B schedule) and DP 2 (micro-batch 1:
+    1, 1, 2, 3, 4, 4 per rank) give the one-process run's losses (no dropout: the layouts draw
+    other masks) and consumed samples."""
+    argv = gpt_argv(data_prefix, *RAMP, "--hidden-dropout", "0", "--attention-dropout", "0",
+                    iters=6)
+    single = _losses(0, 1, argv)
+    for rank_losses, samples in run_distributed(_losses, world_size=2, args=(argv + layout,),
+                                                timeout=300):
+        assert samples == single[1] == sum(BATCHES)
+        assert rank_losses == pytest.approx(single[0], rel=1e-5)
