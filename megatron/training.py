@@ -152,6 +152,10 @@ def run_pretraining(args, provider, log=print_rank_0):
     try:
         if started_here:
             init_process_group(env, args.distributed_backend, timeout_minutes=timeout)
+        elif args.deepspeed:  # the engine needs a process group, even for one process
+            from megatron.ds.engine import start_single_process_group
+
+            start_single_process_group()
         with handler:
             return _run_pretraining(args, provider, log, start_time, handler)
     except RuntimeError as err:
@@ -188,8 +192,14 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
     n_params = sum(p.numel() for p in model.parameters())
     log(f" > number of parameters on (tensor, pipeline) model parallel rank "
         f"({parallel.tp_rank}, {parallel.pp_rank}): {n_params}")
-    optimizer = build_optimizer(model, args=args, log=log, model_parallel_group=parallel.mp_group,
-                                tp_rank=parallel.tp_rank, data_parallel_group=parallel.dp_group)
+    if args.deepspeed:  # DeepSpeed's engine: ZeRO, its loss scaling and clipping
+        from megatron.ds.engine import build_engine
+
+        optimizer = build_engine(args, model, parallel, log)
+    else:
+        optimizer = build_optimizer(model, args=args, log=log,
+                                    model_parallel_group=parallel.mp_group,
+                                    tp_rank=parallel.tp_rank, data_parallel_group=parallel.dp_group)
     from megatron.model.transformer import is_encoder_model
 
     ltd = build_token_dropping(args, log, encoder=is_encoder_model(model))
@@ -198,18 +208,23 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
                         "states): use pretrain_bert.py")
     resolve_train_iters(args, ltd)
     scheduler = build_scheduler(args, optimizer, ltd)
-    state, ckpt = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker,
-                                  log=log, parallel=parallel, policy=provider.load_policy)
+    if args.deepspeed:
+        from megatron.ds.engine import load_engine_checkpoint
+
+        state, ckpt = load_engine_checkpoint(args, optimizer.engine, scheduler, parallel, log)
+    else:
+        state, ckpt = load_checkpoint(args, model, optimizer, scheduler, parallel.rng_tracker,
+                                      log=log, parallel=parallel, policy=provider.load_policy)
     if ckpt is not None and state.iteration > 0 and "random_ltd_scheduler" in ckpt:
         ltd.load_state_dict(ckpt["random_ltd_scheduler"])
     pretrained = getattr(args, "pretrained_checkpoint", None)
     if pretrained is not None and state.iteration == 0:
         # tasks/ (Megatron's --pretrained-checkpoint): weights only, from any TP/PP layout,
         # when the run does not resume from its own --load checkpoint
-        from megatron.checkpointing import load_pretrained_weights
+        from megatron.checkpointing import ReadOptions, load_pretrained_weights
 
         load_pretrained_weights(pretrained, model, parallel, policy=provider.load_policy,
-                                log=log)
+                                log=log, reading=ReadOptions.from_args(args))
     if (args.load is not None and (args.no_load_optim or args.finetune)) \
             or (pretrained is not None and state.iteration == 0):
         optimizer.reload_model_params()
@@ -217,10 +232,17 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
     train_iter, valid_iter, test_iter = build_data_iterators(
         args, state, tokenizer, provider.datasets, parallel, log,
         worker_init_fn=signal_handler.worker_init_fn if signal_handler is not None else None)
-    step = StepRunner(args, parallel, model,
-                      wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
-                      optimizer, provider.forward_step(args, tokenizer),
-                      rows_per_sample=provider.rows_per_sample)
+    if args.deepspeed:
+        from megatron.ds.engine import step_runner_class
+
+        step = step_runner_class()(args, parallel, model, optimizer.engine, optimizer,
+                                   provider.forward_step(args, tokenizer),
+                                   rows_per_sample=provider.rows_per_sample)
+    else:
+        step = StepRunner(args, parallel, model,
+                          wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
+                          optimizer, provider.forward_step(args, tokenizer),
+                          rows_per_sample=provider.rows_per_sample)
     # As Megatron: the last rank (the last pipeline stage, which computes the loss) writes
     # TensorBoard.
     logger = TrainingLogger(args, log=log, write=torch_rank() == torch_world_size() - 1)
@@ -433,6 +455,9 @@ class StepRunner:
     rows_per_sample: int = 1
     """Sequences per sample in the activations between pipeline stages (a multiple-choice
     sample of 4 choices travels as 4 rows)."""
+    loss_backward = None
+    """The schedule's backward of a loss (None: ``optimizer.scale_loss(loss).backward()``;
+    DeepSpeed's runner: the engine's)."""
 
     def _run_schedule(self, data_iterator, token_drop, forward_only, micro_batch_size=None,
                       num_microbatches=None, forward_step=None):
@@ -451,7 +476,8 @@ class StepRunner:
             dtype=params_torch_dtype(args),
             scale_loss=None if forward_only else self.optimizer.scale_loss,
             token_drop=token_drop, forward_only=forward_only,
-            no_sync=None if forward_only else no_sync_factory(self.wrapped))
+            no_sync=None if forward_only else no_sync_factory(self.wrapped),
+            backward=None if forward_only else self.loss_backward)
 
     def _schedule(self, data_iterator, token_drop, forward_only, num_microbatches=None):
         return reduce_loss_dicts(self._run_schedule(data_iterator, token_drop, forward_only,
@@ -477,6 +503,12 @@ class StepRunner:
             allreduce_sequence_parallel_grads(self.model, self.parallel)
         update_successful, grad_norm, self.num_zeros = self.optimizer.step()
         return losses, update_successful, grad_norm
+
+    def save_checkpoint(self, state, scheduler, log, extra_state):
+        """Save the run's checkpoint (every rank calls this)."""
+        save_checkpoint(self.args, state, self.model, self.optimizer, scheduler,
+                        self.parallel.rng_tracker, log=log, parallel=self.parallel,
+                        extra_state=extra_state)
 
     @torch.no_grad()
     def params_norm(self):
@@ -718,9 +750,8 @@ def train(args, state, step, scheduler, ltd, train_iter, valid_iter, logger, sta
         if args.save is not None:
             if args.check_for_nan_in_loss_and_grad:
                 check_params_are_finite(step.model, step.parallel, state.iteration)
-            save_checkpoint(args, state, step.model, optimizer, scheduler,
-                            step.parallel.rng_tracker, log=log, parallel=step.parallel,
-                            extra_state={"random_ltd_scheduler": ltd.state_dict()})
+            step.save_checkpoint(state, scheduler, log,
+                                 extra_state={"random_ltd_scheduler": ltd.state_dict()})
 
     saved_at = None
     first_iteration = state.iteration

@@ -24,7 +24,7 @@ from megatron.checkpoint_files import (ReadOptions, read_checkpoint_file,
 from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_tracker
 from megatron.errors import UserError
 from test_bad_input import assert_user_error, cli
-from training_helpers import gpt_argv, run
+from training_helpers import MERGES, ROOT, VOCAB, gpt_argv, run
 
 GENERATE = ["--prompt", "hello", "--max-new-tokens", "2"]
 
@@ -504,3 +504,23 @@ def test_checkpoint_util_removes_what_a_killed_conversion_left(checkpoint, tmp_p
     open(stale, "wb").write(b"x" * 4096)
     checkpoint_util.convert(checkpoint, out, 1, 1, log=lambda *_: None)
     assert _temporaries(out) == [] and read_checkpoint_file(checkpoint_file(out, 2))
+
+
+def test_pretrained_checkpoint_honours_the_read_flags(checkpoint, tmp_path):
+    """tasks/ --pretrained-checkpoint reads through the same options as --load: a flipped byte
+    is one line naming the file, and --no-verify-checkpoint lets the user take it anyway."""
+    from tasks.main import main as tasks_main
+
+    root, path = _copy(checkpoint, tmp_path / "flipped")
+    _flip_tensor_byte(path)
+    lambada = os.path.join(ROOT, "tests", "assets", "zeroshot", "lambada.jsonl")
+    argv = ["--task", "LAMBADA", "--valid-data", lambada, "--pretrained-checkpoint", root,
+            "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "32", "--micro-batch-size", "2", "--tokenizer-type",
+            "GPT2BPETokenizer", "--vocab-file", VOCAB, "--merge-file", MERGES,
+            "--make-vocab-size-divisible-by", "64", "--device", "cpu"]
+    with pytest.raises(UserError) as info:
+        tasks_main(argv, log=lambda *_: None)
+    assert path in str(info.value) and "--no-verify-checkpoint" in str(info.value)
+    metrics = tasks_main(argv + ["--no-verify-checkpoint"], log=lambda *_: None)
+    assert metrics is not None
