@@ -46,7 +46,7 @@ from training_helpers import ROOT, gpt_argv
 
 SCRIPT = os.path.join(ROOT, "examples", "run_slurm.sbatch")
 SETUP = os.path.join(ROOT, "tests", "slurm", "setup_local_slurm.sh")
-ITERS = 300        # ~15 ms each here: the signal lands well inside the run
+ITERS = 500        # ~15 ms each here: the signal lands well inside the run
 SIGNAL_AFTER = 20  # iterations logged before the signal is sent
 ITERATION = re.compile(r"^ iteration\s+(\d+)/\s*\d+ \|.*\| lm loss: (\S+) \|", re.M)
 
