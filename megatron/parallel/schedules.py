@@ -79,7 +79,8 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
                      tensor_shape: Sequence[int], dtype: torch.dtype,
                      scale_loss: Callable[[torch.Tensor], torch.Tensor],
                      token_drop: Optional[Callable] = None, forward_only: bool = False,
-                     no_sync: Optional[Callable] = None) -> List[dict]:
+                     no_sync: Optional[Callable] = None,
+                     backward: Optional[Callable[[torch.Tensor], None]] = None) -> List[dict]:
     """Run the forward (and backward) passes of ``num_microbatches`` micro-batches.
 
     ``model``: this stage's module (possibly wrapped, e.g. in DDP) or a one-element list of it.
@@ -87,7 +88,9 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
     ``[micro_batch, seq, hidden]``. ``scale_loss(loss)``: the tensor to backpropagate (loss
     scaling). ``token_drop``: passed to ``forward_step`` (random-LTD), None for no dropping.
     ``forward_only``: evaluation, no backward (run under ``torch.no_grad``). ``no_sync``: see
-    the module docstring. Gradients accumulate into the parameters' ``.grad`` (or, through their
+    the module docstring. ``backward(loss)``: runs the last stage's backward itself instead of
+    ``scale_loss(loss).backward()`` (DeepSpeed's ``engine.backward``, which scales the loss and
+    reduces the gradients). Gradients accumulate into the parameters' ``.grad`` (or, through their
     hooks, into fp32 ``main_grad`` buffers); the caller zeroes them before and steps the
     optimizer after (after ``allreduce_embedding_grads``).
 
@@ -102,7 +105,7 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     run = _Runner(forward_step, data_iterator, model, parallel, num_microbatches,
-                  scale_loss, token_drop, no_sync)
+                  scale_loss, token_drop, no_sync, backward)
     if forward_only:
         with torch.no_grad():
             if parallel.pp_size == 1:
@@ -130,7 +133,7 @@ class _Runner:
     """Forward and backward of one micro-batch on this stage; collects the reported losses."""
 
     def __init__(self, forward_step, data_iterator, model, parallel, num_microbatches,
-                 scale_loss, token_drop, no_sync):
+                 scale_loss, token_drop, no_sync, loss_backward=None):
         self.forward_step = forward_step
         self.data_iterator = data_iterator
         self.model = model
@@ -140,6 +143,7 @@ class _Runner:
         self.scale_loss = scale_loss
         self.token_drop = token_drop
         self.no_sync = no_sync
+        self.loss_backward = loss_backward or (lambda loss: self.scale_loss(loss).backward())
         self.losses: List[dict] = []
         self.forwards = 0
         self.backwards = 0
@@ -177,7 +181,7 @@ class _Runner:
         self.backwards += 1
         with self._sync_context(final):
             if output_grad is None:  # last stage: the loss
-                self.scale_loss(output).backward()
+                self.loss_backward(output)
             else:
                 torch.autograd.backward(output, grad_tensors=output_grad)
         if input_tensor is None:
