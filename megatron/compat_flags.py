@@ -77,12 +77,6 @@ def add_compat_args(parser):
 def apply_compat_args(args):
     """Map the compatibility flags onto native options (mutates ``args``); returns the warning
     lines (one per flag). Raises UserError for a flag that cannot run natively."""
-    if args.deepspeed:
-        raise NotImplementedYet(
-            "--deepspeed: DeepSpeed's engine path is not built yet; leave --deepspeed out to "
-            "run the native path with the same flags (--zero-stage 1 as "
-            "--use-distributed-optimizer, random-LTD from --deepspeed_config's "
-            "data_efficiency section)")
     if args.data_efficiency_curriculum_learning:
         raise NotImplementedYet("--data-efficiency-curriculum-learning: Megatron-DeepSpeed's "
                                 "curriculum learning is not implemented; leave the flag out")

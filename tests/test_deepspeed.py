@@ -1,0 +1,194 @@
+"""``--deepspeed``: DeepSpeed's engine trains our model (megatron/ds), and the DeepSpeed JSON's
+fp16/bf16/ZeRO settings map to native flags without it (issue 13, item 1).
+
+The engine runs on CPU (DS_ACCELERATOR=cpu) in gloo processes spawned by the distributed
+harness (the engine keeps module-wide group state; the pytest process stays clean). Equivalence
+is against the native path in fp32 with dropout and random-LTD from the JSON's
+``data_efficiency`` section: losses within 1e-5 over 10 iterations for ZeRO 1/2/3.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from distributed_harness import run_distributed
+from megatron.arguments import parse_args
+from megatron.errors import UserError
+from training_helpers import gpt_argv
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+ITERS = 10
+RANDOM_LTD = {"data_efficiency": {"enabled": True, "data_routing": {"enabled": True, "random_ltd": {
+    "enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2,
+    "random_ltd_layer_id": [1, 2], "model_mask_name": "attention_mask", "model_type": "decoder",
+    "hidden_state_order": "seq_batch_dim",
+    "random_ltd_schedule": {"min_value": 8, "max_value": 32, "schedule_type": "fixed_linear",
+                            "schedule_config": {"require_steps": 6, "seq_per_step": 4}}}}}}
+FP16 = {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "hysteresis": 2,
+        "min_loss_scale": 1, "initial_scale_power": 11}
+
+
+def write_json(tmp_path, **sections):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(sections))
+    return str(path)
+
+
+def args_with(tmp_path, *flags, world_size=1, **sections):
+    argv = gpt_argv("/nowhere/data", "--deepspeed_config", write_json(tmp_path, **sections),
+                    *flags)
+    return parse_args(argv, world_size=world_size)
+
+
+# -- the JSON without --deepspeed: native equivalents, or refused by name -------------------------
+
+def test_fp16_section_sets_the_native_loss_scaler(tmp_path):
+    args = args_with(tmp_path, fp16=FP16)
+    assert args.fp16 and args.params_dtype == torch.float16
+    assert (args.initial_loss_scale, args.loss_scale_window, args.hysteresis,
+            args.min_loss_scale, args.loss_scale) == (2.0 ** 11, 500, 2, 1.0, None)
+    # absent keys take DeepSpeed's defaults (2^16, window 1000), as the engine would
+    args = args_with(tmp_path, fp16={"enabled": True})
+    assert (args.initial_loss_scale, args.loss_scale_window) == (2.0 ** 16, 1000)
+    assert args_with(tmp_path, fp16={"enabled": True, "loss_scale": 128}).loss_scale == 128.0
+    assert not args_with(tmp_path, fp16={"enabled": False}).fp16
+
+
+def test_bf16_zero_and_clipping_map_to_flags(tmp_path):
+    args = args_with(tmp_path, bf16={"enabled": True}, zero_optimization={"stage": 1},
+                     gradient_clipping=0.5, world_size=2)
+    assert args.bf16 and args.use_distributed_optimizer and args.zero_stage == 1
+    assert args.clip_grad == 0.5
+    # --zero-stage overrides the JSON's stage, as Megatron-DeepSpeed's scripts pass both
+    args = args_with(tmp_path, "--zero-stage", "0", zero_optimization={"stage": 1})
+    assert args.zero_stage == 0 and not args.use_distributed_optimizer
+
+
+@pytest.mark.parametrize("sections, flags, message", [
+    (dict(zero_optimization={"stage": 2}), (),
+     r"zero_optimization.stage: ZeRO stage 2 shards gradients, which only DeepSpeed's engine"),
+    (dict(zero_optimization={"stage": 3}), ("--zero-stage", "3"),
+     r"--zero-stage 3: ZeRO stage 3 shards gradients and parameters"),
+    (dict(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}), (),
+     r"zero_optimization.offload_optimizer offloads to 'cpu', which only DeepSpeed's engine"),
+    (dict(fp16={**FP16, "consecutive_hysteresis": True}), (),
+     r"fp16.consecutive_hysteresis has no equivalent without DeepSpeed's engine"),
+    (dict(fp16=FP16), ("--bf16",), r"--bf16 contradicts --deepspeed-config .*fp16.enabled"),
+    (dict(bf16={"enabled": True}), ("--fp16",), r"--fp16 contradicts .*bf16.enabled"),
+    (dict(train_micro_batch_size_per_gpu=8), (),
+     r"--micro-batch-size 2 contradicts --deepspeed-config .*train_micro_batch_size_per_gpu = 8"),
+    (dict(curriculum_learning={"enabled": True}), (),
+     r"curriculum_learning.enabled is true"),
+])
+def test_settings_without_a_native_equivalent_are_refused_by_name(tmp_path, sections, flags,
+                                                                  message):
+    with pytest.raises(UserError, match=message):
+        args_with(tmp_path, *flags, world_size=2, **sections)
+
+
+def test_engine_path_refusals(tmp_path):
+    with pytest.raises(UserError, match="--deepspeed with --pipeline-model-parallel-size 2"):
+        args_with(tmp_path, "--deepspeed", "--pipeline-model-parallel-size", "2", world_size=2)
+    with pytest.raises(UserError, match="--use-distributed-optimizer with --deepspeed"):
+        args_with(tmp_path, "--deepspeed", "--use-distributed-optimizer", world_size=2)
+    # ZeRO 2/3 and offload parse with the engine
+    args = args_with(tmp_path, "--deepspeed", zero_optimization={"stage": 3}, world_size=2)
+    assert args.zero_stage == 3 and not args.use_distributed_optimizer
+
+
+def test_engine_config_follows_the_flags(tmp_path):
+    from megatron.ds.config import engine_config
+
+    args = args_with(tmp_path, "--deepspeed", "--zero-stage", "2", "--global-batch-size", "8",
+                     "--num-layers", "4",
+                     world_size=2, fp16=FP16, zero_optimization={"stage": 1,
+                                                                 "overlap_comm": True},
+                     **RANDOM_LTD)
+    cfg = engine_config(args, dp_size=2)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"],
+            cfg["gradient_accumulation_steps"]) == (8, 2, 2)
+    assert cfg["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert cfg["fp16"] == {**FP16, "loss_scale": 0.0, "min_loss_scale": 1.0}
+    assert cfg["bf16"] == {"enabled": False} and cfg["gradient_clipping"] == 1.0
+    assert "data_efficiency" not in cfg  # random-LTD is ours, not the engine's
+
+
+# -- the engine: same losses as the native path, exact resume ----------------------------------
+
+def _losses(result):
+    return [entry["lm loss"] for _, entry in result.train_losses]
+
+
+def _train(argv):
+    from training_helpers import run
+
+    result, logs = run(argv)
+    return _losses(result), logs
+
+
+def _native_and_engine(rank, world_size, data_prefix, ds_json, stages):
+    """Native losses, then the engine's for each ZeRO stage (one process or DP ranks)."""
+    base = gpt_argv(data_prefix, "--num-layers", "4", "--deepspeed_config", ds_json,
+                    "--global-batch-size", str(4 * world_size), iters=ITERS)
+    native, _ = _train(base)
+    engine = {stage: _train(base + ["--deepspeed", "--zero-stage", str(stage)])[0]
+              for stage in stages}
+    return native, engine
+
+
+def _assert_close(native, engine):
+    for stage, losses in engine.items():
+        assert len(losses) == len(native) == ITERS
+        worst = max(abs(a - b) for a, b in zip(native, losses))
+        assert worst <= 1e-5, f"ZeRO {stage}: max |loss difference| {worst}"
+
+
+@pytest.mark.slow
+def test_zero_1_2_3_match_the_native_path(data_prefix, tmp_path):
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    [(native, engine)] = run_distributed(_native_and_engine, 1,
+                                         args=(data_prefix, ds_json, (1, 2, 3)), timeout=300)
+    _assert_close(native, engine)
+    assert native[0] > native[-1]  # it learns
+
+
+@pytest.mark.slow
+def test_data_parallel_zero_2_matches_the_native_path(data_prefix, tmp_path):
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    results = run_distributed(_native_and_engine, 2, args=(data_prefix, ds_json, (1, 2)),
+                              timeout=300)
+    for native, engine in results:
+        _assert_close(native, engine)
+    assert results[0] == results[1]  # every rank reports the same reduced losses
+
+
+def _resume(rank, world_size, data_prefix, ds_json, save, stage):
+    flags = ["--num-layers", "4", "--deepspeed_config", ds_json, "--deepspeed",
+             "--zero-stage", str(stage)]
+    straight, _ = _train(gpt_argv(data_prefix, *flags, iters=ITERS))
+    first, _ = _train(gpt_argv(data_prefix, *flags, "--save", save, "--save-interval", "5",
+                               "--exit-interval", "5", iters=ITERS))
+    second, logs = _train(gpt_argv(data_prefix, *flags, "--load", save, "--save", save,
+                                   iters=ITERS))
+    return straight, first, second, logs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_engine_checkpoint_resumes_bitwise(data_prefix, tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    save = str(tmp_path / "ckpt")
+    [(straight, first, second, logs)] = run_distributed(
+        _resume, 1, args=(data_prefix, ds_json, save, stage), timeout=300)
+    assert first + second == straight  # bitwise: every loss equal
+    assert any("successfully loaded DeepSpeed checkpoint" in line and "iteration 5" in line
+               for line in logs)
+    assert open(os.path.join(save, "latest")).read() == "global_step10"
+    assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "10"
+    assert not [n for n in os.listdir(save) if n.endswith(".tmp")]
