@@ -76,6 +76,8 @@ ramp = ""
 if a.rampup_batch_size is not None:
     ramp = (f" (ramped up from {a.rampup_batch_size[0]} by {a.rampup_batch_size[1]} over "
             f"{a.rampup_batch_size[2]:,} samples)")
+elif a.step_batch_size_schedule is not None:
+    ramp = f" (the last of --step-batch-size-schedule {a.step_batch_size_schedule!r})"
 print(f"DRY_RUN: flags valid for {procs}: TP {a.tensor_model_parallel_size} x "
       f"PP {a.pipeline_model_parallel_size} x DP {a.data_parallel_size}; micro-batch "
       f"{a.micro_batch_size} x {a.num_micro_batches} micro-batches x DP "

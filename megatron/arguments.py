@@ -114,7 +114,10 @@ def validate_args(args, world_size=1):
              f"--max-position-embeddings {args.max_position_embeddings} is smaller than "
              f"--seq-length {args.seq_length}")
 
-    # -- batch sizes
+    # -- batch sizes (--step-batch-size-schedule sets the global batch: its final one)
+    from megatron.batch_rampup import parse_rampup, step_schedule_global_batch
+
+    step_schedule_global_batch(args)
     _require(args.micro_batch_size is not None and args.micro_batch_size > 0,
              "--micro-batch-size is required and must be positive")
     dp = args.data_parallel_size
@@ -155,9 +158,7 @@ def validate_args(args, world_size=1):
     if args.min_lr is not None and args.lr is not None:
         _require(args.min_lr <= args.lr, f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
 
-    from megatron.batch_rampup import parse_rampup
-
-    parse_rampup(args)  # --rampup-batch-size: the batch grows with the consumed samples
+    parse_rampup(args)  # --rampup-batch-size / --step-batch-size-schedule: a growing batch
 
     # -- precision
     _require(not (args.fp16 and args.bf16), "--fp16 and --bf16 are mutually exclusive")
@@ -423,6 +424,9 @@ def _add_training_args(parser):
     g.add_argument("--rampup-batch-size", nargs="*", default=None,
                    help="START INCREMENT SAMPLES: the global batch grows from START by "
                         "INCREMENT to --global-batch-size over SAMPLES consumed samples.")
+    g.add_argument("--step-batch-size-schedule", default=None,
+                   help='"0:BS0 T1:BS1 ...": the global batch from each token threshold on '
+                        "(K/M/B/T suffixes; newer Megatron-LM); sample-based runs.")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="Recompute each layer's activations in backward.")
     g.add_argument("--recompute-granularity", default=None, choices=["full"])

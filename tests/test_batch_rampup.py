@@ -3,6 +3,8 @@
 - the batch as a function of consumed samples and the --train-samples iteration count
   (Megatron's update_train_iters), worked by hand for a small ramp;
 - flag checks name the flag and the value;
+- --step-batch-size-schedule (newer Megatron-LM): parsing as there (tokens -> samples, K/M/B/T,
+  sorted, final batch = --global-batch-size), its iteration count and refusals, a real run;
 - a real run: each step runs batch / (micro x DP) micro-batches (its first loss is that of a
   run with the first step's batch), consumed samples, the LR (stepped in samples, as Megatron)
   and random-LTD's layer tokens follow the step's batch, the log prints it; resume continues the
@@ -143,3 +145,72 @@ def test_ramp_under_pipeline_and_data_parallelism_matches_one_process(data_prefi
                                                 timeout=300):
         assert samples == single[1] == sum(BATCHES)
         assert rank_losses == pytest.approx(single[0], rel=1e-5)
+
+
+# --step-batch-size-schedule: batch 2 from 0 tokens, 4 from 128 tokens = 4 samples at seq 32
+STEPS = ["--step-batch-size-schedule", "0:2 128:4"]
+
+
+def _sample_based(*extra):
+    """gpt_argv as a --train-samples run (the schedule is for sample-based runs)."""
+    argv = gpt_argv("/nowhere/data", *extra)
+    for flag in ("--train-iters", "--lr-warmup-iters"):
+        del argv[argv.index(flag):argv.index(flag) + 2]
+    return argv
+
+
+def test_step_schedule_parses_as_megatron_lm():
+    from megatron.batch_rampup import StepBatchSchedule, parse_step_schedule
+
+    assert parse_step_schedule("0:768 250B:1536, 500B:3072", 2048).steps == \
+        ((0, 768), (122070312, 1536), (244140625, 3072))
+    assert parse_step_schedule("2.5K:8 0:4", 1).steps == ((0, 4), (2500, 8))  # sorted
+    schedule = StepBatchSchedule(((0, 4), (31, 8)))
+    assert [schedule.batch_size(c) for c in (0, 30, 31, 99)] == [4, 4, 8, 8]
+    # 8 steps of 4 reach 32 >= 31, then (100 - 32) // 8 = 8 steps of 8
+    assert schedule.iterations_for_samples(100) == 16
+    assert schedule.iterations_for_samples(20) == 5  # ends inside the first segment
+    args = parse_args(_sample_based(*STEPS, "--train-samples", "30"), world_size=1)
+    assert args.global_batch_size == 4 and args.num_micro_batches == 2
+    from megatron.training import resolve_train_iters
+
+    assert resolve_train_iters(args) == 2 + 6  # 2, 2 (4 samples), then 4 x 6 = 24 of 26 left
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train-samples", "30", "--global-batch-size", "8"],
+     "--global-batch-size 8 contradicts --step-batch-size-schedule '0:2 128:4', whose final "
+     "batch is 4"),
+    (["--train-iters", "5"], "--step-batch-size-schedule is for sample-based runs"),
+    (["--train-samples", "30", "--rampup-batch-size", "2", "2", "8"], "mutually exclusive"),
+])
+def test_bad_step_schedule_is_refused_naming_the_flag(extra, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(_sample_based(*STEPS, *extra), world_size=1)
+    for bad, why in (("64:2 128:4", "the first threshold must be 0"),
+                     ("0:2 8:4", "strictly increasing"), ("0:2 x", "is not THRESHOLD:BATCH"),
+                     ("0:2 1Q:4", "is not THRESHOLD:BATCH")):
+        with pytest.raises(UserError, match=why):
+            parse_args(_sample_based("--step-batch-size-schedule", bad, "--train-samples",
+                                     "30"), world_size=1)
+
+
+def test_step_schedule_batch_must_split_into_micro_batches():
+    from megatron.batch_rampup import current_global_batch_size
+
+    args = parse_args(_sample_based("--step-batch-size-schedule", "0:3 128:4",
+                                    "--train-samples", "30"), world_size=1)
+    with pytest.raises(UserError, match="the batch 3 reached after 0 samples is not a multiple "
+                                        "of --micro-batch-size 2"):
+        current_global_batch_size(args, 0)
+    assert current_global_batch_size(args, 4) == 4
+
+
+@pytest.mark.slow
+def test_step_schedule_run(data_prefix):
+    argv = _sample_based(*STEPS, "--train-samples", "20")
+    argv[argv.index("/nowhere/data")] = data_prefix
+    result, logs = run(argv)
+    # 2, 2 (4 samples: the threshold), then (20 - 4) // 4 = 4 steps of 4
+    assert result.state.iteration == 6 and result.state.consumed_train_samples == 20
+    assert _logged(logs, "global batch size") == [2, 4, 4]  # iterations 2, 4 and 6
