@@ -7,11 +7,9 @@ framework does not have. Each one is either mapped onto its native equivalent he
 with ONE warning line (rank 0, at start-up) saying what it would have done, or -- where running
 without it would silently train something else -- refused by name:
 
-- ``--deepspeed``: DeepSpeed's engine path is not built yet; refused (NotImplementedYet), and the
-  message says that without it the same flags run the native path.
-- ``--zero-stage N``: 0 nothing, 1 = ``--use-distributed-optimizer`` (ZeRO-1: optimizer state
-  sharded over data-parallel ranks), 2 and 3 (gradients / parameters sharded) only with the
-  engine, so refused.
+- ``--deepspeed``, ``--zero-stage N`` and the DeepSpeed JSON's precision, clipping, batch and
+  ZeRO entries: DeepSpeed's engine, or without ``--deepspeed`` their native equivalents (ZeRO-1
+  = ``--use-distributed-optimizer``) or a refusal by name (``megatron.ds.config``).
 - ``--no-pipeline-parallel``: DeepSpeed's non-pipelined model; requires a pipeline size of 1.
 - ``--deepspeed-activation-checkpointing``: DeepSpeed's implementation of Megatron's activation
   recompute; with ``--checkpoint-activations`` our recompute does the same, alone it does nothing
@@ -64,6 +62,9 @@ def add_compat_args(parser):
                                               "--attention-backend.")
     g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
                    help="Accepted; bias-dropout-add is the same computation either way.")
+    g.add_argument("--no-async-tensor-model-parallel-allreduce",
+                   dest="async_tensor_model_parallel_allreduce", action="store_false",
+                   help="Accepted; overlapping the TP all-reduce changes no result.")
     g.add_argument("--apply-query-key-layer-scaling", dest="apply_query_key_layer_scaling",
                    action="store_true",
                    help="Accepted: Q.K^T / layer number rescaled in an fp32 softmax equals the "
