@@ -623,12 +623,13 @@ def test_bert_large_dry_run_rejects_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_bert_large_dry_run_ds_json_without_data(tmp_path):
-    """The DS JSON variant on another layout; missing data is only a warning in a dry run."""
-    done = _bert_dry_run(tmp_path, DS_CONFIG=BERT_JSON, TP=2, MICRO_BATCH=32,
+    """The DS JSON variant on another layout (its batch sizes: micro 16, global 1024); missing
+    data is only a warning in a dry run."""
+    done = _bert_dry_run(tmp_path, DS_CONFIG=BERT_JSON, TP=2, MICRO_BATCH=16,
                          DATA_PATH=str(tmp_path / "nowhere" / "pile_bert"))
     assert done.returncode == 0, done.stderr
     assert "warning:" in done.stderr and "pile_bert.idx" in done.stderr
-    assert "TP 2 x PP 1 x DP 32; micro-batch 32 x 1" in done.stderr
+    assert "TP 2 x PP 1 x DP 32; micro-batch 16 x 2" in done.stderr  # the JSON's micro-batch
     assert ("kept length (DeepSpeed JSON ds_config_bert_large_random_ltd.json): 128 -> 512"
             in done.stderr and "saving 35.8%" in done.stderr)
 
