@@ -7,10 +7,13 @@ header (64 where the script's layout allows it), with the DeepSpeed JSON it writ
 For each one:
 
 - without ``--deepspeed`` (the native path; DeepSpeed's engine has its own tests) every flag
-  is accepted by our parser for the script's world size and acts as there: ZeRO-1 as the distributed optimizer, recompute, random-LTD from the JSON (the 2022
-  pre-release ``dynamic_train`` layout too), the batch ramp-up, the attention backend, the
-  optimizer-state TensorBoard tags; a flag that cannot apply prints ONE warning line naming it; a script that cannot run as published
-  is refused naming the flag (``# expect-refusal``);
+  is accepted by our parser for the script's world size and acts as there: ZeRO-1 as the
+  distributed optimizer, recompute, random-LTD from the JSON (the 2022 pre-release
+  ``dynamic_train`` layout too), the batch ramp-up, the attention backend, the optimizer-state
+  TensorBoard tags; a flag that cannot apply prints ONE warning line naming it; a script that
+  cannot run as published is refused naming the flag (``# expect-refusal``);
+- Megatron-LM's examples, sized for 8 or 128+ GPUs, are refused at 64 ranks in one line naming
+  the flags (``# at-64-ranks``), as Megatron-LM's own checks refuse them;
 - ``DRY_RUN=1 examples/run_slurm.sbatch`` prints the launch and accepts it for those ranks
   (64 for Megatron-DeepSpeed's scripts);
 - a checkpoint of ours carries every ``args`` field that Megatron's checkpoint tools read
@@ -38,11 +41,17 @@ SCRIPTS = [p for p in SCRIPTS if not p.endswith("megatron_saved_args_fields.txt"
 WARNS = ("--deepspeed-activation-checkpointing",)
 
 
+def _header(path):
+    """The ``# key: value`` lines of a checked-in command line."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    return {m.group(1): m.group(2).strip() for m in
+            (re.match(r"# ([a-z0-9-]+): (.*)", line) for line in lines) if m}
+
+
 def load_script(path):
     """(entry, argv, world size, expected refusal or None) of one checked-in command line."""
     lines = open(path, encoding="utf-8").read().splitlines()
-    header = {m.group(1): m.group(2).strip() for m in
-              (re.match(r"# ([a-z-]+): (.*)", line) for line in lines) if m}
+    header = _header(path)
     words = shlex.split(" ".join(line for line in lines if not line.startswith("#"))
                         .replace("${ASSETS}", ASSETS))
     return words[0], words[1:], int(header["world-size"]), header.get("expect-refusal")
@@ -63,6 +72,8 @@ def test_every_published_script_names_its_source():
         assert entry in ("pretrain_gpt.py", "pretrain_bert.py") and world >= 8 and argv
         if os.path.basename(path).startswith("mds_"):
             assert world == 64  # the data-efficiency recipes' 64 GPUs
+        else:  # Megatron-LM's: sized for other rank counts, refused at 64 in one line
+            assert world == 64 or "at-64-ranks" in _header(path)
 
 
 def _entry_module(entry):
@@ -113,6 +124,17 @@ def test_published_script_parses_for_its_ranks(path, capsys):
     backend = transformer_config_from_args(args).attention_backend
     assert backend == ("auto" if "--attention-backend" not in argv else
                        {"auto": "auto"}[argv[argv.index("--attention-backend") + 1]])
+
+
+@pytest.mark.parametrize("path", [p for p in SCRIPTS if "at-64-ranks" in _header(p)],
+                         ids=os.path.basename)
+def test_script_sized_for_other_ranks_is_refused_at_64_in_one_line(path):
+    """Megatron-LM's examples fix their global batch or layout for 8 GPUs or 128+; at 64 ranks
+    each is refused in one line naming the flags (Megatron-LM's own checks refuse them too)."""
+    _, argv, world, _ = load_script(path)
+    assert world != 64
+    with pytest.raises(UserError, match=re.escape(_header(path)["at-64-ranks"])):
+        parse_args([a for a in argv if a != "--deepspeed"], world_size=64)
 
 
 @pytest.mark.slow
