@@ -192,3 +192,37 @@ def test_engine_checkpoint_resumes_bitwise(data_prefix, tmp_path, stage):
     assert open(os.path.join(save, "latest")).read() == "global_step10"
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "10"
     assert not [n for n in os.listdir(save) if n.endswith(".tmp")]
+
+
+# -- tools/convert_deepspeed_checkpoint.py -----------------------------------------------------
+
+def _convert_and_continue(rank, world_size, data_prefix, ds_json, root, stage):
+    from tools.convert_deepspeed_checkpoint import to_deepspeed, to_native
+
+    flags = ["--num-layers", "4", "--deepspeed_config", ds_json]
+    engine = flags + ["--deepspeed", "--zero-stage", str(stage)]
+    straight, _ = _train(gpt_argv(data_prefix, *engine, iters=ITERS))
+    half = ["--save-interval", "5", "--exit-interval", "5"]
+    # engine checkpoint at 5 -> native -> continue natively
+    _train(gpt_argv(data_prefix, *engine, "--save", f"{root}/ds", *half, iters=ITERS))
+    to_native(f"{root}/ds", f"{root}/native", log=lambda *_: None)
+    native_rest, _ = _train(gpt_argv(data_prefix, *flags, "--load", f"{root}/native",
+                                     iters=ITERS))
+    # native checkpoint at 5 -> engine -> continue through the engine
+    _train(gpt_argv(data_prefix, *flags, "--save", f"{root}/native2", *half, iters=ITERS))
+    to_deepspeed(f"{root}/native2", f"{root}/ds2", zero_stage=stage, log=lambda *_: None)
+    engine_rest, _ = _train(gpt_argv(data_prefix, *engine, "--load", f"{root}/ds2",
+                                     iters=ITERS))
+    return straight, native_rest, engine_rest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_converted_checkpoints_continue_with_the_same_losses(data_prefix, tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    [(straight, native_rest, engine_rest)] = run_distributed(
+        _convert_and_continue, 1, args=(data_prefix, ds_json, str(tmp_path), stage), timeout=300)
+    for rest in (native_rest, engine_rest):
+        assert len(rest) == ITERS - 5
+        assert max(abs(a - b) for a, b in zip(straight[5:], rest)) <= 1e-5

@@ -184,7 +184,8 @@ def build_engine(args, model, parallel, log):
         model=model, optimizer=bare, config=config, dist_init_required=False,
         mpu=ParallelStateMpu(parallel) if dist.get_world_size() > 1 else None)
     engine.checkpoint_engine = safe_checkpoint_engine(ReadOptions.from_args(args))
-    log(f" > DeepSpeed {deepspeed.__version__} engine: ZeRO stage {config['zero_optimization']['stage']}, "
+    log(f" > DeepSpeed {deepspeed.__version__} engine: ZeRO stage "
+        f"{config['zero_optimization']['stage']}, "
         f"{'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}, gradient accumulation "
         f"{config['gradient_accumulation_steps']}, clipping {config['gradient_clipping']}")
     return EngineOptimizer(engine)
