@@ -16,7 +16,8 @@ without it would silently train something else -- refused by name:
   (as there) and says so in one warning line.
 - ``--attention-backend``: Megatron-LM's kernel choice -> ours (``megatron.model.config``
   ``attention_backend``): flash and fused -> torch's SDPA, unfused and local -> our
-  ``core_attention`` (Megatron's CoreAttention), auto -> the default selection.
+  ``core_attention`` (Megatron's CoreAttention), auto -> the default selection;
+  ``--use-flash-attn`` (and Megatron-DeepSpeed's ``-v1``/``-v2``/``-triton``) = flash.
 - ``--log-optimizer-states-to-tensorboard``: the norms of Adam's moments and of the weights
   in TensorBoard under Megatron-DeepSpeed's tags (``megatron.optim.state_stats``).
 - ``--data-efficiency-curriculum-learning``: refused (curriculum learning reorders the data;
@@ -51,6 +52,10 @@ def add_compat_args(parser):
     g.add_argument("--attention-backend", default="auto", choices=sorted(ATTENTION_BACKENDS),
                    help="Attention kernel (Megatron-LM): flash/fused -> torch SDPA, "
                         "unfused/local -> Megatron's CoreAttention, auto -> the default choice.")
+    g.add_argument("--use-flash-attn", "--use-flash-attn-v1", "--use-flash-attn-v2",
+                   "--use-flash-attn-triton", dest="use_flash_attn", action="store_true",
+                   help="Megatron-LM / Megatron-DeepSpeed's FlashAttention switches: "
+                        "--attention-backend flash.")
     g.add_argument("--log-optimizer-states-to-tensorboard", action="store_true",
                    help="Megatron-DeepSpeed's optimizer/* TensorBoard tags: L1/L2 norms and "
                         "largest values of Adam's moments and of the weights.")
@@ -62,6 +67,9 @@ def add_compat_args(parser):
                                               "--attention-backend.")
     g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
                    help="Accepted; bias-dropout-add is the same computation either way.")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
+                   action="store_false",
+                   help="Accepted; fusing the weight-gradient accumulation changes no result.")
     g.add_argument("--no-async-tensor-model-parallel-allreduce",
                    dest="async_tensor_model_parallel_allreduce", action="store_false",
                    help="Accepted; overlapping the TP all-reduce changes no result.")
@@ -85,6 +93,11 @@ def apply_compat_args(args):
     from megatron.ds.config import apply_deepspeed_json
 
     apply_deepspeed_json(args)
+    if args.use_flash_attn:  # the older switch of --attention-backend flash
+        if args.attention_backend not in ("auto", "flash"):
+            raise UserError(f"--use-flash-attn contradicts --attention-backend "
+                            f"{args.attention_backend}")
+        args.attention_backend = "flash"
     if args.no_pipeline_parallel and args.pipeline_model_parallel_size != 1:
         raise UserError(f"--no-pipeline-parallel contradicts --pipeline-model-parallel-size "
                         f"{args.pipeline_model_parallel_size} (it needs 1)")

@@ -122,8 +122,7 @@ def test_published_script_parses_for_its_ranks(path, capsys):
         assert args.rampup_batch_size == [16, 16, 5859375]
     args.padded_vocab_size = 50304
     backend = transformer_config_from_args(args).attention_backend
-    assert backend == ("auto" if "--attention-backend" not in argv else
-                       {"auto": "auto"}[argv[argv.index("--attention-backend") + 1]])
+    assert backend == ("sdpa" if "--use-flash-attn" in argv else "auto")
 
 
 @pytest.mark.parametrize("path", [p for p in SCRIPTS if "at-64-ranks" in _header(p)],
@@ -247,3 +246,15 @@ def test_checkpoint_args_carry_what_megatron_tools_read(data_prefix, tmp_path):
     assert saved.bias_gelu_fusion and not saved.openai_gelu
     assert config.gelu_approximate == "tanh"
     assert saved.attention_softmax_in_fp32 and not saved.apply_query_key_layer_scaling
+
+
+@pytest.mark.parametrize("flag", ["--use-flash-attn", "--use-flash-attn-v2"])
+def test_use_flash_attn_is_the_flash_backend(flag):
+    args = parse_args(gpt_argv("/nowhere/data", flag), world_size=1)
+    args.padded_vocab_size = 128
+    assert args.attention_backend == "flash" and args.use_flash_attn
+    assert transformer_config_from_args(args).attention_backend == "sdpa"
+    with pytest.raises(UserError, match="--use-flash-attn contradicts --attention-backend "
+                                        "unfused"):
+        parse_args(gpt_argv("/nowhere/data", flag, "--attention-backend", "unfused"),
+                   world_size=1)
