@@ -77,8 +77,8 @@ class TransformerConfig:
     recompute_granularity: Optional[str] = None
     """None, or 'full': recompute each layer's activations in backward (--recompute-granularity)."""
     use_flash_attn: bool = False
-    """SDPA is always used; True restricts it to its flash kernel (Megatron's --use-flash-attn;
-    not on our command line)."""
+    """SDPA is always used; True restricts it to its flash kernel (set by code, not by a flag:
+    Megatron's --use-flash-attn selects ``attention_backend`` 'sdpa', SDPA's own choice)."""
     attention_backend: str = "auto"
     """Attention kernel (--attention-backend, Megatron-LM's choices mapped in
     ``megatron.compat_flags``): 'auto' picks by device, dropout and mask (SDPA, or on CPU with
