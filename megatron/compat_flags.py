@@ -41,7 +41,7 @@ def add_compat_args(parser):
     """The launch scripts' DeepSpeed / Megatron-LM flags (names and defaults as there)."""
     g = parser.add_argument_group("Megatron-DeepSpeed / Megatron-LM compatibility")
     g.add_argument("--deepspeed", action="store_true",
-                   help="Train through DeepSpeed's engine (not built yet: refused).")
+                   help="Train through DeepSpeed's engine (ZeRO 1/2/3, its fp16/bf16).")
     g.add_argument("--zero-stage", type=int, default=None, choices=[0, 1, 2, 3],
                    help="DeepSpeed ZeRO stage; natively 1 = --use-distributed-optimizer, "
                         "2 and 3 need --deepspeed.")
