@@ -214,3 +214,17 @@ def test_step_schedule_run(data_prefix):
     # 2, 2 (4 samples: the threshold), then (20 - 4) // 4 = 4 steps of 4
     assert result.state.iteration == 6 and result.state.consumed_train_samples == 20
     assert _logged(logs, "global batch size") == [2, 4, 4]  # iterations 2, 4 and 6
+
+
+@pytest.mark.slow
+def test_token_based_random_ltd_schedule_follows_the_ramp(data_prefix):
+    """A kept-length schedule in consumed tokens (--random-ltd-schedule-tokens 640, seq 32)
+    sees the ramp's tokens: before iterations 1..6 the run has consumed 0, 64, 128, 256, 448
+    and 704 tokens, so the kept length is 16, 16, 16, 16, 24 (27 rounded down to 8) and 32;
+    with a constant batch of 8 it would be full from iteration 4 on."""
+    ltd = ["--num-layers", "4", "--random-ltd", "--random-ltd-start", "16",
+           "--random-ltd-step", "8", "--random-ltd-schedule-tokens", "640"]
+    _, logs = run(gpt_argv(data_prefix, *RAMP, *ltd, iters=6))
+    assert _logged(logs, "random ltd reserved length") == [16, 16, 32]  # iterations 2, 4, 6
+    _, logs = run(gpt_argv(data_prefix, "--global-batch-size", "8", *ltd, iters=6))
+    assert _logged(logs, "random ltd reserved length") == [16, 32, 32]
