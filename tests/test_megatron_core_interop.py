@@ -42,6 +42,33 @@ def test_both_packages_import_from_the_repository_root():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
+_BOTH = ("from megatron import training\n"
+         "import megatron.model, megatron.data.indexed_dataset\n"
+         "import megatron.core.datasets.indexed_dataset as core\n"
+         "print(training.__file__.startswith(%r), 'site-packages' in core.__file__)\n")
+
+
+@pytest.mark.slow
+@needs_core
+@pytest.mark.parametrize("how", ["installed", "pythonpath", "script-by-path"])
+def test_both_packages_import_from_anywhere(tmp_path, how):
+    """Outside the repository root megatron-core's namespace ``megatron`` is found first on
+    sys.path; ours must still resolve (through the installed package, PYTHONPATH, or a script
+    run by its path from another directory), and megatron-core next to it."""
+    code = _BOTH % os.path.join(ROOT, "megatron")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-W", "ignore", "-c", code]
+    if how == "pythonpath":
+        env["PYTHONPATH"] = ROOT
+    elif how == "script-by-path":  # as `python /repo/tools/x.py` from a job's directory
+        script = tmp_path / "repo_script.py"
+        script.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n" + code)
+        cmd = [sys.executable, "-W", "ignore", str(script)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.split() == ["True", "True"], proc.stderr
+
+
 @pytest.mark.slow
 def test_extend_path_adds_another_megatron_portion(tmp_path):
     """Without megatron-core installed: a ``megatron/core`` portion elsewhere on sys.path is
