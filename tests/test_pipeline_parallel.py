@@ -65,7 +65,8 @@ def token_drop_for(step):
 
 
 def train(model, parallel, steps, ltd=False, no_sync=None, num_mb=NUM_MB):
-    """``steps`` SGD steps through forward_backward; -> (losses per step, events). Each step
+    """``steps`` SGD steps through forward_backward; -> (losses per step, events). ``ltd``:
+    True for ``token_drop_for``, or another step -> token_drop function. Each step
     consumes ``num_mb * dp_size`` micro-batches; DP rank d takes the d-th run of ``num_mb``."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     step_size = num_mb * parallel.dp_size
@@ -79,7 +80,8 @@ def train(model, parallel, steps, ltd=False, no_sync=None, num_mb=NUM_MB):
         reported = forward_backward(
             forward_step=forward_step, data_iterator=data, model=model, parallel=parallel,
             num_microbatches=num_mb, tensor_shape=(MB, SEQ, HIDDEN), dtype=torch.float32,
-            scale_loss=lambda loss: loss, token_drop=token_drop_for(step) if ltd else None,
+            scale_loss=lambda loss: loss,
+            token_drop=(ltd if callable(ltd) else token_drop_for)(step) if ltd else None,
             no_sync=no_sync)
         allreduce_embedding_grads(model, parallel)
         optimizer.step()
@@ -230,8 +232,9 @@ def _compare_schedule_with_the_accumulation_loop():
     assert len(entered) == 2 * (NUM_MB - 1)
 
 
-def test_interleaved_schedule_is_refused_with_the_flag_name():
-    with pytest.raises(UserError, match="--num-layers-per-virtual-pipeline-stage"):
+def test_interleaved_schedule_without_pipeline_parallelism_is_refused_with_the_flag_name():
+    with pytest.raises(UserError, match="--num-layers-per-virtual-pipeline-stage needs "
+                                        "--pipeline-model-parallel-size > 1"):
         forward_backward(forward_step=None, data_iterator=None,
                          model=[reference_model(), reference_model()],
                          parallel=ParallelState(), num_microbatches=1, tensor_shape=(1,),

@@ -63,6 +63,30 @@ def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int,
     return list(range(start, start + counts[pp_rank]))
 
 
+def chunk_layer_ids(num_layers: int, pp_size: int, pp_rank: int, layers_per_chunk: int,
+                    chunk: int) -> List[int]:
+    """Global ids of model chunk ``chunk`` of stage ``pp_rank`` under the interleaved schedule
+    (--num-layers-per-virtual-pipeline-stage ``layers_per_chunk``): as Megatron-LM, it is
+    virtual stage ``chunk * pp_size + pp_rank`` of ``num_layers / layers_per_chunk``, each
+    ``layers_per_chunk`` consecutive layers, so stage 0 of 2 with 8 layers in chunks of 2 holds
+    layers 0, 1 and 4, 5."""
+    vp_size = virtual_pipeline_size(num_layers, pp_size, layers_per_chunk)
+    if not 0 <= chunk < vp_size:
+        raise ValueError(f"model chunk {chunk} outside 0..{vp_size - 1}")
+    start = (chunk * pp_size + pp_rank) * layers_per_chunk
+    return list(range(start, start + layers_per_chunk))
+
+
+def virtual_pipeline_size(num_layers: int, pp_size: int, layers_per_chunk: int) -> int:
+    """Model chunks per pipeline stage for --num-layers-per-virtual-pipeline-stage (one line
+    naming the flags when the layers do not divide evenly)."""
+    if layers_per_chunk < 1 or num_layers % (pp_size * layers_per_chunk):
+        raise UserError(f"--num-layers ({num_layers}) must be a multiple of "
+                        f"--pipeline-model-parallel-size ({pp_size}) times "
+                        f"--num-layers-per-virtual-pipeline-stage ({layers_per_chunk})")
+    return num_layers // (pp_size * layers_per_chunk)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model under wrappers such as DistributedDataParallel (``.module``)."""
     while not hasattr(model, "set_input_tensor") and hasattr(model, "module"):
@@ -71,7 +95,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[torch.nn.Module]:
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    chunks = list(model) if isinstance(model, (list, tuple, torch.nn.ModuleList)) else [model]
     return [unwrap_model(m) for m in chunks]
 
 

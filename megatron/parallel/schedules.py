@@ -57,9 +57,26 @@ same result as DDP's reduction, without the overlap with backward.
 With fp32 ``main_grad`` buffers (bf16, --accumulate-allreduce-grads-in-fp32) no DDP wrapper is
 used and the caller averages the buffers after this schedule (``megatron.training``).
 
-Interleaved 1F1B (--num-layers-per-virtual-pipeline-stage) is not implemented.
+Interleaved 1F1B (Narayanan et al. 2021, section 2.2; Megatron-LM's
+``forward_backward_pipelining_with_interleaving``)
+---------------------------------------------------------------------------------------------
+With --num-layers-per-virtual-pipeline-stage each rank holds ``v`` model chunks: chunk ``c`` of
+rank ``r`` is virtual stage ``c * p + r`` (``pipeline_utils.chunk_layer_ids``), so an
+activation goes around the ranks ``v`` times (the last rank's chunk ``c`` sends to rank 0's
+chunk ``c + 1``; ``ParallelState.next_stage_rank`` wraps). ``model`` is then a list of the
+chunks. Forward "virtual micro-batch" ``k`` runs chunk ``(k mod p*v) // p``, backward ``k`` the
+chunk counted from the end, so micro-batches go through chunks in groups of ``p``; ``m`` must
+be a multiple of ``p``. Rank ``r`` warms up with ``(p - r - 1) * 2 + (v - 1) * p`` forwards
+(all ``m * v`` when ``m == p``), then alternates, then drains, exchanging with both neighbours
+in one batch per step exactly as Megatron-LM does (the same order, so the same messages). Every
+chunk reads the step's micro-batches in order from its own view of ``data_iterator`` (read
+once, replayed to the other chunks), and random-LTD draws by global layer id, so a chunk drops
+the tokens the same layer drops in one process. Each parameter's gradient still accumulates in
+micro-batch order (a chunk's backwards run in micro-batch order). DDP-wrapped chunks run the
+schedule inside ``no_sync`` and are averaged afterwards, as with 1F1B.
 """
 
+import collections
 import contextlib
 from typing import Callable, Iterator, List, Optional, Sequence
 
@@ -97,13 +114,14 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
     Returns the reported loss dicts of every micro-batch, in order, on the last stage; ``[]`` on
     the other stages.
     """
-    if isinstance(model, (list, tuple)):
-        if len(model) != 1:
-            raise UserError("interleaved pipeline schedules (--num-layers-per-virtual-pipeline-"
-                            "stage) are not supported; leave the flag unset")
-        model = model[0]
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    if isinstance(model, (list, tuple, torch.nn.ModuleList)):
+        if len(model) > 1:
+            return _interleaved(list(model), forward_step, data_iterator, parallel,
+                                num_microbatches, scale_loss, token_drop, forward_only, backward,
+                                tuple(tensor_shape), dtype)
+        model = model[0]
     run = _Runner(forward_step, data_iterator, model, parallel, num_microbatches,
                   scale_loss, token_drop, no_sync, backward)
     if forward_only:
@@ -133,7 +151,9 @@ class _Runner:
     """Forward and backward of one micro-batch on this stage; collects the reported losses."""
 
     def __init__(self, forward_step, data_iterator, model, parallel, num_microbatches,
-                 scale_loss, token_drop, no_sync, loss_backward=None):
+                 scale_loss, token_drop, no_sync, loss_backward=None, computes_loss=None):
+        self.computes_loss = parallel.is_last_stage if computes_loss is None else computes_loss
+        """This model applies the head and the loss (the last stage; its last chunk)."""
         self.forward_step = forward_step
         self.data_iterator = data_iterator
         self.model = model
@@ -167,7 +187,7 @@ class _Runner:
             else:
                 output, loss_func = self.forward_step(self.data_iterator, self.model,
                                                       self.token_drop)
-        if not self.parallel.is_last_stage:
+        if not self.computes_loss:
             return output
         loss, reported = loss_func(output)
         self.losses.append(reported)
@@ -237,3 +257,145 @@ def _one_f_one_b(run: _Runner, shape, dtype) -> None:
         output_grad = p2p.recv_backward(parallel, shape, dtype, run.device)
         input_grad = run.backward(inputs.pop(0), outputs.pop(0), output_grad)
         p2p.send_backward(input_grad, parallel, shape, dtype)
+
+
+# -- interleaved 1F1B ----------------------------------------------------------------------------
+
+class _ReplayedMicroBatches:
+    """The step's micro-batches read once from one iterator; ``view()`` gives each model chunk
+    an iterator over the same sequence (a chunk's k-th read is micro-batch k)."""
+
+    def __init__(self, source: Iterator):
+        self.source = source
+        self.items: list = []
+
+    def view(self) -> Iterator:
+        position = 0
+        while True:
+            if position == len(self.items):
+                self.items.append(next(self.source))
+            yield self.items[position]
+            position += 1
+
+
+def _interleaved(chunks, forward_step, data_iterator, parallel, num_microbatches, scale_loss,
+                 token_drop, forward_only, backward, shape, dtype) -> List[dict]:
+    """``forward_backward`` for a list of model chunks (module docstring)."""
+    if parallel.pp_size == 1:
+        raise UserError("--num-layers-per-virtual-pipeline-stage needs "
+                        "--pipeline-model-parallel-size > 1")
+    if num_microbatches % parallel.pp_size:
+        raise UserError(f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) "
+                        f"needs the number of micro-batches per step ({num_microbatches}) to be "
+                        f"a multiple of --pipeline-model-parallel-size ({parallel.pp_size})")
+    wrapped = [c for c in chunks if isinstance(c, torch.nn.parallel.DistributedDataParallel)]
+    data = _ReplayedMicroBatches(data_iterator)
+    last = len(chunks) - 1
+    runs = [_Runner(forward_step, data.view(), chunk, parallel, num_microbatches, scale_loss,
+                    token_drop, None, backward, computes_loss=parallel.is_last_stage and c == last)
+            for c, chunk in enumerate(chunks)]
+    if forward_only:
+        with torch.no_grad():
+            _interleaved_one_f_one_b(runs, shape, dtype, forward_only=True)
+    else:
+        with contextlib.ExitStack() as stack:  # as 1F1B's DDP path: reduce once, afterwards
+            for chunk in wrapped:
+                stack.enter_context(chunk.no_sync())
+            _interleaved_one_f_one_b(runs, shape, dtype, forward_only=False)
+        for chunk in wrapped:
+            allreduce_gradients(unwrap_model(chunk), chunk.process_group)
+    return runs[-1].losses
+
+
+def _interleaved_one_f_one_b(runs: List[_Runner], shape, dtype, forward_only: bool) -> None:
+    """Megatron-LM's interleaved schedule over ``len(runs)`` chunks of this rank."""
+    parallel = runs[0].parallel
+    p, r, v = parallel.pp_size, parallel.pp_rank, len(runs)
+    m = runs[0].num_microbatches
+    total = m * v
+    first_rank, last_rank = r == 0, r == p - 1
+    pending = [collections.deque() for _ in range(v)]       # received activations, per chunk
+    in_flight = [collections.deque() for _ in range(v)]     # (input, output) awaiting backward
+    output_grads = [collections.deque() for _ in range(v)]  # received gradients, per chunk
+
+    def chunk_of(k: int, forward: bool) -> int:
+        c = (k % (p * v)) // p
+        return c if forward else v - 1 - c
+
+    def forward(k: int) -> Optional[torch.Tensor]:
+        c = chunk_of(k, True)
+        input_tensor = None if first_rank and c == 0 else pending[c].popleft()
+        output = runs[c].forward(input_tensor)
+        if not forward_only:
+            in_flight[c].append((input_tensor, output))
+        return None if last_rank and c == v - 1 else output  # the loss stays here
+
+    def backward(k: int) -> Optional[torch.Tensor]:
+        c = chunk_of(k, False)
+        input_tensor, output = in_flight[c].popleft()
+        grad = None if last_rank and c == v - 1 else output_grads[c].popleft()
+        return runs[c].backward(input_tensor, output, grad)  # None on the first virtual stage
+
+    def exchange(send_next=None, send_prev=None, recv_prev=False, recv_next=False):
+        if send_next is None and send_prev is None and not recv_prev and not recv_next:
+            return None, None
+        return p2p.communicate(parallel, send_next=send_next, send_prev=send_prev,
+                               recv_prev=recv_prev, recv_next=recv_next, tensor_shape=shape,
+                               dtype=dtype, device=runs[0].device)
+
+    all_warmup = m == p  # every forward is a warm-up one
+    if forward_only or all_warmup:
+        warmup = total
+    else:
+        warmup = min((p - r - 1) * 2 + (v - 1) * p, total)
+    steady = total - warmup
+
+    if not first_rank:
+        pending[0].append(exchange(recv_prev=True)[0])
+    for k in range(warmup):
+        output = forward(k)
+        next_chunk = chunk_of(k + 1, True)
+        recv_prev = not (first_rank and next_chunk == 0) and k != total - 1
+        # the last warm-up step also receives the first gradient the steady state needs
+        recv_next = k == warmup - 1 and not (forward_only or all_warmup or last_rank)
+        received, grad = exchange(send_next=output, recv_prev=recv_prev, recv_next=recv_next)
+        if recv_prev:
+            pending[next_chunk].append(received)
+        if recv_next:
+            output_grads[v - 1].append(grad)
+
+    for k in range(steady):
+        forward_k = k + warmup
+        output = forward(forward_k)
+        input_grad = backward(k)
+        if first_rank:  # rank 0 is p - 1 virtual micro-batches ahead of the last rank
+            next_forward = chunk_of(forward_k - (p - 1), True)
+            recv_prev = next_forward != v - 1
+            next_forward += 1
+        else:
+            next_forward, recv_prev = chunk_of(forward_k + 1, True), True
+        if last_rank:  # and the last rank p - 1 ahead of rank 0 on the way back
+            next_backward = chunk_of(k - (p - 1), False)
+            recv_next = next_backward != 0
+            next_backward -= 1
+        else:
+            next_backward, recv_next = chunk_of(k + 1, False), True
+        recv_prev = recv_prev and k != steady - 1
+        received, grad = exchange(send_next=output, send_prev=input_grad, recv_prev=recv_prev,
+                                  recv_next=recv_next)
+        if recv_prev:
+            pending[next_forward].append(received)
+        if recv_next:
+            output_grads[next_backward].append(grad)
+
+    if forward_only:
+        return
+    if all_warmup and not last_rank:
+        output_grads[v - 1].append(exchange(recv_next=True)[1])
+    for k in range(steady, total):
+        input_grad = backward(k)
+        next_backward = chunk_of(k + 1, False)
+        recv_next = not (last_rank and next_backward == v - 1) and k != total - 1
+        _, grad = exchange(send_prev=input_grad, recv_next=recv_next)
+        if recv_next:
+            output_grads[next_backward].append(grad)

@@ -1,0 +1,155 @@
+"""Interleaved 1F1B (--num-layers-per-virtual-pipeline-stage): PP=2 with 2 model chunks per
+stage (gloo, CPU) matches the single-process run step for step, with and without random-LTD."""
+
+import pytest
+import torch
+
+from distributed_harness import run_distributed
+from megatron.errors import UserError
+from megatron.model import GPTModel
+from megatron.model.config import TransformerConfig
+from megatron.parallel.initialize import build_parallel_state
+from megatron.parallel.pipeline_utils import (chunk_layer_ids, initialize_embedding_tie,
+                                              virtual_pipeline_size)
+from megatron.parallel.schedules import forward_backward
+from megatron.parallel.state import ParallelState
+from test_pipeline_parallel import (HEAD_COPY, MB, NUM_MB, SEED, SEQ, HIDDEN, VOCAB,
+                                    global_name, micro_batches, recording_forward_step, train)
+
+EMBEDDING = "language_model.embedding.word_embeddings.weight"
+
+
+def make_config(num_layers):
+    return TransformerConfig(num_layers=num_layers, hidden_size=HIDDEN, num_attention_heads=4,
+                             seq_length=SEQ, padded_vocab_size=VOCAB, hidden_dropout=0.0,
+                             attention_dropout=0.0)
+
+
+def reference_model(num_layers):
+    torch.manual_seed(SEED)
+    return GPTModel(make_config(num_layers))
+
+
+def build_chunks(parallel, num_layers, per_chunk):
+    """This rank's model chunks (virtual stages ``c * pp + rank``) with the reference model's
+    initial weights, by global layer id."""
+    full = reference_model(num_layers).state_dict()
+    vp = virtual_pipeline_size(num_layers, parallel.pp_size, per_chunk)
+    chunks, ids = torch.nn.ModuleList(), []
+    for c in range(vp):
+        layer_ids = chunk_layer_ids(num_layers, parallel.pp_size, parallel.pp_rank, per_chunk, c)
+        chunk = GPTModel(make_config(num_layers), parallel,
+                         pre_process=parallel.is_first_stage and c == 0,
+                         post_process=parallel.is_last_stage and c == vp - 1,
+                         layer_ids=layer_ids)
+        for name, param in chunk.named_parameters():
+            if name != HEAD_COPY:  # the tie initialisation fills it
+                param.data.copy_(full[global_name(name, layer_ids)])
+        chunks.append(chunk)
+        ids.append(layer_ids)
+    return chunks, ids
+
+
+def chunk_params(chunks, ids):
+    return {"head_copy" if name == HEAD_COPY else global_name(name, layer_ids):
+            param.detach().numpy().copy()
+            for chunk, layer_ids in zip(chunks, ids) for name, param in chunk.named_parameters()}
+
+
+def drop_in(layers):
+    """Random-LTD in ``layers`` (global ids), keeping 8 of 16 tokens."""
+    from megatron.ltd.dropping import TokenDropState
+
+    return lambda step: (lambda sample_ids: TokenDropState(SEED, step, dict.fromkeys(layers, 8),
+                                                           sample_ids))
+
+
+def _interleaved_body(rank, world_size, num_layers, per_chunk, steps, drop_layers, num_mb):
+    parallel = build_parallel_state(tp=1, pp=world_size)
+    chunks, ids = build_chunks(parallel, num_layers, per_chunk)
+    initialize_embedding_tie(chunks, parallel)
+    token_drop = drop_in(drop_layers) if drop_layers else None
+    losses, events = train(chunks, parallel, steps, ltd=token_drop, num_mb=num_mb)
+    return {"layer_ids": ids, "losses": losses, "events": events,
+            "params": chunk_params(chunks, ids)}
+
+
+def reference_run(num_layers, steps, drop_layers, num_mb):
+    model = reference_model(num_layers)
+    token_drop = drop_in(drop_layers) if drop_layers else None
+    losses, _ = train(model, ParallelState(), steps, ltd=token_drop, num_mb=num_mb)
+    return losses, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def check_against_reference(results, num_layers, steps, drop_layers, num_mb=NUM_MB):
+    ref_losses, ref_params = reference_run(num_layers, steps, drop_layers, num_mb)
+    assert results[0]["losses"] == [[]] * steps
+    torch.testing.assert_close(torch.tensor(results[-1]["losses"]), torch.tensor(ref_losses),
+                               rtol=1e-5, atol=0)
+    merged = {}
+    for r in results:
+        merged.update({k: torch.from_numpy(v) for k, v in r["params"].items()
+                       if k != "head_copy"})
+    assert set(merged) == set(ref_params)
+    for name, value in ref_params.items():
+        torch.testing.assert_close(merged[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert (results[-1]["params"]["head_copy"] == results[0]["params"][EMBEDDING]).all()
+    assert not torch.equal(merged[EMBEDDING], reference_model(num_layers).state_dict()[EMBEDDING])
+    return ref_losses
+
+
+def forwards_before_first_backward(events):
+    return next(i for i, e in enumerate(events) if e[0] == "B")
+
+
+# -- layout ----------------------------------------------------------------------------------
+
+def test_chunk_layer_ids_follow_megatrons_virtual_stages():
+    # 8 layers, 2 stages, chunks of 2: virtual stages 0..3 = rank 0, rank 1, rank 0, rank 1
+    assert [[chunk_layer_ids(8, 2, r, 2, c) for c in range(2)] for r in range(2)] == \
+        [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    assert [chunk_layer_ids(4, 2, 1, 1, c) for c in range(2)] == [[1], [3]]
+    assert virtual_pipeline_size(8, 2, 1) == 4
+    with pytest.raises(UserError, match="--num-layers-per-virtual-pipeline-stage .3."):
+        virtual_pipeline_size(8, 2, 3)
+
+
+def test_micro_batches_not_a_multiple_of_the_stages_are_refused_by_name():
+    with pytest.raises(UserError, match="multiple of --pipeline-model-parallel-size .2."):
+        forward_backward(forward_step=None, data_iterator=None,
+                         model=[reference_model(4), reference_model(4)],
+                         parallel=ParallelState(pp_size=2, pp_ranks=(0, 1)),
+                         num_microbatches=3, tensor_shape=(1,), dtype=torch.float32,
+                         scale_loss=lambda loss: loss)
+
+
+# -- PP=2 x 2 chunks ---------------------------------------------------------------------------
+
+def test_pp2_two_chunks_of_one_layer_matches_single_process():
+    steps = 2
+    results = run_distributed(_interleaved_body, 2, args=(4, 1, steps, (), NUM_MB), timeout=90)
+    assert [r["layer_ids"] for r in results] == [[[0], [2]], [[1], [3]]]
+    check_against_reference(results, 4, steps, ())
+    # Megatron's warm-up: (p - r - 1) * 2 + (v - 1) * p forwards, then one more before the
+    # first backward
+    assert [forwards_before_first_backward(r["events"]) for r in results] == [5, 3]
+
+
+@pytest.mark.slow
+def test_pp2_two_chunks_of_two_layers_with_random_ltd_matches_single_process():
+    steps = 3
+    drop = (1, 2, 5, 6)  # a dropping layer in every chunk
+    results = run_distributed(_interleaved_body, 2, args=(8, 2, steps, drop, NUM_MB),
+                              timeout=120)
+    assert [r["layer_ids"] for r in results] == [[[0, 1], [4, 5]], [[2, 3], [6, 7]]]
+    ref_losses = check_against_reference(results, 8, steps, drop)
+    dense, _ = reference_run(8, steps, (), NUM_MB)  # random-LTD changed the computation
+    assert ref_losses[0] != pytest.approx(dense[0], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_pp2_as_many_micro_batches_as_stages_runs_all_forwards_first():
+    steps = 2
+    results = run_distributed(_interleaved_body, 2, args=(4, 1, steps, (1, 2), 2), timeout=90)
+    check_against_reference(results, 4, steps, (1, 2), num_mb=2)
+    assert [forwards_before_first_backward(r["events"]) for r in results] == [4, 4]
