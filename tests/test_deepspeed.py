@@ -9,6 +9,7 @@ is against the native path in fp32 with dropout and random-LTD from the JSON's
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -129,21 +130,39 @@ def _train(argv):
     return _losses(result), logs
 
 
-def _native_and_engine(rank, world_size, data_prefix, ds_json, stages):
-    """Native losses, then the engine's for each ZeRO stage (one process or DP ranks)."""
+def _grad_norms(logs):
+    """The gradient norms the iteration log lines report (3 decimals)."""
+    return [float(norm) for line in logs for norm in re.findall(r"grad norm: ([\d.]+)", line)]
+
+
+def _native_and_engine(rank, world_size, data_prefix, ds_json, stages, tp=1):
+    """(losses, grad norms) natively, then {stage: (losses, grad norms)} through the engine
+    for each ZeRO stage, at the same layout (TP ``tp``, DP the remaining ranks)."""
     base = gpt_argv(data_prefix, "--num-layers", "4", "--deepspeed_config", ds_json,
-                    "--global-batch-size", str(4 * world_size), iters=ITERS)
-    native, _ = _train(base)
-    engine = {stage: _train(base + ["--deepspeed", "--zero-stage", str(stage)])[0]
+                    "--global-batch-size", str(4 * world_size // tp),
+                    "--tensor-model-parallel-size", str(tp), "--log-interval", "1",
+                    iters=ITERS)
+
+    def train(argv):
+        losses, logs = _train(argv)
+        return losses, _grad_norms(logs)
+
+    native = train(base)
+    engine = {stage: train(base + ["--deepspeed", "--zero-stage", str(stage)])
               for stage in stages}
     return native, engine
 
 
 def _assert_close(native, engine):
-    for stage, losses in engine.items():
-        assert len(losses) == len(native) == ITERS
-        worst = max(abs(a - b) for a, b in zip(native, losses))
+    """Losses within 1e-5 over ``ITERS`` iterations; grad norms equal to the 3 decimals logged
+    (with clipping at 1.0 active: the norms are above it)."""
+    (native_losses, native_norms) = native
+    assert len(native_norms) == ITERS and max(native_norms) > 1.0
+    for stage, (losses, norms) in engine.items():
+        assert len(losses) == len(native_losses) == ITERS
+        worst = max(abs(a - b) for a, b in zip(native_losses, losses))
         assert worst <= 1e-5, f"ZeRO {stage}: max |loss difference| {worst}"
+        assert max(abs(a - b) for a, b in zip(native_norms, norms)) <= 1.5e-3, (stage, norms)
 
 
 @pytest.mark.slow
@@ -153,7 +172,7 @@ def test_zero_1_2_3_match_the_native_path(data_prefix, tmp_path):
     [(native, engine)] = run_distributed(_native_and_engine, 1,
                                          args=(data_prefix, ds_json, (1, 2, 3)), timeout=300)
     _assert_close(native, engine)
-    assert native[0] > native[-1]  # it learns
+    assert native[0][0] > native[0][-1]  # it learns
 
 
 @pytest.mark.slow
@@ -165,6 +184,20 @@ def test_data_parallel_zero_2_matches_the_native_path(data_prefix, tmp_path):
     for native, engine in results:
         _assert_close(native, engine)
     assert results[0] == results[1]  # every rank reports the same reduced losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tensor_parallel_zero_1_2_match_the_native_path(data_prefix, tmp_path, world_size):
+    """TP 2 (x DP 2 on 4 ranks): DeepSpeed's grad norm and clipping count each TP-duplicated
+    parameter once (it reads ``tensor_model_parallel``, which our layers set), as ours."""
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    results = run_distributed(_native_and_engine, world_size,
+                              args=(data_prefix, ds_json, (1, 2), 2), timeout=600)
+    for native, engine in results:
+        _assert_close(native, engine)
+    assert all(result == results[0] for result in results)
 
 
 def _resume(rank, world_size, data_prefix, ds_json, save, stage):
@@ -192,6 +225,83 @@ def test_engine_checkpoint_resumes_bitwise(data_prefix, tmp_path, stage):
     assert open(os.path.join(save, "latest")).read() == "global_step10"
     assert open(os.path.join(save, "latest_checkpointed_iteration.txt")).read() == "10"
     assert not [n for n in os.listdir(save) if n.endswith(".tmp")]
+
+
+def _corrupt_then_load(rank, world_size, data_prefix, ds_json, save):
+    """An engine checkpoint with one flipped byte in a tensor: refused on --load in one line
+    naming the file, loaded anyway with --no-verify-checkpoint."""
+    from test_checkpoint_safety import _flip_tensor_byte
+
+    flags = ["--num-layers", "4", "--deepspeed_config", ds_json, "--deepspeed",
+             "--zero-stage", "1", "--save", save]
+    _train(gpt_argv(data_prefix, *flags, "--save-interval", "2", "--exit-interval", "2",
+                    iters=4))
+    path = os.path.join(save, "global_step2", "mp_rank_00_model_states.pt")
+    _flip_tensor_byte(path)
+    try:
+        _train(gpt_argv(data_prefix, *flags, "--load", save, iters=4))
+        refusal = None
+    except UserError as err:
+        refusal = str(err)
+    _, logs = _train(gpt_argv(data_prefix, *flags, "--load", save, "--no-verify-checkpoint",
+                              iters=4))
+    return path, refusal, logs
+
+
+@pytest.mark.slow
+def test_engine_checkpoint_files_are_verified(data_prefix, tmp_path):
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    [(path, refusal, logs)] = run_distributed(
+        _corrupt_then_load, 1, args=(data_prefix, ds_json, str(tmp_path / "ckpt")), timeout=300)
+    assert refusal is not None and refusal.startswith(f"cannot read checkpoint {path}: it does "
+                                                      "not match the sizes and CRC-32s")
+    assert "\n" not in refusal and "--no-verify-checkpoint" in refusal
+    assert any("successfully loaded DeepSpeed checkpoint" in line and "iteration 2" in line
+               for line in logs)
+
+
+# -- fp16 through the engine ---------------------------------------------------------------------
+
+def _fp16_engine(rank, world_size, tmp_path, supported, stage):
+    """The engine built for our model with the JSON's fp16 section, on a CPU accelerator that
+    says it does (``supported``) or does not support fp16; -> the engine's loss scaler's
+    settings, or the refusal."""
+    from deepspeed.accelerator import get_accelerator
+
+    import pretrain_gpt
+    from megatron.ds.engine import build_engine
+    from megatron.parallel.state import ParallelState
+    from megatron.training import build_tokenizer_from_args
+
+    type(get_accelerator()).is_fp16_supported = lambda self: supported
+    args = args_with(tmp_path, "--deepspeed", "--zero-stage", str(stage), fp16=FP16)
+    build_tokenizer_from_args(args, log=lambda *_: None)
+    model = pretrain_gpt.PROVIDER.model(args, ParallelState())
+    try:
+        optimizer = build_engine(args, model, ParallelState(), log=lambda *_: None)
+    except UserError as err:
+        return str(err)
+    scaler = optimizer.engine.optimizer.loss_scaler
+    return (float(optimizer.get_loss_scale()), scaler.dynamic, scaler.scale_window,
+            scaler.delayed_shift, scaler.min_scale)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fp16_loss_scale_settings_reach_the_engine(tmp_path, stage):
+    """initial_scale_power 11, window 500, hysteresis 2, min 1 (DeepSpeed's scripts) instead
+    of the 2^16/1000 defaults. DeepSpeed's CPU accelerator reports fp16 only with oneDNN fp16
+    kernels, so it is told it has them: the engine's own fp16 path then builds on CPU."""
+    pytest.importorskip("deepspeed")
+    [settings] = run_distributed(_fp16_engine, 1, args=(tmp_path, True, stage))
+    assert settings == (2.0 ** 11, True, 500, 2, 1.0)
+
+
+def test_fp16_refused_in_one_line_where_the_accelerator_lacks_it(tmp_path):
+    pytest.importorskip("deepspeed")
+    [refusal] = run_distributed(_fp16_engine, 1, args=(tmp_path, False, 1))
+    assert refusal.startswith("--fp16 (or the DeepSpeed JSON's fp16.enabled) with --deepspeed: "
+                              "DeepSpeed's cpu accelerator does not support fp16")
 
 
 # -- tools/convert_deepspeed_checkpoint.py -----------------------------------------------------

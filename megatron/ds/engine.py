@@ -169,6 +169,7 @@ def build_engine(args, model, parallel, log):
     from megatron.parallel.initialize import read_distributed_env
 
     deepspeed = import_deepspeed()
+    _check_precision_supported(args, deepspeed.accelerator.get_accelerator())
     # The bare torch optimizer (no fp16 wrapper, no ZeRO-1, no clipping): the engine does those.
     bare = build_optimizer(model, args=None, optimizer=args.optimizer, lr=args.lr,
                            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
@@ -191,6 +192,20 @@ def build_engine(args, model, parallel, log):
     return EngineOptimizer(engine)
 
 
+def _check_precision_supported(args, accelerator):
+    """DeepSpeed's CPU accelerator runs fp16 only where oneDNN has fp16 kernels (recent Xeons);
+    elsewhere the engine stops with a ValueError traceback: refuse it here in one line."""
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise UserError(f"--fp16 (or the DeepSpeed JSON's fp16.enabled) with --deepspeed: "
+                        f"DeepSpeed's {accelerator.device_name()} accelerator does not support "
+                        "fp16 on this machine; use --bf16 or fp32, or leave --deepspeed out "
+                        "for our fp16 path")
+    if args.bf16 and not accelerator.is_bf16_supported():
+        raise UserError(f"--bf16 (or the DeepSpeed JSON's bf16.enabled) with --deepspeed: "
+                        f"DeepSpeed's {accelerator.device_name()} accelerator does not support "
+                        "bf16 on this machine; use fp32, or leave --deepspeed out")
+
+
 def _safe_globals():
     """Objects DeepSpeed's own checkpoint files hold beyond tensors and containers (its loss
     scaler records, the ZeRO stage enum, the (start, numel) records of flat-buffer fragments),
@@ -203,15 +218,14 @@ def _safe_globals():
 
 
 def safe_checkpoint_engine(reading):
-    """DeepSpeed's TorchCheckpointEngine writing the zip format (so a reader can list a file's
-    objects before unpickling) and reading through ``read_checkpoint_file``: weights only, the
-    checkpoint allowlist plus ``_safe_globals`` (``reading``: a ``ReadOptions``; DeepSpeed's
-    files carry no recorded checksums, so they are not verified)."""
+    """DeepSpeed's TorchCheckpointEngine writing the zip format and reading through
+    ``read_checkpoint_file`` with ``reading`` (a ``ReadOptions``), as every other checkpoint:
+    the zip directory's sizes and CRC-32s checked first (``--no-verify-checkpoint`` skips it),
+    then weights only, with the checkpoint allowlist plus ``_safe_globals``. The zip format is
+    what records the CRC-32s and lets a reader list a file's objects before unpickling."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     from megatron.checkpoint_files import read_checkpoint_file
-
-    options = dataclasses.replace(reading, verify=False)
 
     class SafeCheckpointEngine(TorchCheckpointEngine):
         def __init__(self):
@@ -220,7 +234,7 @@ def safe_checkpoint_engine(reading):
 
         def load(self, path, map_location=None):
             with torch.serialization.safe_globals(_safe_globals()):
-                return read_checkpoint_file(path, options)
+                return read_checkpoint_file(path, reading)
 
     return SafeCheckpointEngine()
 
