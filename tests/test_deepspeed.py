@@ -200,9 +200,10 @@ def test_tensor_parallel_zero_1_2_match_the_native_path(data_prefix, tmp_path, w
     assert all(result == results[0] for result in results)
 
 
-def _resume(rank, world_size, data_prefix, ds_json, save, stage):
+def _resume(rank, world_size, data_prefix, ds_json, save, stage, tp=1):
     flags = ["--num-layers", "4", "--deepspeed_config", ds_json, "--deepspeed",
-             "--zero-stage", str(stage)]
+             "--zero-stage", str(stage), "--tensor-model-parallel-size", str(tp),
+             "--global-batch-size", str(4 * world_size // tp)]
     straight, _ = _train(gpt_argv(data_prefix, *flags, iters=ITERS))
     first, _ = _train(gpt_argv(data_prefix, *flags, "--save", save, "--save-interval", "5",
                                "--exit-interval", "5", iters=ITERS))
@@ -212,14 +213,18 @@ def _resume(rank, world_size, data_prefix, ds_json, save, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_engine_checkpoint_resumes_bitwise(data_prefix, tmp_path, stage):
+@pytest.mark.parametrize("stage, world_size, tp", [(1, 1, 1), (3, 1, 1), (2, 4, 2)])
+def test_engine_checkpoint_resumes_bitwise(data_prefix, tmp_path, stage, world_size, tp):
+    """One process (ZeRO 1, 3), and TP 2 x DP 2 with ZeRO 2 (each TP rank's model states, each
+    rank's optimizer partition, the DP ranks' RNG states)."""
     pytest.importorskip("deepspeed")
     ds_json = write_json(tmp_path, **RANDOM_LTD)
     save = str(tmp_path / "ckpt")
-    [(straight, first, second, logs)] = run_distributed(
-        _resume, 1, args=(data_prefix, ds_json, save, stage), timeout=300)
+    results = run_distributed(_resume, world_size,
+                              args=(data_prefix, ds_json, save, stage, tp), timeout=300)
+    straight, first, second, logs = results[0]
     assert first + second == straight  # bitwise: every loss equal
+    assert all(result[:3] == results[0][:3] for result in results)
     assert any("successfully loaded DeepSpeed checkpoint" in line and "iteration 5" in line
                for line in logs)
     assert open(os.path.join(save, "latest")).read() == "global_step10"
