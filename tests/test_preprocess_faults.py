@@ -222,18 +222,66 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path, capsys):
         alive.wait()
 
 
+def _start_and_wait_for_workers(cmd, tmp_path):
+    """Start the tool; return it and its two workers' pids once its temporary .bin exists."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    workers = []
+    while time.time() < deadline and proc.poll() is None and (
+            len(workers) < 2 or not [n for n in os.listdir(tmp_path) if ".tmp." in n]):
+        try:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                workers = [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and len(workers) == 2
+    return proc, workers
+
+
+def _gone(pids, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not [p for p in pids if os.path.exists(f"/proc/{p}")
+                and open(f"/proc/{p}/stat").read().split()[2] != "Z"]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_workers_and_leave_nothing(tmp_path, signum):
+    src = write_jsonl(tmp_path / "big.jsonl", make_records(4000, seed=5) * 40)
+    proc, workers = _start_and_wait_for_workers(
+        [sys.executable, "tools/preprocess_data.py", "--input", src, "--output-prefix",
+         str(tmp_path / "o"), "--workers", "2", "--tokenizer-backend", "hf", *GPT2], tmp_path)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", err
+    assert sorted(os.listdir(tmp_path)) == ["big.jsonl"]
+    assert _gone(workers)
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_main_process_leaves_nothing_after_the_next_run(tmp_path):
     src = write_jsonl(tmp_path / "big.jsonl", make_records(4000, seed=4) * 40)
     cmd = [sys.executable, "tools/preprocess_data.py", "--input", src, "--output-prefix",
-           str(tmp_path / "o"), "--tokenizer-backend", "hf", *GPT2]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    proc.stdout.readline()  # "Opening ...": the temporaries exist from here on
-    deadline = time.time() + 60
-    while not [n for n in os.listdir(tmp_path) if ".tmp." in n] and time.time() < deadline:
-        time.sleep(0.05)
+           str(tmp_path / "o"), "--tokenizer-backend", "hf", "--workers", "2", *GPT2]
+    proc, workers = _start_and_wait_for_workers(cmd, tmp_path)
     proc.kill()
     proc.wait()
+    try:
+        assert _gone(workers)  # orphaned workers see their pipe close and exit
+    finally:
+        for pid in workers:  # never leave them behind, even when the assertion fails
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.stdout.close()
+        proc.stderr.close()
     left = [n for n in os.listdir(tmp_path) if ".tmp." in n]
     assert left == [f"o_text_document.bin.tmp.{proc.pid}"]
     cmd[cmd.index("hf")] = "auto"

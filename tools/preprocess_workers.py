@@ -35,7 +35,7 @@ class _Failure:
 
 
 def _worker_main(conn, others, init, initargs, work):
-    for other in others:  # the parent's ends of the other workers' pipes: not ours to hold
+    for other in others:  # the parent's ends of the pipes: not ours to hold
         other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -77,8 +77,11 @@ class OrderedWorkers:
         try:
             for _ in range(n):
                 parent_end, child_end = ctx.Pipe(duplex=True)
+                # The child closes the parent's ends it inherits (its own included): else a
+                # worker would keep its pipe open itself and never see the parent die.
                 proc = ctx.Process(target=_worker_main, daemon=True,
-                                   args=(child_end, list(self._conns), init, initargs, work))
+                                   args=(child_end, [*self._conns, parent_end], init,
+                                         initargs, work))
                 proc.start()
                 child_end.close()
                 self._conns.append(parent_end)
