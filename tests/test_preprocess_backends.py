@@ -125,7 +125,7 @@ def test_fast_equals_reference_gpt2(gpt2, texts):
 
 
 @needs_gigatoken
-@settings(PROPERTY, max_examples=100)  # transformers' own call is slow per text
+@settings(PROPERTY, max_examples=50)  # transformers' own call is slow per text
 @given(st.lists(TEXTS, min_size=1, max_size=6))
 def test_fast_equals_reference_hf_tokenizer_json(hf_byte_level, texts):
     tok = _tokenizer("HFTokenizer", tokenizer_model=hf_byte_level)
