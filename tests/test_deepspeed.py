@@ -311,33 +311,61 @@ def test_fp16_refused_in_one_line_where_the_accelerator_lacks_it(tmp_path):
 
 # -- tools/convert_deepspeed_checkpoint.py -----------------------------------------------------
 
-def _convert_and_continue(rank, world_size, data_prefix, ds_json, root, stage):
-    from tools.convert_deepspeed_checkpoint import to_deepspeed, to_native
+def _convert_and_continue(rank, world_size, data_prefix, ds_json, root, stage, tp=1):
+    from tools.convert_deepspeed_checkpoint import main as convert
 
-    flags = ["--num-layers", "4", "--deepspeed_config", ds_json]
+    flags = ["--num-layers", "4", "--deepspeed_config", ds_json,
+             "--tensor-model-parallel-size", str(tp), "--global-batch-size",
+             str(4 * world_size // tp)]
     engine = flags + ["--deepspeed", "--zero-stage", str(stage)]
     straight, _ = _train(gpt_argv(data_prefix, *engine, iters=ITERS))
     half = ["--save-interval", "5", "--exit-interval", "5"]
     # engine checkpoint at 5 -> native -> continue natively
     _train(gpt_argv(data_prefix, *engine, "--save", f"{root}/ds", *half, iters=ITERS))
-    to_native(f"{root}/ds", f"{root}/native", log=lambda *_: None)
+    assert convert(["to-native", "--load", f"{root}/ds", "--save", f"{root}/native"]) == 0
     native_rest, _ = _train(gpt_argv(data_prefix, *flags, "--load", f"{root}/native",
                                      iters=ITERS))
     # native checkpoint at 5 -> engine -> continue through the engine
     _train(gpt_argv(data_prefix, *flags, "--save", f"{root}/native2", *half, iters=ITERS))
-    to_deepspeed(f"{root}/native2", f"{root}/ds2", zero_stage=stage, log=lambda *_: None)
+    assert convert(["to-deepspeed", "--load", f"{root}/native2", "--save", f"{root}/ds2",
+                    "--zero-stage", str(stage)]) == 0
     engine_rest, _ = _train(gpt_argv(data_prefix, *engine, "--load", f"{root}/ds2",
                                      iters=ITERS))
     return straight, native_rest, engine_rest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_converted_checkpoints_continue_with_the_same_losses(data_prefix, tmp_path, stage):
+@pytest.mark.parametrize("stage, world_size, tp", [(2, 1, 1), (3, 1, 1), (2, 4, 2)])
+def test_converted_checkpoints_continue_with_the_same_losses(data_prefix, tmp_path, stage,
+                                                             world_size, tp):
+    """One process (ZeRO 2, 3), and TP 2 x DP 2 with ZeRO 2 converted by 4 processes (each its
+    TP rank's weights, DeepSpeed gathering the ZeRO partitions over the DP ranks)."""
     pytest.importorskip("deepspeed")
     ds_json = write_json(tmp_path, **RANDOM_LTD)
-    [(straight, native_rest, engine_rest)] = run_distributed(
-        _convert_and_continue, 1, args=(data_prefix, ds_json, str(tmp_path), stage), timeout=300)
+    results = run_distributed(_convert_and_continue, world_size,
+                              args=(data_prefix, ds_json, str(tmp_path), stage, tp), timeout=300)
+    straight, native_rest, engine_rest = results[0]
+    assert all(result == results[0] for result in results)
     for rest in (native_rest, engine_rest):
         assert len(rest) == ITERS - 5
         assert max(abs(a - b) for a, b in zip(straight[5:], rest)) <= 1e-5
+
+
+def _layout_refusal(rank, world_size):
+    import argparse
+
+    from tools.convert_deepspeed_checkpoint import _parallel_state
+
+    saved = argparse.Namespace(tensor_model_parallel_size=2, data_parallel_size=2,
+                               pipeline_model_parallel_size=1, fp16=False, seed=7)
+    try:
+        _parallel_state(saved, "ckpt/global_step5")
+    except UserError as err:
+        return str(err)
+
+
+def test_converter_needs_the_checkpoints_process_count():
+    [refusal] = run_distributed(_layout_refusal, 1)
+    assert refusal == ("ckpt/global_step5: saved by TP 2 x DP 2 = 4 ranks; run this tool with "
+                       "4 processes (torchrun --nproc-per-node 4 "
+                       "tools/convert_deepspeed_checkpoint.py ...), not 1")

@@ -11,14 +11,18 @@ engine in this one process and moves every tensor through DeepSpeed's own full-p
 (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_set_full_optimizer_state`` ...), so it
 does not depend on ZeRO's flat-buffer layout.
 
-Limits (each refused in one line): one model-parallel rank and one data-parallel rank (a ZeRO
-checkpoint of several data-parallel ranks: resume it with --deepspeed and save from one rank, or
-use DeepSpeed's ds_to_universal), fp32 or bf16 (an fp16 run's loss-scaler state has no
-converter yet). ``--model bert`` for BERT checkpoints.
+A checkpoint of several ranks (TP x DP) converts at its own layout, one process per rank as
+the run that saved it (``torchrun --nproc-per-node TP*DP tools/convert_deepspeed_checkpoint.py
+...``, or srun): each process converts its TP rank's weights and its ZeRO partitions (DeepSpeed
+gathers a full value over the data-parallel ranks); to change the layout, reshard the native
+checkpoint with tools/checkpoint_util.py. Refused in one line: PP > 1 (the engine path has no
+pipeline), fp16 (an fp16 run's loss-scaler state has no converter yet; fp32 and bf16 convert),
+a process count other than the checkpoint's. ``--model bert`` for BERT checkpoints.
 """
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import types
@@ -26,6 +30,7 @@ import types
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from megatron.errors import UserError  # noqa: E402
 
@@ -39,15 +44,32 @@ def _provider(family):
 
 
 def _check_layout(args, where):
-    if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1 \
-            or args.data_parallel_size != 1:
-        raise UserError(f"{where}: saved with TP {args.tensor_model_parallel_size} x PP "
-                        f"{args.pipeline_model_parallel_size} x DP {args.data_parallel_size}; "
-                        "this converter handles one rank (resume with that layout and save "
-                        "from one rank, or reshard with tools/checkpoint_util.py first)")
+    """What the converter cannot carry: a pipeline (the engine path has none) and fp16."""
+    if args.pipeline_model_parallel_size != 1:
+        raise UserError(f"{where}: saved with PP {args.pipeline_model_parallel_size}; --deepspeed "
+                        "runs without pipeline stages, so this converter handles PP 1 (reshard "
+                        "with tools/checkpoint_util.py first)")
     if args.fp16:
         raise UserError(f"{where}: an fp16 run (its loss-scaler state has no converter yet); "
                         "fp32 and bf16 checkpoints convert")
+
+
+def _parallel_state(args, where):
+    """This process's ``ParallelState`` at the checkpoint's layout: the tool runs as many
+    processes as the run that saved it (each converts its own TP rank's weights and its own
+    share of ZeRO's partitions; the layout stays, so nothing is resharded)."""
+    from megatron.parallel.initialize import build_parallel_state
+    from megatron.parallel.random import build_rng_tracker
+
+    _check_layout(args, where)
+    tp, dp = args.tensor_model_parallel_size, args.data_parallel_size
+    if dist.get_world_size() != tp * dp:
+        raise UserError(f"{where}: saved by TP {tp} x DP {dp} = {tp * dp} ranks; run this tool "
+                        f"with {tp * dp} processes (torchrun --nproc-per-node {tp * dp} "
+                        f"tools/convert_deepspeed_checkpoint.py ...), not {dist.get_world_size()}")
+    parallel = build_parallel_state(tp, 1)
+    return dataclasses.replace(parallel, rng_tracker=build_rng_tracker(args.seed,
+                                                                       parallel.tp_rank))
 
 
 def _engine_args(args, stage, load=None, save=None):
@@ -122,16 +144,13 @@ def to_native(load, save, family="gpt", log=print):
 
     from megatron.checkpointing import TrainState, save_checkpoint
     from megatron.ds.engine import build_engine, start_single_process_group
-    from megatron.parallel.state import ParallelState
 
     start_single_process_group()
-    client = _read_client_state(load)
-    args = client["args"]
-    _check_layout(args, load)
-    model = _provider(family).model(args, ParallelState())
-    engine = build_engine(_engine_args(args, args.zero_stage), model, ParallelState(),
-                          log).engine
-    engine.load_checkpoint(load, load_lr_scheduler_states=False)
+    args = _read_client_state(load)["args"]
+    parallel = _parallel_state(args, load)
+    model = _provider(family).model(args, parallel)
+    engine = build_engine(_engine_args(args, args.zero_stage), model, parallel, log).engine
+    _, client = engine.load_checkpoint(load, load_lr_scheduler_states=False)  # this TP rank's
     _link_optimizer_states(engine)
     native = _native_optimizer(args, model)
     step = _engine_step_count(engine)
@@ -152,7 +171,7 @@ def to_native(load, save, family="gpt", log=print):
     scheduler = types.SimpleNamespace(state_dict=lambda: client["opt_param_scheduler"])
     extra = {k: client[k] for k in ("rng_state", "random_ltd_scheduler") if k in client}
     save_checkpoint(out, TrainState(**client["train_state"]), model, native, scheduler,
-                    log=log, extra_state=extra)
+                    log=log, extra_state=extra, parallel=parallel)
 
 
 def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
@@ -164,7 +183,6 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
                                         read_tracker)
     from megatron.ds.engine import build_engine, save_engine_checkpoint, \
         start_single_process_group
-    from megatron.parallel.state import ParallelState
 
     start_single_process_group()
     found = read_tracker(load)
@@ -173,14 +191,14 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
                         "checkpoint)")
     path = checkpoint_file(load, found[0], release=found[1])
     args = read_checkpoint_file(path)["args"]
-    _check_layout(args, path)
+    parallel = _parallel_state(args, path)
     stage = zero_stage if zero_stage is not None else (args.zero_stage or 0)
-    model = _provider(family).model(args, ParallelState())
+    model = _provider(family).model(args, parallel)
     native = _native_optimizer(args, model)
     loaded = copy.copy(args)
     loaded.load, loaded.finetune, loaded.deepspeed = load, False, False
     loaded.no_load_optim = loaded.no_load_rng = True
-    state, ckpt = load_checkpoint(loaded, model, native, None, log=log)
+    state, ckpt = load_checkpoint(loaded, model, native, None, log=log, parallel=parallel)
     native.load_state_dict(ckpt["optimizer"])
     masters = _masters(native)
     # copies taken before the engine partitions the parameters (ZeRO 3 empties them)
@@ -188,7 +206,7 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
                {key: native.optimizer.state[masters[param]][key].clone() for key in ADAM_STATES})
               for param in model.parameters()]
     opt = _engine_args(args, stage, save=save)
-    runner = build_engine(opt, model, ParallelState(), log)
+    runner = build_engine(opt, model, parallel, log)
     engine = runner.engine
     _create_optimizer_states(engine)
     _link_optimizer_states(engine)
@@ -201,7 +219,6 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
         flat_state["step"] = step.clone()
     engine.global_steps, engine.global_samples = state.iteration, state.consumed_train_samples
     scheduler = types.SimpleNamespace(state_dict=lambda: ckpt["opt_param_scheduler"])
-    parallel = ParallelState()
     extra = {k: ckpt[k] for k in ("random_ltd_scheduler",) if k in ckpt}
     opt.no_save_rng = True  # the checkpoint's own RNG states, not this process's
     extra["rng_state"] = ckpt["rng_state"]
@@ -238,7 +255,9 @@ def main(argv=None):
     parser.add_argument("--model", choices=["gpt", "bert"], default="gpt")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    started = False
     try:
+        started = _start_processes()
         if args.direction == "to-native":
             to_native(args.load, args.save, args.model)
         else:
@@ -246,7 +265,23 @@ def main(argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if started:
+            dist.destroy_process_group()
     return 0
+
+
+def _start_processes():
+    """Under torchrun or srun (several processes): their gloo group (the engine runs on CPU
+    here); one process starts its own in ``to_native`` / ``to_deepspeed``. -> whether this
+    started a group (to end it)."""
+    from megatron.parallel.initialize import init_process_group, read_distributed_env
+
+    env = read_distributed_env()
+    if env.world_size == 1 or dist.is_initialized():
+        return False
+    init_process_group(env, "gloo")
+    return True
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ Checkpoints are DeepSpeed's layout (``<save>/global_step<N>/mp_rank_00_model_sta
 engine's client state (Megatron-DeepSpeed's keys: ``args``, ``iteration``, ``tokens``, RNG
 states, the LR scheduler) plus ``train_state`` and the random-LTD scheduler. They are written
 under a temporary tag and renamed when complete; ``latest`` and
-``latest_checkpointed_iteration.txt`` are replaced last. Files are read with
-``torch.load(weights_only=True)`` and the checkpoint allowlist (``safe_checkpoint_engine``).
+``latest_checkpointed_iteration.txt`` are replaced last. Files are read as ours are: their
+recorded CRC-32s checked (unless ``--no-verify-checkpoint``), then ``torch.load(weights_only=True)``
+with the checkpoint allowlist (``safe_checkpoint_engine``).
 ``tools/convert_deepspeed_checkpoint.py`` converts to and from our native layout.
 
 Not here (refused in one line by ``megatron.ds.config``): DeepSpeed's pipeline engine (pass
