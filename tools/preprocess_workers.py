@@ -69,9 +69,10 @@ def _describe_exit(exitcode):
 
 
 class OrderedWorkers:
-    """``n`` forked worker processes, each running ``init(*initargs)`` once, then items."""
+    """``n`` forked worker processes, each running ``init(*initargs)`` once, then ``work(item)``
+    for the items ``imap`` hands it (``work`` must not return None)."""
 
-    def __init__(self, n, init, initargs=(), work=None):
+    def __init__(self, n, init, initargs, work):
         ctx = multiprocessing.get_context("fork")
         self._conns, self._procs = [], []
         try:
