@@ -18,11 +18,10 @@ def model_provider(args, parallel):
     """This rank's part of BERT: its pipeline stage's layers (global ids), TP shards. With the
     binary head (the default) the model has Megatron's two token types."""
     from megatron.model import BertModel
-    from megatron.parallel.pipeline_utils import stage_layer_ids
+    from megatron.parallel.pipeline_utils import model_layer_ids
 
     print_rank_0("building BERT model ...")
-    layer_ids = stage_layer_ids(args.num_layers, parallel.pp_size, parallel.pp_rank,
-                                args.pipeline_layer_split)
+    layer_ids = model_layer_ids(args, parallel)
     config = transformer_config_from_args(args, num_tokentypes=2 if args.bert_binary_head else 0)
     return BertModel(config, parallel=parallel, pre_process=parallel.is_first_stage,
                      post_process=parallel.is_last_stage, layer_ids=layer_ids,

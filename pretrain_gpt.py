@@ -13,11 +13,10 @@ from megatron.utils import get_ltor_masks_and_position_ids, print_rank_0
 def model_provider(args, parallel):
     """This rank's part of the GPT: its pipeline stage's layers (global ids), TP shards."""
     from megatron.model import GPTModel
-    from megatron.parallel.pipeline_utils import stage_layer_ids
+    from megatron.parallel.pipeline_utils import model_layer_ids
 
     print_rank_0("building GPT model ...")
-    layer_ids = stage_layer_ids(args.num_layers, parallel.pp_size, parallel.pp_rank,
-                                args.pipeline_layer_split)
+    layer_ids = model_layer_ids(args, parallel)
     return GPTModel(transformer_config_from_args(args), parallel=parallel,
                     pre_process=parallel.is_first_stage, post_process=parallel.is_last_stage,
                     layer_ids=layer_ids)

@@ -67,6 +67,25 @@ def _require(cond, message):
         raise UserError(message)
 
 
+def _check_virtual_pipeline(args, pp):
+    """--num-layers-per-virtual-pipeline-stage (the interleaved 1F1B schedule): as Megatron-LM,
+    sets ``virtual_pipeline_model_parallel_size`` (model chunks per stage)."""
+    from megatron.parallel.pipeline_utils import virtual_pipeline_size
+
+    flag = "--num-layers-per-virtual-pipeline-stage"
+    _require(pp > 1, f"{flag} needs --pipeline-model-parallel-size > 1")
+    _require(args.pipeline_layer_split is None,
+             f"{flag} and --pipeline-layer-split are mutually exclusive (the chunks are equal)")
+    _require(not args.deepspeed, f"{flag}: the interleaved schedule is not available through "
+                                 f"DeepSpeed's engine (--deepspeed)")
+    args.virtual_pipeline_model_parallel_size = virtual_pipeline_size(
+        args.num_layers, pp, args.num_layers_per_virtual_pipeline_stage)
+    _require(args.num_micro_batches % pp == 0,
+             f"{flag}: the interleaved schedule needs the micro-batches per step "
+             f"({args.num_micro_batches} = --global-batch-size / (--micro-batch-size x "
+             f"data-parallel size)) to be a multiple of --pipeline-model-parallel-size {pp}")
+
+
 def validate_args(args, world_size=1):
     """Fill derived values and check flag combinations; raises UserError naming the flag."""
     from megatron.compat_flags import (add_megatron_saved_fields, apply_compat_args,
@@ -222,8 +241,7 @@ def validate_args(args, world_size=1):
                  f"--sequence-parallel needs --seq-length {args.seq_length} divisible by "
                  f"--tensor-model-parallel-size {tp}")
     if args.num_layers_per_virtual_pipeline_stage is not None:
-        raise UserError("--num-layers-per-virtual-pipeline-stage: the interleaved 1F1B "
-                        "schedule is not implemented; leave the flag unset")
+        _check_virtual_pipeline(args, pp)
     if args.pipeline_layer_split is not None:
         from megatron.parallel.pipeline_utils import parse_layer_split, stage_layer_ids
 

@@ -180,7 +180,7 @@ def save_checkpoint(args, state, model, optimizer, scheduler, tracker=None, log=
         "iteration": state.iteration,
         "tokens": state.consumed_train_tokens,
         "train_state": dataclasses.asdict(state),
-        "model": _model_state_for_save(_unwrap(model)),
+        **_model_entries(_unwrap(model)),
     }
     if not args.no_save_optim:
         ckpt["optimizer"] = optimizer.state_dict()  # collective with a distributed optimizer
@@ -256,6 +256,36 @@ def _agree_on_error(error, root, tracker_path):
     previous = "still names the previous checkpoint" if os.path.isfile(tracker_path) \
         else "was not written"
     raise UserError(f"--save {root}: {error}; {TRACKER_FILENAME} {previous}")
+
+
+def _model_entry_names(model):
+    """[(checkpoint key, chunk)]: Megatron's ``model``, or ``model0``, ``model1``, ... for the
+    interleaved schedule's chunks (--num-layers-per-virtual-pipeline-stage)."""
+    from megatron.parallel.pipeline_utils import model_chunks
+
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return [("model", chunks[0])]
+    return [(f"model{i}", chunk) for i, chunk in enumerate(chunks)]
+
+
+def _model_entries(model):
+    return {key: _model_state_for_save(chunk) for key, chunk in _model_entry_names(model)}
+
+
+def _saved_model_entries(ckpt, model, path):
+    """[(chunk, its saved state)]; one line when the checkpoint's chunks are not this run's."""
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    names = _model_entry_names(model)
+    saved_chunks = sum(1 for key in ckpt if re.fullmatch(r"model\d+", str(key)))
+    if len(names) > 1 and saved_chunks != len(names) or len(names) == 1 and saved_chunks:
+        raise UserError(f"{path} holds {saved_chunks or 1} model chunk(s) per pipeline stage "
+                        f"but this run builds {len(names)} (--num-layers-per-virtual-pipeline-"
+                        f"stage must match the checkpoint's)")
+    if not all(isinstance(ckpt.get(key), dict) for key, _ in names):
+        raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    return [(chunk, ckpt[key]) for key, chunk in names]
 
 
 def _model_state_for_save(model):
@@ -455,6 +485,10 @@ def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
 
     parallel = parallel or ParallelState()
     model = _unwrap(model)
+    if isinstance(model, torch.nn.ModuleList):
+        raise UserError(f"{flag} {root}: loading weights from another TP/PP layout into model "
+                        f"chunks (--num-layers-per-virtual-pipeline-stage) is not implemented; "
+                        f"load a checkpoint saved with this run's layout")
     full, ckpt_args = read_full_model_state(root, flag=flag, reading=reading)
     saved, unknown = saved_model_config(ckpt_args, root)
     if saved is not None:
@@ -526,15 +560,15 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
     ckpt = read_checkpoint_file(path, reading)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    entries = _saved_model_entries(ckpt, model, path)
     _check_layout(ckpt.get("args"), args, path)
     if not weights_only and "random_ltd_scheduler" in ckpt:
         check_resume_seq_length(ckpt.get("args"), args, path)
-    check_shapes(ckpt.get("args"), args, path, model)
-    flat = _without_unused_head_copy(flat_model_state(ckpt["model"]), model)
-    missing, ignored = load_flat_state(model, flat, path, policy)
-    _log_partial_load(path, missing, ignored, log)
+    check_shapes(ckpt.get("args"), args, path, entries[-1][0])  # the last chunk has the heads
+    for chunk, saved in entries:
+        flat = _without_unused_head_copy(flat_model_state(saved), chunk)
+        missing, ignored = load_flat_state(chunk, flat, path, policy)
+        _log_partial_load(path, missing, ignored, log)
 
     if weights_only:
         log(f"  loaded model weights from {path} (finetune: starting from iteration 0)")

@@ -294,10 +294,9 @@ def model_provider(spec: TaskSpec):
 
     def provide(args, parallel):
         from megatron.arguments import transformer_config_from_args
-        from megatron.parallel.pipeline_utils import stage_layer_ids
+        from megatron.parallel.pipeline_utils import model_layer_ids
 
-        layer_ids = stage_layer_ids(args.num_layers, parallel.pp_size, parallel.pp_rank,
-                                    args.pipeline_layer_split)
+        layer_ids = model_layer_ids(args, parallel)
         config = transformer_config_from_args(args, num_tokentypes=2)
         return spec.model_class(config, **spec.model_kwargs, parallel=parallel,
                                 pre_process=parallel.is_first_stage,

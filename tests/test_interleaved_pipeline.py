@@ -1,12 +1,15 @@
 """Interleaved 1F1B (--num-layers-per-virtual-pipeline-stage): PP=2 with 2 model chunks per
 stage (gloo, CPU) matches the single-process run step for step, with and without random-LTD."""
 
+import os
+
 import pytest
 import torch
 
 from distributed_harness import run_distributed
 from megatron.errors import UserError
 from megatron.model import GPTModel
+from megatron.model.module import flat_model_state
 from megatron.model.config import TransformerConfig
 from megatron.parallel.initialize import build_parallel_state
 from megatron.parallel.pipeline_utils import (chunk_layer_ids, initialize_embedding_tie,
@@ -114,6 +117,27 @@ def test_chunk_layer_ids_follow_megatrons_virtual_stages():
         virtual_pipeline_size(8, 2, 3)
 
 
+def test_flag_sets_megatrons_virtual_size_and_refuses_what_cannot_interleave():
+    from test_arguments import parse
+
+    flag = "--num-layers-per-virtual-pipeline-stage"
+    args = parse("--pipeline-model-parallel-size", "2", "--num-layers", "8", flag, "2",
+                 "--global-batch-size", "4", world_size=2)
+    assert args.virtual_pipeline_model_parallel_size == 2
+    with pytest.raises(UserError, match="needs --pipeline-model-parallel-size > 1"):
+        parse("--num-layers", "4", flag, "1", world_size=1)
+    with pytest.raises(UserError, match=r"micro-batches per step \(3 = "):
+        parse("--pipeline-model-parallel-size", "2", "--num-layers", "4", flag, "1",
+              "--global-batch-size", "6", world_size=2)
+    with pytest.raises(UserError, match="mutually exclusive"):
+        parse("--pipeline-model-parallel-size", "2", "--num-layers", "4", flag, "1",
+              "--pipeline-layer-split", "1,3", world_size=2)
+    with pytest.raises(UserError, match=r"multiple of --pipeline-model-parallel-size \(2\) "
+                                        r"times --num-layers-per-virtual-pipeline-stage \(3\)"):
+        parse("--pipeline-model-parallel-size", "2", "--num-layers", "8", flag, "3",
+              world_size=2)
+
+
 def test_micro_batches_not_a_multiple_of_the_stages_are_refused_by_name():
     with pytest.raises(UserError, match="multiple of --pipeline-model-parallel-size .2."):
         forward_backward(forward_step=None, data_iterator=None,
@@ -153,3 +177,76 @@ def test_pp2_as_many_micro_batches_as_stages_runs_all_forwards_first():
     results = run_distributed(_interleaved_body, 2, args=(4, 1, steps, (1, 2), 2), timeout=90)
     check_against_reference(results, 4, steps, (1, 2), num_mb=2)
     assert [forwards_before_first_backward(r["events"]) for r in results] == [4, 4]
+
+
+# -- pretrain_gpt with --num-layers-per-virtual-pipeline-stage ----------------------------------
+
+LTD = ["--random-ltd", "--random-ltd-start", "8", "--random-ltd-step", "4",
+       "--random-ltd-schedule-steps", "3"]
+TOKENBYPASS = ["--random-ltd", "--random-ltd-method", "tokenbypass", "--random-ltd-start", "16",
+               "--random-ltd-schedule", "constant"]
+INTERLEAVED = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+               "1"]
+
+
+def pretrain_argv(data_prefix, save, *extra, iters=3):
+    """A 4-layer GPT, 4 micro-batches of 1 per step, dropout 0, SGD (as test_parallel_training)."""
+    from training_helpers import gpt_argv
+
+    return gpt_argv(data_prefix, "--num-layers", "4", "--micro-batch-size", "1",
+                    "--global-batch-size", "4", "--hidden-dropout", "0",
+                    "--attention-dropout", "0", "--eval-interval", "100", "--eval-iters", "1",
+                    "--optimizer", "sgd", "--lr", "0.05", "--save", save, *extra, iters=iters)
+
+
+def _pretrain(rank, world_size, runs):
+    from training_helpers import run
+
+    return [[d["lm loss"] for _, d in run(argv)[0].train_losses] for argv in runs]
+
+
+def saved_chunks(root, iteration, pp=2):
+    """{pipeline rank: the checkpoint file's dict} of one iteration."""
+    from megatron.checkpointing import read_checkpoint_file
+
+    return {r: read_checkpoint_file(os.path.join(root, f"iter_{iteration:07d}",
+                                                 f"mp_rank_00_{r:03d}", "model_optim_rng.pt"))
+            for r in range(pp)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["random-ltd", "tokenbypass"])
+def test_pretrain_gpt_interleaved_matches_single_process(method, data_prefix, tmp_path):
+    from training_helpers import run
+
+    extra = LTD if method == "random-ltd" else TOKENBYPASS
+    single, _ = run(pretrain_argv(data_prefix, str(tmp_path / "single"), *extra))
+    expected = [d["lm loss"] for _, d in single.train_losses]
+    per_rank = run_distributed(_pretrain, 2, args=(
+        [pretrain_argv(data_prefix, str(tmp_path / "vp"), *INTERLEAVED, *extra)],), timeout=300)
+    for losses in per_rank:
+        assert losses[0] == pytest.approx(expected, rel=1e-5)
+    files = saved_chunks(str(tmp_path / "vp"), 3)
+    for ckpt in files.values():  # Megatron's layout: one entry per chunk
+        assert "model" not in ckpt and {"model0", "model1"} <= set(ckpt)
+    assert files[0]["args"].virtual_pipeline_model_parallel_size == 2
+
+
+@pytest.mark.slow
+def test_pretrain_gpt_interleaved_resumes_bitwise(data_prefix, tmp_path):
+    straight = pretrain_argv(data_prefix, str(tmp_path / "straight"), *INTERLEAVED, *LTD,
+                             iters=4)
+    first = pretrain_argv(data_prefix, str(tmp_path / "resumed"), *INTERLEAVED, *LTD,
+                          "--exit-interval", "2", iters=4)
+    second = pretrain_argv(data_prefix, str(tmp_path / "resumed"), *INTERLEAVED, *LTD,
+                           "--load", str(tmp_path / "resumed"), iters=4)
+    per_rank = run_distributed(_pretrain, 2, args=([straight, first, second],), timeout=300)
+    losses, before, after = per_rank[0]
+    assert before + after == losses  # exact
+    a, b = saved_chunks(str(tmp_path / "straight"), 4), saved_chunks(str(tmp_path / "resumed"), 4)
+    for rank in a:
+        for key in ("model0", "model1"):
+            flat_a, flat_b = flat_model_state(a[rank][key]), flat_model_state(b[rank][key])
+            assert flat_a.keys() == flat_b.keys()
+            for name in flat_a:
+                assert torch.equal(flat_a[name], flat_b[name]), (rank, key, name)

@@ -50,10 +50,15 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelState,
     With ``dp_size == 1`` the model is returned unchanged. ``main_grads``: accumulate into fp32
     ``main_grad`` buffers instead (``attach_main_grads``); the model is returned unwrapped (its
     parameters broadcast from DP rank 0) and the training step reduces the buffers with
-    ``allreduce_gradients``.
+    ``allreduce_gradients``. A ``ModuleList`` (the interleaved schedule's model chunks) is
+    treated the same way, without the buffers unless ``main_grads``.
     """
-    if main_grads:
-        attach_main_grads(model)
+    chunks = isinstance(model, nn.ModuleList)  # the interleaved schedule's model chunks
+    if main_grads or chunks:
+        # The chunks' forwards are called one by one, never the list's: no DDP wrapper; the
+        # training step averages the gradients after the schedule, as for main grads.
+        if main_grads:
+            attach_main_grads(model)
         if parallel.dp_size > 1 and parallel.dp_group is not None:
             broadcast_from_first(model, parallel.dp_group)
         return model

@@ -63,6 +63,36 @@ def stage_layer_ids(num_layers: int, pp_size: int, pp_rank: int,
     return list(range(start, start + counts[pp_rank]))
 
 
+def model_layer_ids(args, parallel: ParallelState) -> List[int]:
+    """Global ids of the layers of the model part a model provider builds: its stage's
+    (``stage_layer_ids``), or under --num-layers-per-virtual-pipeline-stage those of the chunk
+    ``parallel.vp_rank`` (a view from ``build_model_chunks``)."""
+    if parallel.vp_size > 1:
+        return chunk_layer_ids(args.num_layers, parallel.pp_size, parallel.pp_rank,
+                               args.num_layers_per_virtual_pipeline_stage, parallel.vp_rank)
+    return stage_layer_ids(args.num_layers, parallel.pp_size, parallel.pp_rank,
+                           getattr(args, "pipeline_layer_split", None))
+
+
+def build_model_chunks(model_provider, args, parallel: ParallelState) -> torch.nn.Module:
+    """This rank's model: ``model_provider(args, parallel)``, or under
+    --num-layers-per-virtual-pipeline-stage a ``ModuleList`` of its chunks, chunk ``c`` built
+    with a ``ParallelState`` view whose ``vp_rank`` is ``c`` (so only rank 0's chunk 0 is the
+    first stage, only the last rank's last chunk the last one: ``model_layer_ids``). A
+    ``ModuleList`` keeps ``.parameters()``, ``.train()`` and ``.to()`` working for the
+    optimizer and the loop; the schedule runs it interleaved and checkpoints save one
+    ``model{c}`` entry per chunk, as Megatron-LM."""
+    per_chunk = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    if per_chunk is None:
+        return model_provider(args, parallel)
+    import dataclasses
+
+    vp_size = virtual_pipeline_size(args.num_layers, parallel.pp_size, per_chunk)
+    return torch.nn.ModuleList(
+        model_provider(args, dataclasses.replace(parallel, vp_size=vp_size, vp_rank=c))
+        for c in range(vp_size))
+
+
 def chunk_layer_ids(num_layers: int, pp_size: int, pp_rank: int, layers_per_chunk: int,
                     chunk: int) -> List[int]:
     """Global ids of model chunk ``chunk`` of stage ``pp_rank`` under the interleaved schedule
@@ -94,7 +124,10 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]) -> List[torch.nn.Module]:
+def model_chunks(model: Union[torch.nn.Module, Sequence[torch.nn.Module]]
+                 ) -> List[torch.nn.Module]:
+    """The model chunks of this stage, unwrapped: the interleaved schedule's list (or
+    ``ModuleList``) of them, else ``[model]``."""
     chunks = list(model) if isinstance(model, (list, tuple, torch.nn.ModuleList)) else [model]
     return [unwrap_model(m) for m in chunks]
 
@@ -106,7 +139,7 @@ def tied_embedding_weight(model, parallel: ParallelState) -> Optional[torch.nn.P
     output layer, or a middle stage)."""
     if parallel.pp_size == 1:
         return None
-    for chunk in _chunks(model):
+    for chunk in model_chunks(model):
         weight = chunk.tied_embedding_weight() if hasattr(chunk, "tied_embedding_weight") \
             else None
         if weight is not None:

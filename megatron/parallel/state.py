@@ -44,12 +44,17 @@ class ParallelState:
     mp_group: Any = None
     """Group of one model replica (its TP x PP ranks): grad norm and inf/nan checks reduce over
     it (None when tp_size * pp_size == 1)."""
+    vp_size: int = 1
+    """Model chunks per pipeline stage (--num-layers-per-virtual-pipeline-stage); above 1 only
+    in the view a chunk is built with (``pipeline_utils.build_model_chunks``)."""
+    vp_rank: int = 0
+    """The chunk that view describes: virtual stage ``vp_rank * pp_size + pp_rank``."""
     rng_tracker: Optional[Any] = field(default=None, compare=False, repr=False)
     """RNGStatesTracker used for dropout inside tensor-parallel regions (attention probabilities).
     None: such dropout uses the default generator, which is only correct when tp_size == 1."""
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp"):
+        for name in ("tp", "pp", "dp", "vp"):
             size, rank = getattr(self, f"{name}_size"), getattr(self, f"{name}_rank")
             if size < 1 or not 0 <= rank < size:
                 raise ValueError(f"bad parallel layout: {name}_size={size}, {name}_rank={rank}")
@@ -70,10 +75,11 @@ class ParallelState:
 
     @property
     def is_first_stage(self) -> bool:
-        """True on the pipeline stage that holds the embedding."""
-        return self.pp_rank == 0
+        """True on the pipeline stage (model chunk) that holds the embedding."""
+        return self.pp_rank == 0 and self.vp_rank == 0
 
     @property
     def is_last_stage(self) -> bool:
-        """True on the pipeline stage that holds the final norm, LM head and loss."""
-        return self.pp_rank == self.pp_size - 1
+        """True on the pipeline stage (model chunk) that holds the final norm, LM head and
+        loss."""
+        return self.pp_rank == self.pp_size - 1 and self.vp_rank == self.vp_size - 1
