@@ -45,7 +45,8 @@ from megatron.parallel.initialize import (build_parallel_state, comm_device,
                                           communication_failure, init_process_group,
                                           read_distributed_env)
 from megatron.parallel.layers import allreduce_sequence_parallel_grads
-from megatron.parallel.pipeline_utils import allreduce_embedding_grads, initialize_embedding_tie
+from megatron.parallel.pipeline_utils import (allreduce_embedding_grads, build_model_chunks,
+                                              initialize_embedding_tie)
 from megatron.parallel.random import build_rng_tracker
 from megatron.parallel.schedules import forward_backward
 from megatron.parallel.state import ParallelState
@@ -187,7 +188,7 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
     if args.save is not None:
         check_save_dir(args.save)
 
-    model = provider.model(args, parallel).to(device)
+    model = build_model_chunks(provider.model, args, parallel).to(device)
     initialize_embedding_tie(model, parallel)
     n_params = sum(p.numel() for p in model.parameters())
     log(f" > number of parameters on (tensor, pipeline) model parallel rank "
@@ -496,7 +497,8 @@ class StepRunner:
             batch_size // (self.args.micro_batch_size * self.parallel.dp_size)
         losses = self._schedule(data_iterator, token_drop, forward_only=False,
                                 num_microbatches=micro_batches)
-        if self.main_grads and self.parallel.dp_size > 1 and self.parallel.dp_group is not None:
+        if not is_data_parallel(self.wrapped) and self.parallel.dp_size > 1 \
+                and self.parallel.dp_group is not None:  # main grads, or interleaved chunks
             allreduce_gradients(self.model, self.parallel.dp_group)
         allreduce_embedding_grads(self.model, self.parallel)
         if self.args.sequence_parallel:
