@@ -201,6 +201,35 @@ def test_tensor_parallel_zero_1_2_3_match_the_native_path(data_prefix, tmp_path,
     assert all(result == results[0] for result in results)
 
 
+def _bert_native_and_engine(rank, world_size, tp):
+    """BERT (MLM + SOP losses, random-LTD on the encoder) natively, then through ZeRO 2."""
+    import pretrain_bert
+    from training_helpers import tiny_bert_argv
+
+    ltd = ["--random-ltd", "--random-ltd-start", "8", "--random-ltd-step", "8",
+           "--random-ltd-schedule-steps", "3"]
+    runs = []
+    for flags in ([], ["--deepspeed", "--zero-stage", "2"]):
+        argv = tiny_bert_argv(*ltd, "--tensor-model-parallel-size", str(tp),
+                              "--global-batch-size", str(4 * world_size // tp), *flags, iters=6)
+        result = pretrain_bert.pretrain(pretrain_bert.PROVIDER, argv=argv, log=lambda *_: None)
+        runs.append([loss for _, entry in result.train_losses
+                     for loss in (entry["lm loss"], entry["sop loss"])])
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, tp", [(1, 1), (2, 2)])
+def test_bert_through_the_engine_matches_the_native_path(world_size, tp):
+    """Megatron-DeepSpeed's BERT-large scripts pass --deepspeed too: same losses (one process,
+    TP 2), within 1e-5 over 6 iterations."""
+    pytest.importorskip("deepspeed")
+    for native, engine in run_distributed(_bert_native_and_engine, world_size, args=(tp,),
+                                          timeout=300):
+        assert len(native) == len(engine) == 12
+        assert max(abs(a - b) for a, b in zip(native, engine)) <= 1e-5
+
+
 def _resume(rank, world_size, data_prefix, ds_json, save, stage, tp=1):
     flags = ["--num-layers", "4", "--deepspeed_config", ds_json, "--deepspeed",
              "--zero-stage", str(stage), "--tensor-model-parallel-size", str(tp),
