@@ -205,7 +205,7 @@ def test_fast_run_is_byte_identical(tmp_path, capsys, extra):
               "--chunk-bytes", "5000", *extra, *GPT2]
     run([*common, "--output-prefix", tmp_path / "hf", "--tokenizer-backend", "hf"])
     run([*common, "--output-prefix", tmp_path / "fast", "--tokenizer-backend", "fast"])
-    assert "Tokenizer backend: fast (gigatoken" in capsys.readouterr().err
+    assert "Tokenizer backend: fast (gigatoken" in capsys.readouterr().out
     level = "sentence" if "--split-sentences" in extra else "document"
     for key in ("text", "meta.pile_set_name"):
         assert files(str(tmp_path / f"fast_{key}_{level}")) == \
@@ -228,9 +228,9 @@ def test_a_difference_falls_back_with_one_warning(tmp_path, capsys, monkeypatch)
          "--append-eod", *GPT2])
     capsys.readouterr()
     run(["--input", src, "--output-prefix", tmp_path / "auto", "--append-eod", *GPT2])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.count("warning:") == 1 and "differently from GPT2BPETokenizer" in err
-    assert "Tokenizer backend: hf (the fast backend differed)" in err
+    assert "Tokenizer backend: hf (the fast backend differed)" in out
     assert files(str(tmp_path / "auto_text_document")) == files(str(tmp_path / "ref_text_document"))
     _fails(capsys, preprocess_data, ["--input", src, "--output-prefix", tmp_path / "f",
                                      "--tokenizer-backend", "fast", *GPT2],
@@ -253,7 +253,7 @@ def test_unsupported_tokenizers_use_the_reference(tmp_path, capsys, gpt2):
     src = write_jsonl(tmp_path / "b.jsonl", [{"text": "Hello there."}])
     run(["--input", src, "--output-prefix", tmp_path / "o", "--tokenizer-type",
          "BertWordPieceLowerCase", "--vocab-file", BERT_VOCAB])
-    assert "Tokenizer backend: hf (" in capsys.readouterr().err
+    assert "Tokenizer backend: hf (" in capsys.readouterr().out
 
 
 def test_fast_without_gigatoken_is_one_line(tmp_path, capsys, monkeypatch):
@@ -266,4 +266,4 @@ def test_fast_without_gigatoken_is_one_line(tmp_path, capsys, monkeypatch):
            "--tokenizer-backend fast", "gigatoken is not installed", "megatron-ltd[fast]")
     summary = run(["--input", src, "--output-prefix", tmp_path / "o", *GPT2])
     assert summary["documents"] == 1
-    assert "Tokenizer backend: hf (gigatoken is not installed" in capsys.readouterr().err
+    assert "Tokenizer backend: hf (gigatoken is not installed" in capsys.readouterr().out

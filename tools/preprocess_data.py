@@ -716,7 +716,7 @@ def _main(argv):
         reader = Encoder(cfg, tokenizer, ReferenceBackend(tokenizer))
         backend, note = choose_backend(args.tokenizer_backend, tokenizer,
                                        _sample_texts(reader, first), threads=args.workers == 1)
-        print(f"Tokenizer backend: {note}", file=sys.stderr)
+        print(f"Tokenizer backend: {note}")  # stdout, as the other notes
         encoder = Encoder(cfg, tokenizer, backend)
         if args.workers == 1:
             results = ((chunk, encoder.encode(chunk)) for chunk in chunks)
