@@ -119,7 +119,10 @@ def get_args(argv=None):
                    help="writes <prefix>_<key>_document.bin/.idx (_sentence when splitting)")
     g.add_argument("--dataset-impl", default="mmap", help="only 'mmap' (MMIDIDX) is written")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes; 1: in this process, where the fast backend uses "
+                        "its own threads on every core (best on few cores); N: N single-"
+                        "threaded worker processes (many cores)")
     g.add_argument("--partitions", type=int, default=1,
                    help="accepted for Megatron compatibility; output does not depend on it")
     g.add_argument("--log-interval", type=int, default=1000,
