@@ -202,6 +202,18 @@ def test_tensor_parallel_zero_1_2_3_match_the_native_path(data_prefix, tmp_path,
 
 
 @pytest.mark.slow
+def test_batch_rampup_through_the_engine(data_prefix, tmp_path):
+    """--rampup-batch-size 4 2 24 to 8 (Megatron-LM's GPT-3 scripts): the engine's batch and
+    gradient accumulation follow ours (2, 3, then 4 micro-batches), losses within 1e-5."""
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    ramp = ("--global-batch-size", "8", "--rampup-batch-size", "4", "2", "24")
+    [(native, engine)] = run_distributed(_native_and_engine, 1,
+                                         args=(data_prefix, ds_json, (1, 2), 1, ramp))
+    _assert_close(native, engine)
+
+
+@pytest.mark.slow
 def test_bf16_zero_1_2_follow_the_native_bf16_path(data_prefix, tmp_path):
     """bf16 from the JSON's bf16 section: the engine's ZeRO 1 (its BF16_Optimizer) and 2 keep
     fp32 master weights and accumulate gradients in fp32, as our bf16 path; the roundings fall
