@@ -310,17 +310,23 @@ def _corrupt_then_load(rank, world_size, data_prefix, ds_json, save):
         refusal = None
     except UserError as err:
         refusal = str(err)
+    from tools.convert_deepspeed_checkpoint import main as convert
+
+    converted = [convert(["to-native", "--load", save, "--save", f"{save}-native{i}", *flag])
+                 for i, flag in enumerate(([], ["--no-verify-checkpoint"]))]
     _, logs = _train(gpt_argv(data_prefix, *flags, "--load", save, "--no-verify-checkpoint",
                               iters=4))
-    return path, refusal, logs
+    return path, refusal, logs, converted
 
 
 @pytest.mark.slow
 def test_engine_checkpoint_files_are_verified(data_prefix, tmp_path):
+    """By training's --load and by the converter (exit 2; 0 with --no-verify-checkpoint)."""
     pytest.importorskip("deepspeed")
     ds_json = write_json(tmp_path, **RANDOM_LTD)
-    [(path, refusal, logs)] = run_distributed(
+    [(path, refusal, logs, converted)] = run_distributed(
         _corrupt_then_load, 1, args=(data_prefix, ds_json, str(tmp_path / "ckpt")), timeout=300)
+    assert converted == [2, 0]
     assert refusal is not None and refusal.startswith(f"cannot read checkpoint {path}: it does "
                                                       "not match the sizes and CRC-32s")
     assert "\n" not in refusal and "--no-verify-checkpoint" in refusal

@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron.checkpoint_files import ReadOptions, add_read_flags  # noqa: E402
 from megatron.errors import UserError  # noqa: E402
 
 
@@ -72,8 +73,15 @@ def _parallel_state(args, where):
                                                                        parallel.tp_rank))
 
 
-def _engine_args(args, stage, load=None, save=None):
+def _with_reading(args, reading):
+    """``args`` (a copy) reading checkpoints as the tool's flags say, not as the saved run did."""
     args = copy.copy(args)
+    args.unsafe_load_checkpoint, args.verify_checkpoint = reading.unsafe, reading.verify
+    return args
+
+
+def _engine_args(args, stage, reading, load=None, save=None):
+    args = _with_reading(args, reading)
     args.deepspeed, args.zero_stage, args.use_distributed_optimizer = True, stage, False
     args.deepspeed_config = None  # the engine gets the flags' settings (engine_config)
     args.load, args.save, args.finetune = load, save, False
@@ -138,18 +146,18 @@ def _engine_step_count(engine):
     return states[0]["step"] if states else None
 
 
-def to_native(load, save, family="gpt", log=print):
-    """An engine checkpoint (one rank) -> our native layout."""
+def to_native(load, save, family="gpt", log=print, reading=ReadOptions()):
+    """An engine checkpoint -> our native layout (``reading``: how its files are read)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from megatron.checkpointing import TrainState, save_checkpoint
     from megatron.ds.engine import build_engine, start_single_process_group
 
     start_single_process_group()
-    args = _read_client_state(load)["args"]
+    args = _read_client_state(load, reading)["args"]
     parallel = _parallel_state(args, load)
     model = _provider(family).model(args, parallel)
-    engine = build_engine(_engine_args(args, args.zero_stage), model, parallel, log).engine
+    engine = build_engine(_engine_args(args, args.zero_stage, reading), model, parallel, log).engine
     _, client = engine.load_checkpoint(load, load_lr_scheduler_states=False)  # this TP rank's
     _link_optimizer_states(engine)
     native = _native_optimizer(args, model)
@@ -174,9 +182,9 @@ def to_native(load, save, family="gpt", log=print):
                     log=log, extra_state=extra, parallel=parallel)
 
 
-def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
-    """A native checkpoint (one rank) -> an engine checkpoint (ZeRO ``zero_stage``, default
-    the run's --zero-stage or 0)."""
+def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print, reading=ReadOptions()):
+    """A native checkpoint -> an engine checkpoint (ZeRO ``zero_stage``, default the run's
+    --zero-stage or 0; ``reading``: how its files are read)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     from megatron.checkpointing import (checkpoint_file, load_checkpoint, read_checkpoint_file,
@@ -190,12 +198,12 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
         raise UserError(f"--load {load}: no latest_checkpointed_iteration.txt (not a native "
                         "checkpoint)")
     path = checkpoint_file(load, found[0], release=found[1])
-    args = read_checkpoint_file(path)["args"]
+    args = read_checkpoint_file(path, reading)["args"]
     parallel = _parallel_state(args, path)
     stage = zero_stage if zero_stage is not None else (args.zero_stage or 0)
     model = _provider(family).model(args, parallel)
     native = _native_optimizer(args, model)
-    loaded = copy.copy(args)
+    loaded = _with_reading(args, reading)
     loaded.load, loaded.finetune, loaded.deepspeed = load, False, False
     loaded.no_load_optim = loaded.no_load_rng = True
     state, ckpt = load_checkpoint(loaded, model, native, None, log=log, parallel=parallel)
@@ -205,7 +213,7 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
     values = [(param, masters[param].detach().float().clone(),
                {key: native.optimizer.state[masters[param]][key].clone() for key in ADAM_STATES})
               for param in model.parameters()]
-    opt = _engine_args(args, stage, save=save)
+    opt = _engine_args(args, stage, reading, save=save)
     runner = build_engine(opt, model, parallel, log)
     engine = runner.engine
     _create_optimizer_states(engine)
@@ -225,7 +233,7 @@ def to_deepspeed(load, save, zero_stage=None, family="gpt", log=print):
     save_engine_checkpoint(opt, state, engine, scheduler, parallel, log, extra)
 
 
-def _read_client_state(load):
+def _read_client_state(load, reading):
     """The client state in the engine checkpoint ``latest`` names (mp rank 0's model states)."""
     from megatron.checkpointing import read_checkpoint_file
     from megatron.ds.engine import _safe_globals
@@ -242,7 +250,7 @@ def _read_client_state(load):
     if path is None:
         raise UserError(f"--load {load}: 'latest' names {tag} but {paths[0]} does not exist")
     with torch.serialization.safe_globals(_safe_globals()):
-        return read_checkpoint_file(path)
+        return read_checkpoint_file(path, reading)
 
 
 def main(argv=None):
@@ -253,15 +261,17 @@ def main(argv=None):
     parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None,
                         help="to-deepspeed: the engine's ZeRO stage (default: the run's).")
     parser.add_argument("--model", choices=["gpt", "bert"], default="gpt")
+    add_read_flags(parser)
     args = parser.parse_args(argv)
+    reading = ReadOptions.from_args(args)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     started = False
     try:
         started = _start_processes()
         if args.direction == "to-native":
-            to_native(args.load, args.save, args.model)
+            to_native(args.load, args.save, args.model, reading=reading)
         else:
-            to_deepspeed(args.load, args.save, args.zero_stage, args.model)
+            to_deepspeed(args.load, args.save, args.zero_stage, args.model, reading=reading)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
