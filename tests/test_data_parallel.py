@@ -231,7 +231,7 @@ def _ckpt_args(root, **kw):
 def _ckpt_body(rank, world_size, root, phase):
     from megatron.checkpointing import TrainState, load_checkpoint, save_checkpoint
     from megatron.optim import build_optimizer
-    from megatron.parallel.data_parallel import wrap_data_parallel
+    from megatron.parallel.data_parallel import unwrap, wrap_data_parallel
 
     parallel = _parallel(tp=1, pp=2)
     torch.manual_seed(10 + parallel.pp_rank)  # the stages differ, DP replicas agree
@@ -247,11 +247,11 @@ def _ckpt_body(rank, world_size, root, phase):
                         log=logs.append, parallel=parallel)
         # plain lists: tensors would travel through shared memory the exiting rank frees
         return torch.rand(3).tolist(), {k: v.tolist() for k, v in
-                                        model.module.state_dict().items()}
+                                        unwrap(model).state_dict().items()}
     state, _ = load_checkpoint(_ckpt_args(root), model, opt, _Sched(), log=logs.append,
                                parallel=parallel)
     assert state.iteration == 5
-    return (torch.rand(3).tolist(), {k: v.tolist() for k, v in model.state_dict().items()},
+    return (torch.rand(3).tolist(), {k: v.tolist() for k, v in unwrap(model).state_dict().items()},
             [line for line in logs if "WARNING" in line])
 
 
@@ -274,7 +274,7 @@ def test_checkpoint_per_rank_with_dp_gathered_rng(tmp_path):
         assert saved[rank][0] == loaded[rank][0]
         assert not loaded[rank][2]
         for key, value in saved[rank][1].items():
-            assert value == loaded[rank][1]["module." + key]
+            assert value == loaded[rank][1][key]
     # DP 2 -> 1: entry 0 of the RNG list, with a warning
     loaded = run_distributed(_ckpt_body, 2, args=(root, "load"), timeout=90)
     for rank, stage_rank in ((0, 0), (1, 2)):

@@ -233,6 +233,23 @@ def test_pretrain_gpt_interleaved_matches_single_process(method, data_prefix, tm
 
 
 @pytest.mark.slow
+def test_pretrain_gpt_interleaved_with_data_parallelism_matches_single_process(data_prefix,
+                                                                               tmp_path):
+    """PP2 x DP2, 2 chunks per stage: the chunks' gradients averaged by the overlapped
+    reducer (no DDP wrapper)."""
+    from training_helpers import run
+
+    batch = ["--global-batch-size", "8"]  # 4 micro-batches per DP rank
+    single, _ = run(pretrain_argv(data_prefix, str(tmp_path / "single"), *LTD, *batch))
+    expected = [d["lm loss"] for _, d in single.train_losses]
+    per_rank = run_distributed(_pretrain, 4, args=(
+        [pretrain_argv(data_prefix, str(tmp_path / "vp"), *INTERLEAVED, *LTD, *batch)],),
+        timeout=300)
+    for losses in per_rank:
+        assert losses[0] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
 def test_pretrain_gpt_interleaved_resumes_bitwise(data_prefix, tmp_path):
     straight = pretrain_argv(data_prefix, str(tmp_path / "straight"), *INTERLEAVED, *LTD,
                              iters=4)

@@ -5,13 +5,16 @@ bf16, every trainable parameter gets a persistent fp32 ``main_grad`` buffer
 (``attach_main_grads``). A post-accumulate-grad hook adds each micro-batch's ``.grad`` into it
 and frees ``.grad``, so gradient accumulation over micro-batches happens in fp32, not in the
 parameter dtype; the training step zeroes the buffers before its first micro-batch
-(``zero_main_grads``) and, after the schedule's backward passes, averages them over the DP group
-(``allreduce_gradients``, bucketed by ``bucket_cap_mb``; no overlap with backward). torch DDP is
-not used in this mode: its reducer reads ``.grad``. The optimizer takes ``main_grad`` in place of
-``.grad`` (``megatron.optim.optimizer._grad_of``); tied-embedding and sequence-parallel gradient
-reductions use it too. The parameters are broadcast from DP rank 0 once, as DDP does at
-wrapping. ``wrap_data_parallel(..., main_grads=True)`` sets this up and returns the module
-itself.
+(``zero_main_grads``) and averages them over the DP group with an ``OverlappedGradReducer``:
+buckets all-reduced asynchronously as the step's last backward completes them (the overlap DDP
+gives), finished before the optimizer step; ``allreduce_gradients`` is the same average after
+backward. torch DDP is not used in this mode: its reducer reads ``.grad``. The optimizer takes
+``main_grad`` in place of ``.grad`` (``megatron.optim.optimizer._grad_of``); tied-embedding and
+sequence-parallel gradient reductions use it too. The parameters are broadcast from DP rank 0
+once, as DDP does at wrapping. ``wrap_data_parallel(..., main_grads=True)`` sets this up and
+returns the module itself. Pipeline stages (pp_size > 1) and the interleaved schedule's chunks
+use the same reducer instead of DDP, whatever the dtype: DDP arms its reducer at forward time,
+and 1F1B runs other backwards between the last forward and the last backward.
 
 Otherwise (fp32; fp16 without the flag: Megatron's default accumulates in the parameter dtype)
 torch.nn.parallel.DistributedDataParallel with ``process_group=parallel.dp_group`` (DESIGN.md
@@ -34,7 +37,8 @@ Gradient accumulation under DDP: the pipeline schedule calls ``no_sync_factory(m
 every micro-batch except the last one, so the reduction runs once per step.
 """
 
-from typing import Callable, ContextManager, Optional
+import contextlib
+from typing import Callable, ContextManager, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,13 +54,15 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelState,
     With ``dp_size == 1`` the model is returned unchanged. ``main_grads``: accumulate into fp32
     ``main_grad`` buffers instead (``attach_main_grads``); the model is returned unwrapped (its
     parameters broadcast from DP rank 0) and the training step reduces the buffers with
-    ``allreduce_gradients``. A ``ModuleList`` (the interleaved schedule's model chunks) is
-    treated the same way, without the buffers unless ``main_grads``.
+    ``allreduce_gradients`` or, overlapped with backward, an ``OverlappedGradReducer``. A
+    ``ModuleList`` (the interleaved schedule's model chunks) and a pipeline stage (pp_size > 1)
+    are treated the same way, without the buffers unless ``main_grads``.
     """
     chunks = isinstance(model, nn.ModuleList)  # the interleaved schedule's model chunks
-    if main_grads or chunks:
-        # The chunks' forwards are called one by one, never the list's: no DDP wrapper; the
-        # training step averages the gradients after the schedule, as for main grads.
+    if main_grads or chunks or parallel.pp_size > 1:
+        # No DDP wrapper (the chunks' forwards are called one by one, never the list's; DDP
+        # arms at forward time, which 1F1B defeats): the training step reduces the gradients
+        # with an OverlappedGradReducer.
         if main_grads:
             attach_main_grads(model)
         if parallel.dp_size > 1 and parallel.dp_group is not None:
@@ -148,20 +154,11 @@ def allreduce_gradients(module: nn.Module, group, bucket_cap_mb: float = 25) -> 
     first overflows (two ranks at 40000 give inf in fp16; their average is 40000), which the
     fp16 optimizer would take for an overflow of the step. bf16 gradients are reduced in fp32
     and rounded once, as ``allreduce_hook`` does for DDP's buckets."""
-    world = dist.get_world_size(group)
     cap = max(1, int(bucket_cap_mb * 1024 * 1024))
     pending = {}  # dtype -> (grads, bytes)
 
     def flush(grads):
-        flat = torch._utils._flatten_dense_tensors(grads)  # [sum of numels]
-        if flat.dtype == torch.bfloat16:
-            flat = flat.float()
-        flat.mul_(1.0 / world)
-        dist.all_reduce(flat, group=group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _BucketReduction(grads, group).wait()
 
     for param in module.parameters():
         if not param.requires_grad:
@@ -177,6 +174,115 @@ def allreduce_gradients(module: nn.Module, group, bucket_cap_mb: float = 25) -> 
     for grads, _ in pending.values():
         if grads:
             flush(grads)
+
+
+class _BucketReduction:
+    """One bucket's average over ``group``, started asynchronously: the gradients flattened
+    into one buffer (fp32 for bf16), multiplied by ``1 / world`` and all-reduced (summed);
+    ``wait()`` copies the average back into the gradients. Each element is reduced on its own,
+    so the result does not depend on how gradients are grouped into buckets."""
+
+    def __init__(self, grads, group):
+        self.grads = grads
+        flat = torch._utils._flatten_dense_tensors(grads)  # [sum of numels]
+        if flat.dtype == torch.bfloat16:
+            flat = flat.float()
+        flat.mul_(1.0 / dist.get_world_size(group))
+        self.flat = flat
+        self.work = dist.all_reduce(flat, group=group, async_op=True)
+
+    def wait(self) -> None:
+        self.work.wait()
+        offset = 0
+        for g in self.grads:
+            g.copy_(self.flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+class OverlappedGradReducer:
+    """Average the gradients over the data-parallel group while backward is still running.
+
+    For a model without a DDP wrapper (pipeline stages, the interleaved schedule's chunks, fp32
+    ``main_grad`` buffers): the trainable parameters are grouped into buckets of at most
+    ``bucket_cap_mb`` in reverse registration order (about the order backward reaches them),
+    one dtype per bucket. Outside ``no_sync()`` (the schedule enters it for every backward but
+    each model's last one of the step, as for DDP) a post-accumulate-grad hook marks a
+    parameter's gradient final; a bucket whose gradients are all final starts its all-reduce
+    asynchronously (``_BucketReduction``), so communication overlaps the rest of backward.
+    Buckets start strictly in index order, the same on every rank, so the collectives match.
+    ``finish()`` (before the optimizer step) starts the buckets backward did not complete
+    (parameters it never reached reduce a zero gradient, as ``allreduce_gradients``) and waits
+    for all of them. The average equals ``allreduce_gradients``'s element for element.
+    ``on_start(bucket_index)``: called as each bucket starts (tests record the overlap).
+    """
+
+    def __init__(self, module: nn.Module, group, bucket_cap_mb: float = 25,
+                 on_start: Optional[Callable[[int], None]] = None):
+        self.group = group
+        self.on_start = on_start
+        self.buckets = _buckets([p for p in module.parameters() if p.requires_grad],
+                                max(1, int(bucket_cap_mb * 1024 * 1024)))
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.syncing = True
+        self._reset()
+        for bucket in self.buckets:
+            for param in bucket:  # after attach_main_grads' hook: main_grad is complete
+                param.register_post_accumulate_grad_hook(self._grad_ready)
+
+    def _reset(self) -> None:
+        self.missing = [len(bucket) for bucket in self.buckets]
+        self.seen = set()
+        self.started: List[_BucketReduction] = []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate only (not the step's last one)."""
+        previous, self.syncing = self.syncing, False
+        try:
+            yield
+        finally:
+            self.syncing = previous
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        if not self.syncing:
+            return
+        if id(param) in self.seen:
+            raise RuntimeError("a parameter's gradient arrived twice in the step's last "
+                               "backward: the overlapped all-reduce needs one backward per "
+                               "micro-batch")
+        self.seen.add(id(param))
+        self.missing[self.bucket_of[id(param)]] -= 1
+        while len(self.started) < len(self.buckets) and self.missing[len(self.started)] == 0:
+            self._start(len(self.started))
+
+    def _start(self, index: int) -> None:
+        grads = [grad_buffer(p, zeros_if_missing=True) for p in self.buckets[index]]
+        self.started.append(_BucketReduction(grads, self.group))
+        if self.on_start is not None:
+            self.on_start(index)
+
+    def finish(self) -> None:
+        """Start what backward did not, wait for every bucket; ready for the next step."""
+        while len(self.started) < len(self.buckets):
+            self._start(len(self.started))
+        for reduction in self.started:
+            reduction.wait()
+        self._reset()
+
+
+def _buckets(params, cap_bytes):
+    """Parameters in reverse order, cut into buckets of one dtype and at most ``cap_bytes``
+    (counted as fp32; a larger parameter is a bucket of its own)."""
+    buckets, size, dtype = [], 0, None
+    for param in reversed(params):
+        grad_dtype = torch.float32 if getattr(param, "main_grad", None) is not None \
+            else param.dtype
+        if not buckets or grad_dtype != dtype or size >= cap_bytes:
+            buckets.append([])
+            size, dtype = 0, grad_dtype
+        buckets[-1].append(param)
+        size += param.numel() * 4
+    return buckets
 
 
 def allreduce_hook(group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

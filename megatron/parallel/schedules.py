@@ -53,9 +53,10 @@ forward time, and under 1F1B other backwards run between the last forward and th
 backward; so with pp_size > 1 a DDP-wrapped stage runs the whole schedule inside DDP's
 ``no_sync`` and its gradients are then averaged over DDP's group in bucketed all-reduces
 (``data_parallel.allreduce_gradients``, also exported here as ``average_gradients``): the
-same result as DDP's reduction, without the overlap with backward.
-With fp32 ``main_grad`` buffers (bf16, --accumulate-allreduce-grads-in-fp32) no DDP wrapper is
-used and the caller averages the buffers after this schedule (``megatron.training``).
+same result as DDP's reduction, without the overlap with backward. The training loop does
+not use DDP there (nor with fp32 ``main_grad`` buffers, nor for interleaved chunks): it passes
+the ``no_sync`` of a ``data_parallel.OverlappedGradReducer``, which reads its flag at backward
+time, so each bucket's all-reduce starts during the step's final backward.
 
 Interleaved 1F1B (Narayanan et al. 2021, section 2.2; Megatron-LM's
 ``forward_backward_pipelining_with_interleaving``)
@@ -73,7 +74,10 @@ chunk reads the step's micro-batches in order from its own view of ``data_iterat
 once, replayed to the other chunks), and random-LTD draws by global layer id, so a chunk drops
 the tokens the same layer drops in one process. Each parameter's gradient still accumulates in
 micro-batch order (a chunk's backwards run in micro-batch order). DDP-wrapped chunks run the
-schedule inside ``no_sync`` and are averaged afterwards, as with 1F1B.
+schedule inside ``no_sync`` and are averaged afterwards, as with 1F1B; otherwise ``no_sync``
+is entered around every backward but each chunk's last, so an overlapped reducer
+(``data_parallel.OverlappedGradReducer``) reduces each chunk's gradients as its last backward
+produces them.
 """
 
 import collections
@@ -120,7 +124,7 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
         if len(model) > 1:
             return _interleaved(list(model), forward_step, data_iterator, parallel,
                                 num_microbatches, scale_loss, token_drop, forward_only, backward,
-                                tuple(tensor_shape), dtype)
+                                tuple(tensor_shape), dtype, no_sync)
         model = model[0]
     run = _Runner(forward_step, data_iterator, model, parallel, num_microbatches,
                   scale_loss, token_drop, no_sync, backward)
@@ -279,7 +283,7 @@ class _ReplayedMicroBatches:
 
 
 def _interleaved(chunks, forward_step, data_iterator, parallel, num_microbatches, scale_loss,
-                 token_drop, forward_only, backward, shape, dtype) -> List[dict]:
+                 token_drop, forward_only, backward, shape, dtype, no_sync) -> List[dict]:
     """``forward_backward`` for a list of model chunks (module docstring)."""
     if parallel.pp_size == 1:
         raise UserError("--num-layers-per-virtual-pipeline-stage needs "
@@ -291,8 +295,11 @@ def _interleaved(chunks, forward_step, data_iterator, parallel, num_microbatches
     wrapped = [c for c in chunks if isinstance(c, torch.nn.parallel.DistributedDataParallel)]
     data = _ReplayedMicroBatches(data_iterator)
     last = len(chunks) - 1
+    if wrapped:
+        no_sync = None  # the whole schedule runs inside the chunks' no_sync, below
     runs = [_Runner(forward_step, data.view(), chunk, parallel, num_microbatches, scale_loss,
-                    token_drop, None, backward, computes_loss=parallel.is_last_stage and c == last)
+                    token_drop, no_sync, backward,
+                    computes_loss=parallel.is_last_stage and c == last)
             for c, chunk in enumerate(chunks)]
     if forward_only:
         with torch.no_grad():
