@@ -38,7 +38,7 @@ from megatron.dist_signal_handler import DistributedSignalHandler, exit_signals
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
-from megatron.parallel.data_parallel import (allreduce_gradients, attach_main_grads,
+from megatron.parallel.data_parallel import (OverlappedGradReducer, attach_main_grads,
                                              is_data_parallel, no_sync_factory,
                                              wrap_data_parallel, zero_main_grads)
 from megatron.parallel.initialize import (build_parallel_state, comm_device,
@@ -441,17 +441,24 @@ class StepRunner:
     forward_step: object
     num_zeros: object = None
     """Zero entries in the last step's gradients (--log-num-zeros-in-grad), else None."""
+    reducer: object = None
+    """The ``OverlappedGradReducer`` averaging the gradients over the DP group during the
+    step's last backward, where no DDP wrapper does (main grads, pipeline stages, model
+    chunks); None otherwise."""
 
     def __post_init__(self):
         # fp32 main_grad buffers (``uses_main_grads``): attached here too for callers that
         # build the runner themselves (idempotent); they replace the DDP wrapper, and the
-        # step averages them over the DP group after the backward passes.
+        # reducer averages them over the DP group during the step's last backward.
         self.main_grads = uses_main_grads(self.args)
         if self.main_grads:
             if is_data_parallel(self.wrapped):
                 raise ValueError("fp32 main_grad accumulation replaces the DDP wrapper; build "
                                  "it with wrap_data_parallel(..., main_grads=True)")
             attach_main_grads(self.model)
+        if self.reducer is None and not is_data_parallel(self.wrapped) \
+                and self.parallel.dp_size > 1 and self.parallel.dp_group is not None:
+            self.reducer = OverlappedGradReducer(self.model, self.parallel.dp_group)
 
     rows_per_sample: int = 1
     """Sequences per sample in the activations between pipeline stages (a multiple-choice
@@ -477,7 +484,8 @@ class StepRunner:
             dtype=params_torch_dtype(args),
             scale_loss=None if forward_only else self.optimizer.scale_loss,
             token_drop=token_drop, forward_only=forward_only,
-            no_sync=None if forward_only else no_sync_factory(self.wrapped),
+            no_sync=None if forward_only else (self.reducer.no_sync if self.reducer is not None
+                                               else no_sync_factory(self.wrapped)),
             backward=None if forward_only else self.loss_backward)
 
     def _schedule(self, data_iterator, token_drop, forward_only, num_microbatches=None):
@@ -497,9 +505,8 @@ class StepRunner:
             batch_size // (self.args.micro_batch_size * self.parallel.dp_size)
         losses = self._schedule(data_iterator, token_drop, forward_only=False,
                                 num_microbatches=micro_batches)
-        if not is_data_parallel(self.wrapped) and self.parallel.dp_size > 1 \
-                and self.parallel.dp_group is not None:  # main grads, or interleaved chunks
-            allreduce_gradients(self.model, self.parallel.dp_group)
+        if self.reducer is not None:
+            self.reducer.finish()
         allreduce_embedding_grads(self.model, self.parallel)
         if self.args.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model, self.parallel)
