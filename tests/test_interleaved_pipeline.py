@@ -199,10 +199,17 @@ def pretrain_argv(data_prefix, save, *extra, iters=3):
                     "--optimizer", "sgd", "--lr", "0.05", "--save", save, *extra, iters=iters)
 
 
+def lm_losses(result):
+    """(training losses, evaluation losses) of a ``PretrainResult`` (the evaluation runs the
+    forward-only schedule)."""
+    return ([d["lm loss"] for _, d in result.train_losses],
+            [d["lm loss"] for _, d in result.valid_losses])
+
+
 def _pretrain(rank, world_size, runs):
     from training_helpers import run
 
-    return [[d["lm loss"] for _, d in run(argv)[0].train_losses] for argv in runs]
+    return [lm_losses(run(argv)[0]) for argv in runs]
 
 
 def saved_chunks(root, iteration, pp=2):
@@ -221,11 +228,13 @@ def test_pretrain_gpt_interleaved_matches_single_process(method, data_prefix, tm
 
     extra = LTD if method == "random-ltd" else TOKENBYPASS
     single, _ = run(pretrain_argv(data_prefix, str(tmp_path / "single"), *extra))
-    expected = [d["lm loss"] for _, d in single.train_losses]
+    train, valid = lm_losses(single)
+    assert len(valid) == 1  # the end-of-training evaluation
     per_rank = run_distributed(_pretrain, 2, args=(
         [pretrain_argv(data_prefix, str(tmp_path / "vp"), *INTERLEAVED, *extra)],), timeout=300)
-    for losses in per_rank:
-        assert losses[0] == pytest.approx(expected, rel=1e-5)
+    for (losses,) in per_rank:
+        assert losses[0] == pytest.approx(train, rel=1e-5)
+        assert losses[1] == pytest.approx(valid, rel=1e-5)
     files = saved_chunks(str(tmp_path / "vp"), 3)
     for ckpt in files.values():  # Megatron's layout: one entry per chunk
         assert "model" not in ckpt and {"model0", "model1"} <= set(ckpt)
@@ -241,12 +250,36 @@ def test_pretrain_gpt_interleaved_with_data_parallelism_matches_single_process(d
 
     batch = ["--global-batch-size", "8"]  # 4 micro-batches per DP rank
     single, _ = run(pretrain_argv(data_prefix, str(tmp_path / "single"), *LTD, *batch))
-    expected = [d["lm loss"] for _, d in single.train_losses]
+    train, valid = lm_losses(single)
     per_rank = run_distributed(_pretrain, 4, args=(
         [pretrain_argv(data_prefix, str(tmp_path / "vp"), *INTERLEAVED, *LTD, *batch)],),
         timeout=300)
+    for (losses,) in per_rank:
+        assert losses[0] == pytest.approx(train, rel=1e-5)
+        assert losses[1] == pytest.approx(valid, rel=1e-5)
+
+
+def _pretrain_bert(rank, world_size, argv):
+    import pretrain_bert
+
+    result = pretrain_bert.pretrain(pretrain_bert.PROVIDER, argv=argv, log=lambda *a: None)
+    return [{k: float(v) for k, v in d.items()} for _, d in result.train_losses]
+
+
+@pytest.mark.slow
+def test_pretrain_bert_interleaved_with_random_ltd_matches_single_process():
+    """BERT's binary head and pooler live on the last rank's last chunk; both losses match."""
+    from training_helpers import tiny_bert_argv
+
+    argv = tiny_bert_argv("--random-ltd", "--random-ltd-start", "16", "--random-ltd-step", "8",
+                          "--random-ltd-schedule-steps", "2", "--optimizer", "sgd", iters=3)
+    (expected,) = run_distributed(_pretrain_bert, 1, args=(argv,), timeout=300)
+    per_rank = run_distributed(_pretrain_bert, 2, args=(argv + INTERLEAVED,), timeout=300)
+    assert {"lm loss", "sop loss"} <= set(expected[0])
     for losses in per_rank:
-        assert losses[0] == pytest.approx(expected, rel=1e-5)
+        assert [sorted(d) for d in losses] == [sorted(d) for d in expected]
+        for got, want in zip(losses, expected):
+            assert got == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -258,7 +291,7 @@ def test_pretrain_gpt_interleaved_resumes_bitwise(data_prefix, tmp_path):
     second = pretrain_argv(data_prefix, str(tmp_path / "resumed"), *INTERLEAVED, *LTD,
                            "--load", str(tmp_path / "resumed"), iters=4)
     per_rank = run_distributed(_pretrain, 2, args=([straight, first, second],), timeout=300)
-    losses, before, after = per_rank[0]
+    losses, before, after = (train for train, _ in per_rank[0])
     assert before + after == losses  # exact
     a, b = saved_chunks(str(tmp_path / "straight"), 4), saved_chunks(str(tmp_path / "resumed"), 4)
     for rank in a:
