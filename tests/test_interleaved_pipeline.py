@@ -213,7 +213,7 @@ def _pretrain(rank, world_size, runs):
 
 
 def saved_chunks(root, iteration, pp=2):
-    """{pipeline rank: the checkpoint file's dict} of one iteration."""
+    """{pipeline rank: the checkpoint file's dict} of one iteration (tensor rank 0)."""
     from megatron.checkpointing import read_checkpoint_file
 
     return {r: read_checkpoint_file(os.path.join(root, f"iter_{iteration:07d}",
@@ -222,16 +222,17 @@ def saved_chunks(root, iteration, pp=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["random-ltd", "tokenbypass"])
-def test_pretrain_gpt_interleaved_matches_single_process(method, data_prefix, tmp_path):
+@pytest.mark.parametrize("method,tp", [("random-ltd", 1), ("tokenbypass", 1), ("random-ltd", 2)])
+def test_pretrain_gpt_interleaved_matches_single_process(method, tp, data_prefix, tmp_path):
     from training_helpers import run
 
     extra = LTD if method == "random-ltd" else TOKENBYPASS
     single, _ = run(pretrain_argv(data_prefix, str(tmp_path / "single"), *extra))
     train, valid = lm_losses(single)
     assert len(valid) == 1  # the end-of-training evaluation
-    per_rank = run_distributed(_pretrain, 2, args=(
-        [pretrain_argv(data_prefix, str(tmp_path / "vp"), *INTERLEAVED, *extra)],), timeout=300)
+    layout = INTERLEAVED + ["--tensor-model-parallel-size", str(tp)]
+    per_rank = run_distributed(_pretrain, 2 * tp, args=(
+        [pretrain_argv(data_prefix, str(tmp_path / "vp"), *layout, *extra)],), timeout=300)
     for (losses,) in per_rank:
         assert losses[0] == pytest.approx(train, rel=1e-5)
         assert losses[1] == pytest.approx(valid, rel=1e-5)
