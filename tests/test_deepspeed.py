@@ -32,8 +32,8 @@ FP16 = {"enabled": True, "loss_scale": 0, "loss_scale_window": 500, "hysteresis"
         "min_loss_scale": 1, "initial_scale_power": 11}
 
 
-def write_json(tmp_path, **sections):
-    path = tmp_path / "ds.json"
+def write_json(tmp_path, name="ds.json", **sections):
+    path = tmp_path / name
     path.write_text(json.dumps(sections))
     return str(path)
 
@@ -117,6 +117,20 @@ def test_engine_config_follows_the_flags(tmp_path):
     assert "data_efficiency" not in cfg  # random-LTD is ours, not the engine's
 
 
+def test_zero_offload_needs_adam(tmp_path):
+    pytest.importorskip("deepspeed")
+    from megatron.ds.engine import _cpu_adam, offloaded_optimizer
+
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    assert offloaded_optimizer(config) == "cpu"
+    assert offloaded_optimizer({"zero_optimization": {"offload_optimizer": {"device": "none"}}}) \
+        is None
+    args = args_with(tmp_path, "--deepspeed", "--optimizer", "sgd", **config)
+    with pytest.raises(UserError, match=r"--optimizer sgd with --deepspeed-config zero_optimiz"
+                                        r"ation.offload_optimizer on 'cpu': ZeRO-Offload steps"):
+        _cpu_adam(args, torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0), "cpu")
+
+
 # -- the engine: same losses as the native path, exact resume ----------------------------------
 
 def _losses(result):
@@ -135,20 +149,20 @@ def _grad_norms(logs):
     return [float(norm) for line in logs for norm in re.findall(r"grad norm: ([\d.]+)", line)]
 
 
-def _native_and_engine(rank, world_size, data_prefix, ds_json, stages, tp=1, extra=()):
+def _native_and_engine(rank, world_size, data_prefix, ds_json, stages, tp=1, extra=(),
+                       engine_json=None):
     """(losses, grad norms) natively, then {stage: (losses, grad norms)} through the engine
-    for each ZeRO stage, at the same layout (TP ``tp``, DP the remaining ranks)."""
-    base = gpt_argv(data_prefix, "--num-layers", "4", "--deepspeed_config", ds_json,
-                    "--global-batch-size", str(4 * world_size // tp),
-                    "--tensor-model-parallel-size", str(tp), "--log-interval", "1", *extra,
-                    iters=ITERS)
-
-    def train(argv):
-        losses, logs = _train(argv)
+    for each ZeRO stage (its JSON ``engine_json``, default the same), at the same layout (TP
+    ``tp``, DP the remaining ranks)."""
+    def train(json_path, *flags):
+        losses, logs = _train(gpt_argv(
+            data_prefix, "--num-layers", "4", "--deepspeed_config", json_path,
+            "--global-batch-size", str(4 * world_size // tp), "--tensor-model-parallel-size",
+            str(tp), "--log-interval", "1", *extra, *flags, iters=ITERS))
         return losses, _grad_norms(logs)
 
-    native = train(base)
-    engine = {stage: train(base + ["--deepspeed", "--zero-stage", str(stage)])
+    native = train(ds_json)
+    engine = {stage: train(engine_json or ds_json, "--deepspeed", "--zero-stage", str(stage))
               for stage in stages}
     return native, engine
 
@@ -214,6 +228,20 @@ def test_batch_rampup_through_the_engine(data_prefix, tmp_path):
 
 
 @pytest.mark.slow
+def test_zero_offload_steps_deepspeeds_cpu_adam(data_prefix, tmp_path):
+    """offload_optimizer to the CPU (Megatron-DeepSpeed's ZeRO-Offload JSONs): the engine
+    refuses a torch optimizer there, so DeepSpeed's CPU AdamW steps the same groups; its
+    losses stay within 1e-5 of our AdamW's."""
+    pytest.importorskip("deepspeed")
+    ds_json = write_json(tmp_path, **RANDOM_LTD)
+    offload_json = write_json(tmp_path, "offload.json", **RANDOM_LTD,
+                              zero_optimization={"offload_optimizer": {"device": "cpu"}})
+    [(native, engine)] = run_distributed(
+        _native_and_engine, 1, args=(data_prefix, ds_json, (1, 2), 1, (), offload_json))
+    _assert_close(native, engine)
+
+
+@pytest.mark.slow
 def test_bf16_zero_1_2_follow_the_native_bf16_path(data_prefix, tmp_path):
     """bf16 from the JSON's bf16 section: the engine's ZeRO 1 (its BF16_Optimizer) and 2 keep
     fp32 master weights and accumulate gradients in fp32, as our bf16 path; the roundings fall
@@ -223,8 +251,7 @@ def test_bf16_zero_1_2_follow_the_native_bf16_path(data_prefix, tmp_path):
     pytest.importorskip("deepspeed")
     fp32_json = write_json(tmp_path, **RANDOM_LTD)
     [((fp32, _), _)] = run_distributed(_native_and_engine, 1, args=(data_prefix, fp32_json, ()))
-    bf16_json = str(tmp_path / "bf16.json")
-    os.replace(write_json(tmp_path, bf16={"enabled": True}, **RANDOM_LTD), bf16_json)
+    bf16_json = write_json(tmp_path, "bf16.json", bf16={"enabled": True}, **RANDOM_LTD)
     [((native, _), engine)] = run_distributed(_native_and_engine, 1,
                                               args=(data_prefix, bf16_json, (1, 2)), timeout=300)
     assert max(abs(a - b) for a, b in zip(native, fp32)) > 5e-4  # bf16 is on

@@ -27,6 +27,9 @@ recorded CRC-32s checked (unless ``--no-verify-checkpoint``), then ``torch.load(
 with the checkpoint allowlist (``safe_checkpoint_engine``).
 ``tools/convert_deepspeed_checkpoint.py`` converts to and from our native layout.
 
+With the JSON's ``zero_optimization.offload_optimizer`` (ZeRO-Offload) the engine refuses a
+torch optimizer, so DeepSpeed's CPU AdamW takes the same groups (``_cpu_adam``).
+
 Not here (refused in one line by ``megatron.ds.config``): DeepSpeed's pipeline engine (pass
 ``--no-pipeline-parallel``), sequence parallelism, ``--pretrained-checkpoint``.
 """
@@ -177,6 +180,8 @@ def build_engine(args, model, parallel, log):
                            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                            sgd_momentum=args.sgd_momentum, clip_grad=0.0, log=log).optimizer
     config = engine_config(args, parallel.dp_size)
+    if offloaded_optimizer(config) is not None:
+        bare = _cpu_adam(args, bare, offloaded_optimizer(config))
     # DeepSpeed's ZeRO calls a torch collective torch now names deprecated, once per step
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated",
                             category=FutureWarning)
@@ -191,6 +196,26 @@ def build_engine(args, model, parallel, log):
         f"{'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}, gradient accumulation "
         f"{config['gradient_accumulation_steps']}, clipping {config['gradient_clipping']}")
     return EngineOptimizer(engine)
+
+
+def offloaded_optimizer(config):
+    """Where the engine's config offloads the optimizer ('cpu' or 'nvme'), or None."""
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    return device if device not in (None, "none") else None
+
+
+def _cpu_adam(args, bare, device):
+    """ZeRO-Offload steps the optimizer on the CPU and refuses a torch one: DeepSpeed's CPU
+    AdamW over the same parameter groups, as Megatron-DeepSpeed's ``--cpu-optimizer``."""
+    if args.optimizer != "adam":
+        raise UserError(f"--optimizer {args.optimizer} with --deepspeed-config "
+                        f"zero_optimization.offload_optimizer on {device!r}: ZeRO-Offload steps "
+                        "DeepSpeed's CPU Adam; use --optimizer adam, or remove the offload")
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return DeepSpeedCPUAdam(bare.param_groups, lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                            adamw_mode=True)
 
 
 def _check_precision_supported(args, accelerator):
