@@ -16,8 +16,8 @@ from megatron.parallel.pipeline_utils import (chunk_layer_ids, initialize_embedd
                                               virtual_pipeline_size)
 from megatron.parallel.schedules import forward_backward
 from megatron.parallel.state import ParallelState
-from test_pipeline_parallel import (HEAD_COPY, MB, NUM_MB, SEED, SEQ, HIDDEN, VOCAB,
-                                    global_name, micro_batches, recording_forward_step, train)
+from test_pipeline_parallel import (HEAD_COPY, HIDDEN, NUM_MB, SEED, SEQ, VOCAB, global_name,
+                                    train)
 
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
 

@@ -73,11 +73,10 @@ in one batch per step exactly as Megatron-LM does (the same order, so the same m
 chunk reads the step's micro-batches in order from its own view of ``data_iterator`` (read
 once, replayed to the other chunks), and random-LTD draws by global layer id, so a chunk drops
 the tokens the same layer drops in one process. Each parameter's gradient still accumulates in
-micro-batch order (a chunk's backwards run in micro-batch order). DDP-wrapped chunks run the
-schedule inside ``no_sync`` and are averaged afterwards, as with 1F1B; otherwise ``no_sync``
-is entered around every backward but each chunk's last, so an overlapped reducer
+micro-batch order (a chunk's backwards run in micro-batch order). ``no_sync`` is entered around
+every backward but each chunk's last, so an overlapped reducer
 (``data_parallel.OverlappedGradReducer``) reduces each chunk's gradients as its last backward
-produces them.
+produces them (chunks are never DDP-wrapped: DDP arms at forward time).
 """
 
 import collections
@@ -104,7 +103,8 @@ def forward_backward(*, forward_step: Callable, data_iterator: Iterator, model,
                      backward: Optional[Callable[[torch.Tensor], None]] = None) -> List[dict]:
     """Run the forward (and backward) passes of ``num_microbatches`` micro-batches.
 
-    ``model``: this stage's module (possibly wrapped, e.g. in DDP) or a one-element list of it.
+    ``model``: this stage's module (possibly wrapped, e.g. in DDP), or a list (``ModuleList``)
+    of its model chunks: with several, the interleaved schedule.
     ``tensor_shape`` / ``dtype``: of the activations passed between stages,
     ``[micro_batch, seq, hidden]``. ``scale_loss(loss)``: the tensor to backpropagate (loss
     scaling). ``token_drop``: passed to ``forward_step`` (random-LTD), None for no dropping.
@@ -292,25 +292,17 @@ def _interleaved(chunks, forward_step, data_iterator, parallel, num_microbatches
         raise UserError(f"the interleaved schedule (--num-layers-per-virtual-pipeline-stage) "
                         f"needs the number of micro-batches per step ({num_microbatches}) to be "
                         f"a multiple of --pipeline-model-parallel-size ({parallel.pp_size})")
-    wrapped = [c for c in chunks if isinstance(c, torch.nn.parallel.DistributedDataParallel)]
+    if any(isinstance(c, torch.nn.parallel.DistributedDataParallel) for c in chunks):
+        raise ValueError("model chunks must not be DDP-wrapped (DDP arms at forward time): "
+                         "average their gradients with data_parallel.OverlappedGradReducer")
     data = _ReplayedMicroBatches(data_iterator)
     last = len(chunks) - 1
-    if wrapped:
-        no_sync = None  # the whole schedule runs inside the chunks' no_sync, below
     runs = [_Runner(forward_step, data.view(), chunk, parallel, num_microbatches, scale_loss,
                     token_drop, no_sync, backward,
                     computes_loss=parallel.is_last_stage and c == last)
             for c, chunk in enumerate(chunks)]
-    if forward_only:
-        with torch.no_grad():
-            _interleaved_one_f_one_b(runs, shape, dtype, forward_only=True)
-    else:
-        with contextlib.ExitStack() as stack:  # as 1F1B's DDP path: reduce once, afterwards
-            for chunk in wrapped:
-                stack.enter_context(chunk.no_sync())
-            _interleaved_one_f_one_b(runs, shape, dtype, forward_only=False)
-        for chunk in wrapped:
-            allreduce_gradients(unwrap_model(chunk), chunk.process_group)
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        _interleaved_one_f_one_b(runs, shape, dtype, forward_only)
     return runs[-1].losses
 
 
