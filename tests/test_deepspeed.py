@@ -430,11 +430,12 @@ def _convert_and_continue(rank, world_size, data_prefix, ds_json, root, stage, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, world_size, tp", [(2, 1, 1), (3, 1, 1), (2, 4, 2)])
+@pytest.mark.parametrize("stage, world_size, tp", [(2, 1, 1), (3, 1, 1), (3, 2, 1), (2, 4, 2)])
 def test_converted_checkpoints_continue_with_the_same_losses(data_prefix, tmp_path, stage,
                                                              world_size, tp):
-    """One process (ZeRO 2, 3), and TP 2 x DP 2 with ZeRO 2 converted by 4 processes (each its
-    TP rank's weights, DeepSpeed gathering the ZeRO partitions over the DP ranks)."""
+    """One process (ZeRO 2, 3), DP 2 with ZeRO 3, and TP 2 x DP 2 with ZeRO 2 converted by 4
+    processes (each its TP rank's weights, DeepSpeed gathering the ZeRO partitions over the DP
+    ranks)."""
     pytest.importorskip("deepspeed")
     ds_json = write_json(tmp_path, **RANDOM_LTD)
     results = run_distributed(_convert_and_continue, world_size,
