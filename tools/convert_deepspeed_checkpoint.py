@@ -7,7 +7,7 @@
 Both directions keep what a resume needs: the weights (fp32), Adam's moments and step, the LR
 scheduler, the loop's counters, the RNG states and the random-LTD scheduler; a converted
 checkpoint resumes with the losses the original would have given. The conversion runs the
-engine in this one process and moves every tensor through DeepSpeed's own full-parameter API
+engine in the tool's process(es) and moves every tensor through DeepSpeed's own full-parameter API
 (``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_set_full_optimizer_state`` ...), so it
 does not depend on ZeRO's flat-buffer layout.
 

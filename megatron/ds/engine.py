@@ -180,8 +180,9 @@ def build_engine(args, model, parallel, log):
                            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                            sgd_momentum=args.sgd_momentum, clip_grad=0.0, log=log).optimizer
     config = engine_config(args, parallel.dp_size)
-    if offloaded_optimizer(config) is not None:
-        bare = _cpu_adam(args, bare, offloaded_optimizer(config))
+    offload = offloaded_optimizer(config)
+    if offload is not None:
+        bare = _cpu_adam(args, bare, offload)
     # DeepSpeed's ZeRO calls a torch collective torch now names deprecated, once per step
     warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated",
                             category=FutureWarning)
