@@ -41,9 +41,25 @@ def _work(item):
     return value * 10
 
 
-def _children():
+def _all_children():
     with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-        return [int(p) for p in f.read().split()]
+        return {int(p) for p in f.read().split()}
+
+
+_BEFORE = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before_the_test():
+    """Children this pytest process already had (other tests' long-lived helpers in a full
+    run) are not the test's: ``_children`` reports only the ones started since."""
+    _BEFORE.clear()
+    _BEFORE.update(_all_children())
+
+
+def _children():
+    """Child processes started during this test and still there (alive or unreaped)."""
+    return sorted(_all_children() - _BEFORE)
 
 
 def test_workers_keep_input_order_with_uneven_items():
