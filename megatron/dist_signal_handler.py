@@ -14,7 +14,10 @@ does not want to wait for the iteration and the save.
 """
 
 import functools
+import gc
+import multiprocessing
 import signal
+import time
 from typing import Optional
 
 from megatron.errors import UserError
@@ -103,3 +106,28 @@ def ignore_signals(signals, worker_id=None):
     """Ignore ``signals`` in this process (a data loader worker: ``worker_init_fn``)."""
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def end_data_workers(iterators, timeout=10.0):
+    """Stop the data loader workers behind ``iterators`` (generators over DataLoaders) before
+    the process exits.
+
+    The workers ignore SIGTERM (``worker_init_fn``), and multiprocessing's exit handler ends
+    daemonic children with SIGTERM and then joins them, so a worker still running at exit would
+    keep the finished process alive (seen once under heavy load: the checkpoint was saved, the
+    process never ended, and SLURM's requeue waits for its exit status). Closing the
+    generators drops the DataLoader iterators, whose shutdown sends each worker its stop
+    sentinel, joins it and takes its pid off torch's SIGCHLD watch; a worker still alive
+    ``timeout`` seconds later is killed (nothing in it needs saving)."""
+    for it in iterators:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    for proc in multiprocessing.active_children():
+        if proc.daemon:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)

@@ -34,7 +34,8 @@ import torch
 from megatron.arguments import params_torch_dtype, parse_args
 from megatron.batch_rampup import current_global_batch_size, train_iters_for_samples
 from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, save_checkpoint
-from megatron.dist_signal_handler import DistributedSignalHandler, exit_signals
+from megatron.dist_signal_handler import (DistributedSignalHandler, end_data_workers,
+                                          exit_signals)
 from megatron.errors import UserError
 from megatron.initialize import select_device, set_random_seed
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
@@ -270,6 +271,8 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
                            "the end of training for test data", ltd, test=True)
     finally:
         logger.close()
+        if signal_handler is not None and signal_handler.signals:
+            end_data_workers((train_iter, valid_iter, test_iter))  # they ignore SIGTERM
     return PretrainResult(state, model, logger.train_history, logger.valid_history,
                           logger.test_history)
 
