@@ -205,6 +205,10 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None):
     from megatron.model.transformer import is_encoder_model
 
     ltd = build_token_dropping(args, log, encoder=is_encoder_model(model))
+    if ltd.method == "sctd" and isinstance(model, torch.nn.ModuleList):
+        raise UserError("--random-ltd-method sctd with --num-layers-per-virtual-pipeline-stage: "
+                        "not supported (SCTD's full + dropped pass travels as one doubled batch "
+                        "through the plain 1F1B schedule only); drop one of the two")
     if ltd.method == "sctd" and not getattr(model, "supports_sctd", False):
         raise UserError("--random-ltd-method sctd is a BERT method (a KL between [CLS] hidden "
                         "states): use pretrain_bert.py")

@@ -284,6 +284,19 @@ def test_pretrain_bert_interleaved_with_random_ltd_matches_single_process():
 
 
 @pytest.mark.slow
+def test_sctd_with_model_chunks_is_refused_by_name():
+    """SCTD's doubled full + dropped batch is built for the plain 1F1B schedule."""
+    from distributed_harness import DistributedTestError
+    from training_helpers import tiny_bert_argv
+
+    argv = tiny_bert_argv("--random-ltd", "--random-ltd-method", "sctd", "--optimizer", "sgd",
+                          iters=2) + INTERLEAVED
+    with pytest.raises(DistributedTestError, match="--random-ltd-method sctd with "
+                                                   "--num-layers-per-virtual-pipeline-stage"):
+        run_distributed(_pretrain_bert, 2, args=(argv,), timeout=120)
+
+
+@pytest.mark.slow
 def test_pretrain_gpt_interleaved_resumes_bitwise(data_prefix, tmp_path):
     straight = pretrain_argv(data_prefix, str(tmp_path / "straight"), *INTERLEAVED, *LTD,
                              iters=4)
