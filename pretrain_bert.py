@@ -1,5 +1,12 @@
 """Pretrain BERT (Megatron-LM flags). Example: examples/pretrain_bert_large.sh."""
 
+if __name__ == "__main__":  # before torch's import: a SLURM signal during start-up is kept
+    import sys
+
+    from megatron.dist_signal_handler import hold_exit_signals_until_ready
+
+    hold_exit_signals_until_ready(sys.argv[1:])
+
 import dataclasses
 
 import torch

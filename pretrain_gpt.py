@@ -1,5 +1,12 @@
 """Pretrain GPT (Megatron-LM flags). Example: examples/pretrain_gpt_tiny_cpu.sh."""
 
+if __name__ == "__main__":  # before torch's import: a SLURM signal during start-up is kept
+    import sys
+
+    from megatron.dist_signal_handler import hold_exit_signals_until_ready
+
+    hold_exit_signals_until_ready(sys.argv[1:])
+
 import torch
 
 from megatron.arguments import transformer_config_from_args

@@ -54,6 +54,36 @@ def exit_signals(args):
     return tuple(dict.fromkeys((signal.SIGTERM, chosen, signal.SIGINT)))
 
 
+_early = []  # the first signal ``hold_exit_signals_until_ready`` caught, if any
+
+
+def hold_exit_signals_until_ready(argv):
+    """Catch the --exit-signal-handler signals from the first line of an entry point, before
+    torch's import and the set-up (seconds to minutes): a SLURM preemption signal that arrives
+    then would otherwise kill the task with nothing saved and the job not requeued. The signal
+    is kept and handed to ``DistributedSignalHandler`` when training starts (its first
+    iteration's end then saves and exits). Does nothing without the flag; a bad --exit-signal
+    is left to the real parse to report."""
+    if "--exit-signal-handler" not in argv:
+        return
+    names = ["SIGTERM", "SIGINT"]
+    for i, arg in enumerate(argv):
+        if arg == "--exit-signal" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+        elif arg.startswith("--exit-signal="):
+            names.append(arg.split("=", 1)[1])
+    for name in names:
+        try:
+            signal.signal(parse_exit_signal(name), _hold)
+        except UserError:
+            continue
+
+
+def _hold(signum, frame):
+    if not _early:
+        _early.append(signal.Signals(signum))
+
+
 class DistributedSignalHandler:
     """Context manager recording the first of ``signals`` this process receives.
 
@@ -86,6 +116,9 @@ class DistributedSignalHandler:
         try:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            if _early and self.received is None and _early[0] in self.signals:
+                self.received = _early[0]  # it came during start-up
+            _early.clear()
         except ValueError:  # signal.signal outside the main thread
             self._restore()
             raise UserError("--exit-signal-handler: signal handlers can only be installed by "

@@ -16,6 +16,10 @@ import sys
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # before torch's import: a SLURM signal during start-up is kept
+    from megatron.dist_signal_handler import hold_exit_signals_until_ready
+
+    hold_exit_signals_until_ready(sys.argv[1:])
 
 from megatron.arguments import parse_args  # noqa: E402
 from megatron.errors import UserError, run_main  # noqa: E402

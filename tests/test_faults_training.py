@@ -187,6 +187,37 @@ def test_sigterm_from_outside_saves_exits_0_and_resumes_to_the_same_weights(data
                          read_checkpoint_file(checkpoint_file(ckpt, 30))["model"])
 
 
+def _catches(pid, sig):
+    """Whether process ``pid`` has a handler for ``sig`` (/proc's SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.slow
+def test_signal_during_start_up_is_kept_until_training_starts(data_prefix, tmp_path):
+    """SLURM may preempt a job seconds after it starts, while the task still imports torch and
+    builds its data: the signal is held from the entry point's first lines and acted on at the
+    first iteration's end (save, exit 0), not the default action (killed, nothing saved)."""
+    ckpt = str(tmp_path / "ckpt")
+    proc = _cli(*gpt_argv(data_prefix, iters=30), "--exit-signal-handler", "--exit-signal",
+                "SIGUSR1", "--save", ckpt)
+    try:
+        deadline = time.time() + 60
+        while not _catches(proc.pid, signal.SIGUSR1) and time.time() < deadline:
+            time.sleep(0.002)
+        with open(f"/proc/{proc.pid}/maps") as f:
+            before_torch = "libtorch" not in f.read()
+        os.kill(proc.pid, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert before_torch  # the signal came during start-up, not once training had begun
+    assert proc.returncode == 0, err[-3000:]
+    assert "exiting at iteration 1: received SIGUSR1 (--exit-signal-handler)" in out, out
+    assert latest(ckpt) == "1"
+
+
 def _assert_nested_equal(a, b, where="model"):
     if isinstance(a, dict):
         assert sorted(a) == sorted(b), where

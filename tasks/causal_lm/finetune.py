@@ -53,6 +53,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+if __name__ == "__main__":  # before torch's import: a SLURM signal during start-up is kept
+    from megatron.dist_signal_handler import hold_exit_signals_until_ready
+
+    hold_exit_signals_until_ready(sys.argv[1:])
+
 from megatron.errors import UserError, run_main  # noqa: E402
 from megatron.utils import print_rank_0  # noqa: E402
 from tasks.causal_lm import data as text_data  # noqa: E402
