@@ -111,14 +111,45 @@ def load_shard(path, reading=ReadOptions()):
     if not os.path.isfile(path):
         raise UserError(f"{path} does not exist")
     ckpt = read_checkpoint_file(path, reading)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+    keys = (chunk_keys(ckpt) or ["model"]) if isinstance(ckpt, dict) else ["model"]
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in keys):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
-    ckpt["model"] = flat_model_state(ckpt["model"])  # Megatron's nesting -> parameter names
-    for name, value in ckpt["model"].items():
-        if not torch.is_tensor(value):
-            raise UserError(f"{path}: model entry {name} is a {type(value).__name__}, "
-                            "not a tensor")
+    for key in keys:
+        ckpt[key] = flat_model_state(ckpt[key])  # Megatron's nesting -> parameter names
+        for name, value in ckpt[key].items():
+            if not torch.is_tensor(value):
+                raise UserError(f"{path}: {key} entry {name} is a {type(value).__name__}, "
+                                "not a tensor")
     return ckpt
+
+
+def chunk_keys(ckpt):
+    """The per-chunk model keys (``model0``, ``model1``, ...) of an interleaved checkpoint
+    (--num-layers-per-virtual-pipeline-stage, Megatron-LM's layout), in chunk order; [] for a
+    plain one (``model``)."""
+    keys = [k for k in ckpt if isinstance(k, str) and re.fullmatch(r"model\d+", k)]
+    return sorted(keys, key=lambda k: int(k[len("model"):]))
+
+
+def virtual_stages(shards, tp_size, pp_size):
+    """(shards, stages): an interleaved checkpoint's shards as the plain pipeline of its
+    virtual stages, so ``merge_model`` sees the layers in their global order. Chunk ``c`` of
+    pipeline rank ``r`` is virtual stage ``c * pp_size + r`` (Megatron-LM's order; each
+    virtual stage's dict is the rank's, with that chunk as ``model``). A plain checkpoint is
+    returned as it is."""
+    keys = chunk_keys(shards[(0, 0)])
+    if not keys:
+        return shards, pp_size
+    out = {}
+    for (t, r), ckpt in shards.items():
+        if chunk_keys(ckpt) != keys:
+            raise UserError(f"tensor rank {t}, pipeline rank {r} holds model chunks "
+                            f"{chunk_keys(ckpt) or ['model']}, tensor rank 0, pipeline rank 0 "
+                            f"holds {keys}")
+        rest = {k: v for k, v in ckpt.items() if k not in keys}
+        for c, key in enumerate(keys):
+            out[(t, c * pp_size + r)] = {**rest, "model": ckpt[key]}
+    return out, pp_size * len(keys)
 
 
 def find_iteration(root, iteration=None, flag="--load"):
@@ -214,10 +245,11 @@ def merge_model(shards, tp_size, pp_size):
 def read_full_model_state(root, iteration=None, flag="--load", reading=ReadOptions()):
     """(full model {name: tensor} with global layer numbers, the checkpoint's ``args``) of the
     Megatron checkpoint directory ``root`` (release or ``iter_*``; ``iteration``: that one
-    instead of the tracker's), merged from every TP/PP shard. One-line UserErrors for a missing
+    instead of the tracker's), merged from every TP/PP shard and interleaved model chunk. One-line UserErrors for a missing
     directory, tracker or shard, an unreadable file, or shards that do not fit together."""
     _, _, shards, tp_size, pp_size = load_shards(root, iteration, flag, reading)
-    full = merge_model(shards, tp_size, pp_size)
+    shards, stages = virtual_stages(shards, tp_size, pp_size)
+    full = merge_model(shards, tp_size, stages)
     return full["model"], shards[(0, 0)].get("args")
 
 

@@ -269,6 +269,13 @@ def _model_entry_names(model):
     return [(f"model{i}", chunk) for i, chunk in enumerate(chunks)]
 
 
+def _chunk_count(ckpt):
+    """Model chunks per pipeline stage in a checkpoint file's dict (1: a plain ``model``)."""
+    from megatron.checkpoint_reshard import chunk_keys
+
+    return len(chunk_keys(ckpt)) or 1 if isinstance(ckpt, dict) else 1
+
+
 def _model_entries(model):
     return {key: _model_state_for_save(chunk) for key, chunk in _model_entry_names(model)}
 
@@ -474,7 +481,8 @@ def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
                             flag="--pretrained-checkpoint", reading=ReadOptions()):
     """Load the model weights (nothing else) of the Megatron checkpoint directory ``root``,
     saved with any TP/PP layout, into this rank's ``model`` (its pipeline stage and tensor
-    shard, ``parallel``); returns the checkpoint's ``args``.
+    shard, ``parallel``; under --num-layers-per-virtual-pipeline-stage each of its model
+    chunks); returns the checkpoint's ``args``.
 
     The checkpoint's model args must describe this model (``check_model_config``; the padded
     vocabulary may differ by padding only, see ``_fit_vocab``); ``policy`` (a ``LoadPolicy``)
@@ -483,21 +491,21 @@ def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
     (``ReadOptions``: the --unsafe-load-checkpoint and --no-verify-checkpoint flags)."""
     from megatron.checkpoint_reshard import model_state_for_rank, read_full_model_state
 
+    from megatron.parallel.pipeline_utils import model_chunks
+
     parallel = parallel or ParallelState()
-    model = _unwrap(model)
-    if isinstance(model, torch.nn.ModuleList):
-        raise UserError(f"{flag} {root}: loading weights from another TP/PP layout into model "
-                        f"chunks (--num-layers-per-virtual-pipeline-stage) is not implemented; "
-                        f"load a checkpoint saved with this run's layout")
+    chunks = model_chunks(_unwrap(model))  # one, or the interleaved schedule's chunks
     full, ckpt_args = read_full_model_state(root, flag=flag, reading=reading)
     saved, unknown = saved_model_config(ckpt_args, root)
     if saved is not None:
-        check_model_config(saved, model.config, root, skip=("padded_vocab_size", *unknown))
-        check_head_gelu(saved, model, root)
-    full = _fit_vocab(full, ckpt_args, model, parallel, root, log)
-    state = model_state_for_rank(full, model, parallel)
-    missing, ignored = load_flat_state(model, state, root, policy)
-    _log_partial_load(root, missing, ignored, log)
+        check_model_config(saved, chunks[0].config, root, skip=("padded_vocab_size", *unknown))
+        for chunk in chunks:
+            check_head_gelu(saved, chunk, root)
+    full = _fit_vocab(full, ckpt_args, chunks[0], parallel, root, log)
+    for chunk in chunks:  # each its global layers, embeddings and heads where it has them
+        state = model_state_for_rank(full, chunk, parallel)
+        missing, ignored = load_flat_state(chunk, state, root, policy)
+        _log_partial_load(root, missing, ignored, log)
     log(f"  loaded model weights from {root} into tensor rank {parallel.tp_rank} of "
         f"{parallel.tp_size}, pipeline stage {parallel.pp_rank} of {parallel.pp_size}")
     return ckpt_args
@@ -560,6 +568,16 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
     ckpt = read_checkpoint_file(path, reading)
+    if weights_only and _chunk_count(ckpt) != len(_model_entry_names(model)):
+        # the same TP x PP, other model chunks (--num-layers-per-virtual-pipeline-stage):
+        # the weights go through the full model as from another layout
+        log(f"loading model weights from {root} at iteration {iteration} (saved with "
+            f"{_chunk_count(ckpt)} model chunk(s) per pipeline stage, this run "
+            f"{len(_model_entry_names(model))})")
+        ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load",
+                                            reading=reading)
+        log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")
+        return TrainState(), {"args": ckpt_args, "iteration": iteration}
     entries = _saved_model_entries(ckpt, model, path)
     _check_layout(ckpt.get("args"), args, path)
     if not weights_only and "random_ltd_scheduler" in ckpt:

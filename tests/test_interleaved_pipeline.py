@@ -314,3 +314,46 @@ def test_pretrain_gpt_interleaved_resumes_bitwise(data_prefix, tmp_path):
             assert flat_a.keys() == flat_b.keys()
             for name in flat_a:
                 assert torch.equal(flat_a[name], flat_b[name]), (rank, key, name)
+
+
+@pytest.mark.slow
+def test_interleaved_checkpoint_converts_and_loads_across_layouts(data_prefix, tmp_path):
+    """An interleaved checkpoint (model0/model1 per stage) merges in Megatron's virtual-stage
+    order: tools/checkpoint_util.py writes the plain layout (model only), and --finetune loads
+    weights both ways (interleaved -> one process, plain -> PP 2 x 2 chunks) with the same
+    first loss."""
+    from megatron.checkpoint_reshard import read_full_model_state
+    from tools import checkpoint_util
+
+    vp, plain = str(tmp_path / "vp"), str(tmp_path / "plain")
+    run_distributed(_pretrain, 2, args=([pretrain_argv(data_prefix, vp, *INTERLEAVED,
+                                                       iters=2)],), timeout=300)
+    full, _ = read_full_model_state(vp)
+    files = saved_chunks(vp, 2)
+    for rank, ckpt in files.items():
+        for chunk in (0, 1):
+            (layer,) = chunk_layer_ids(4, 2, rank, 1, chunk)
+            for name, tensor in flat_model_state(ckpt[f"model{chunk}"]).items():
+                if ".layers.0." in name:
+                    assert torch.equal(full[name.replace(".layers.0.", f".layers.{layer}.")],
+                                       tensor)
+    logs = []
+    checkpoint_util.convert(vp, plain, 1, 1, log=logs.append)
+    assert any("its optimizer state is not" in line for line in logs)
+    converted, _ = read_full_model_state(plain)
+    assert converted.keys() == full.keys()
+    assert all(torch.equal(converted[n], full[n]) for n in full)
+
+    finetune = ["--finetune", "--no-load-optim", "--no-load-rng"]
+    (single,) = run_distributed(_pretrain, 1, args=(
+        [pretrain_argv(data_prefix, str(tmp_path / "a"), "--load", vp, *finetune, iters=2)],),
+        timeout=300)
+    per_rank = run_distributed(_pretrain, 2, args=(
+        [pretrain_argv(data_prefix, str(tmp_path / "b"), "--load", plain, *finetune,
+                       *INTERLEAVED, iters=2)],), timeout=300)
+    (fresh,) = run_distributed(_pretrain, 1, args=(
+        [pretrain_argv(data_prefix, str(tmp_path / "c"), iters=2)],), timeout=300)
+    first_loss = single[0][0][0]  # (training losses, evaluation losses) of the one run
+    assert first_loss != pytest.approx(fresh[0][0][0], rel=1e-3)  # the weights were loaded
+    for ((train, _),) in per_rank:
+        assert train == pytest.approx(single[0][0], rel=1e-5)

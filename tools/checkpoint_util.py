@@ -37,8 +37,9 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from megatron.checkpoint_reshard import (check_divisible, even_stage_names,  # noqa: E402
-                                         load_shards, merge_model, merge_tensors, shard_tensor)
+from megatron.checkpoint_reshard import (check_divisible, chunk_keys,  # noqa: E402
+                                         even_stage_names, load_shards, merge_model,
+                                         merge_tensors, shard_tensor, virtual_stages)
 from megatron.checkpoint_files import (ReadOptions, add_read_flags,  # noqa: E402
                                        remove_stale_temporaries)
 from megatron.checkpointing import (TRACKER_FILENAME, atomic_torch_save,  # noqa: E402
@@ -235,6 +236,8 @@ def split(full, shards, src_tp, tp, pp):
                 new_args = copy.deepcopy(args)
                 new_args.tensor_model_parallel_size = tp
                 new_args.pipeline_model_parallel_size = pp
+                new_args.num_layers_per_virtual_pipeline_stage = None  # the plain layout
+                new_args.virtual_pipeline_model_parallel_size = None
                 ckpt["args"] = new_args
             ckpt["model"] = {local: shard_tensor(name, full["model"][name], t, tp)
                              for local, name in names}
@@ -295,6 +298,15 @@ def convert(load, save, target_tp, target_pp, log=print, reading=ReadOptions()):
     iteration, release, shards, src_tp, src_pp = load_shards(load, reading=reading)
     log(f"loaded iteration {iteration if not release else 'release'} from {load} "
         f"(TP {src_tp} x PP {src_pp})")
+    chunks = len(chunk_keys(shards[(0, 0)]))
+    if chunks:  # --num-layers-per-virtual-pipeline-stage: model0, model1, ... per stage
+        shards, src_pp = virtual_stages(shards, src_tp, src_pp)
+        for ckpt in shards.values():
+            ckpt.pop("optimizer", None)
+            ckpt.pop("optimizer_param_names", None)
+        log(f"warning: {load} is interleaved ({chunks} model chunks per pipeline stage): its "
+            "model is converted to the plain layout, its optimizer state is not (continue "
+            "from the result with --no-load-optim)")
     full = merge(shards, src_tp, src_pp)
     targets = split(full, shards, src_tp, target_tp, target_pp)
     remove_stale_temporaries(save, log)  # of an earlier conversion killed while writing
