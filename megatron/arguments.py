@@ -522,11 +522,9 @@ def _add_checkpointing_args(parser):
     g.add_argument("--finetune", action="store_true",
                    help="Load model weights only and start from iteration 0.")
     g.add_argument("--exit-on-missing-checkpoint", action="store_true")
-    g.add_argument("--unsafe-load-checkpoint", action="store_true",
-                   help="Unpickle checkpoint files without the allowlist (weights_only=False): "
-                        "runs whatever code the file holds; only for files you trust.")
-    g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
-                   help="Skip the size and checksum check of each checkpoint file on load.")
+    from megatron.checkpoint_files import add_read_flags
+
+    add_read_flags(g)  # --unsafe-load-checkpoint, --no-verify-checkpoint (the tools' too)
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="Take the model's shape and tokenizer from the --load (or "
                         "--pretrained-checkpoint) checkpoint's args where not given here.")
