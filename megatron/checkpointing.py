@@ -273,7 +273,9 @@ def _chunk_count(ckpt):
     """Model chunks per pipeline stage in a checkpoint file's dict (1: a plain ``model``)."""
     from megatron.checkpoint_reshard import chunk_keys
 
-    return len(chunk_keys(ckpt)) or 1 if isinstance(ckpt, dict) else 1
+    if not isinstance(ckpt, dict):
+        return 1
+    return len(chunk_keys(ckpt)) or 1
 
 
 def _model_entries(model):
@@ -284,8 +286,10 @@ def _saved_model_entries(ckpt, model, path):
     """[(chunk, its saved state)]; one line when the checkpoint's chunks are not this run's."""
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a Megatron checkpoint (no 'model' entry)")
+    from megatron.checkpoint_reshard import chunk_keys
+
     names = _model_entry_names(model)
-    saved_chunks = sum(1 for key in ckpt if re.fullmatch(r"model\d+", str(key)))
+    saved_chunks = len(chunk_keys(ckpt))
     if len(names) > 1 and saved_chunks != len(names) or len(names) == 1 and saved_chunks:
         raise UserError(f"{path} holds {saved_chunks or 1} model chunk(s) per pipeline stage "
                         f"but this run builds {len(names)} (--num-layers-per-virtual-pipeline-"
@@ -568,12 +572,12 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
                         f"but {path} does not exist")
     log(f"loading checkpoint from {root} at iteration {iteration}")
     ckpt = read_checkpoint_file(path, reading)
-    if weights_only and _chunk_count(ckpt) != len(_model_entry_names(model)):
+    saved_chunks, run_chunks = _chunk_count(ckpt), len(_model_entry_names(model))
+    if weights_only and saved_chunks != run_chunks:
         # the same TP x PP, other model chunks (--num-layers-per-virtual-pipeline-stage):
         # the weights go through the full model as from another layout
         log(f"loading model weights from {root} at iteration {iteration} (saved with "
-            f"{_chunk_count(ckpt)} model chunk(s) per pipeline stage, this run "
-            f"{len(_model_entry_names(model))})")
+            f"{saved_chunks} model chunk(s) per pipeline stage, this run {run_chunks})")
         ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load",
                                             reading=reading)
         log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")

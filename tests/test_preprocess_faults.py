@@ -41,9 +41,17 @@ def _work(item):
     return value * 10
 
 
+def _children_of(pid):
+    """The child pids of process ``pid`` (/proc); [] once it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
 def _all_children():
-    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
-        return {int(p) for p in f.read().split()}
+    return set(_children_of(os.getpid()))
 
 
 _BEFORE = set()
@@ -151,11 +159,7 @@ def test_killing_a_worker_of_the_command_line_ends_the_run(tmp_path):
         deadline = time.time() + 60
         workers = []
         while len(workers) < 2 and time.time() < deadline and proc.poll() is None:
-            try:
-                with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                    workers = [int(p) for p in f.read().split()]
-            except FileNotFoundError:
-                break
+            workers = _children_of(proc.pid)
             time.sleep(0.05)
         assert len(workers) == 2, "the workers did not start"
         os.kill(workers[0], signal.SIGKILL)  # what the out-of-memory killer does
@@ -246,11 +250,7 @@ def _start_and_wait_for_workers(cmd, tmp_path):
     workers = []
     while time.time() < deadline and proc.poll() is None and (
             len(workers) < 2 or not [n for n in os.listdir(tmp_path) if ".tmp." in n]):
-        try:
-            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-                workers = [int(p) for p in f.read().split()]
-        except FileNotFoundError:
-            break
+        workers = _children_of(proc.pid)
         time.sleep(0.05)
     assert proc.poll() is None and len(workers) == 2
     return proc, workers
