@@ -4,6 +4,7 @@ BertForSequenceClassification, same shape, batch and dtype, side by side.
     python benchmarks/bench_finetune.py                       # BERT-base, seq 128, batch 8, fp32
     python benchmarks/bench_finetune.py --profile 25           # + per-op CPU time of one step
     python benchmarks/bench_finetune.py --device cuda --dtype bf16 --batch-size 32 --steps 20
+    python benchmarks/bench_finetune.py --real-lengths 20:80   # a GLUE-like batch (mostly padding)
     python benchmarks/bench_finetune.py --quick                # tiny shape, seconds (smoke)
 
 One step is forward + backward + optimizer step on one micro-batch of sentence-pair samples (no
@@ -67,8 +68,20 @@ def parse_args(argv=None):
                    help="tiny shape (2 layers, hidden 64, seq 64, vocab 1000), 2 steps: seconds")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--real-lengths", default=None, metavar="LO:HI",
+                   help="real lengths uniform in LO..HI, the rest padding (default: the mock "
+                        "samples', s/2..s). MNLI's premise + hypothesis in BERT WordPieces are "
+                        "mostly 20..80 tokens: --real-lengths 20:80 is a GLUE-like batch")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    if args.real_lengths is not None:
+        try:
+            lo, hi = (int(x) for x in args.real_lengths.split(":"))
+        except ValueError:
+            p.error(f"--real-lengths {args.real_lengths}: expected LO:HI, e.g. 20:80")
+        if not 3 <= lo <= hi <= args.seq_length:
+            p.error(f"--real-lengths {args.real_lengths}: need 3 <= LO <= HI <= --seq-length")
+        args.real_lengths = (lo, hi)
     gpu = gpu_requested(p, args)
     if args.quick:
         args.layers, args.hidden, args.heads, args.seq_length, args.vocab = 2, 64, 4, 64, 1000
@@ -86,6 +99,13 @@ def make_batch(args, device):
     loader's sample indices and the finetuning loss weights (1: a full global batch)."""
     batch = mock_bert_batch(args, device)
     g = torch.Generator().manual_seed(args.seed)
+    if args.real_lengths is not None:  # shorten each sample: [CLS] ... [SEP] then padding
+        lo, hi = args.real_lengths
+        for i, n in enumerate(torch.randint(lo, hi + 1, (args.batch_size,), generator=g)):
+            batch["text"][i, n - 1] = BERT_SPECIAL_IDS["sep"]
+            batch["text"][i, n:] = BERT_SPECIAL_IDS["pad"]
+            batch["types"][i, n:] = 0
+            batch["padding_mask"][i, n:] = 0
     batch["label"] = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=g).to(device)
     batch["loss_weight"] = torch.ones(args.batch_size, device=device)
     batch["index"] = torch.arange(args.batch_size)

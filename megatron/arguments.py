@@ -361,6 +361,7 @@ def transformer_config_from_args(args, **overrides):
         params_dtype=params_torch_dtype(args),
         recompute_granularity=get("recompute_granularity"),
         sequence_parallel=bool(get("sequence_parallel")),
+        pack_padded_tokens=bool(get("pack_padded_tokens")),
         attention_backend=ATTENTION_BACKENDS[get("attention_backend") or "auto"],
         init_seed=get("seed"),
     )
@@ -413,6 +414,10 @@ def _add_network_size_args(parser):
                    help="BERT without the pooler and sentence-order (binary) head.")
     g.add_argument("--bert-binary-head", action="store_true", dest="bert_binary_head",
                    help="BERT with the sentence-order head (the default; Megatron-LM's flag).")
+    g.add_argument("--no-pack-padded-tokens", action="store_false", dest="pack_padded_tokens",
+                   help="BERT: compute every layer at padded positions too, as Megatron-LM "
+                        "(default: the layers run on the batch's real tokens only, packed; the "
+                        "real tokens' results are the same).")
 
 
 def _add_regularization_args(parser):

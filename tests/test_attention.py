@@ -298,23 +298,30 @@ def test_padding_attention_fully_masked_sample_gives_zeros_and_rejects_bad_input
         padding_attention_with_dropout(q, k, v, 0.1, torch.zeros(2, 1, 5, 5, dtype=torch.bool))
 
 
-def test_bert_training_with_attention_dropout_on_cpu_uses_the_padding_kernel(monkeypatch):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_bert_training_with_attention_dropout_on_cpu_uses_the_per_sample_kernels(monkeypatch,
+                                                                                  packed):
+    """Packed real tokens (the default): the varlen kernel; --no-pack-padded-tokens: the
+    padding kernel; evaluation (no dropout): SDPA."""
+    import dataclasses
+
     import megatron.model.transformer as transformer
     from megatron.model import BertModel
     from megatron.model.config import TransformerConfig
 
-    calls = []
+    name = "varlen_attention_with_dropout" if packed else "padding_attention_with_dropout"
+    kernel, calls = getattr(transformer, name), []
 
     def counting(*args, **kwargs):
         calls.append(args[3])
-        return padding_attention_with_dropout(*args, **kwargs)
+        return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(transformer, "padding_attention_with_dropout", counting)
+    monkeypatch.setattr(transformer, name, counting)
     cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                             padded_vocab_size=64, hidden_dropout=0.0, attention_dropout=0.2,
                             num_tokentypes=2)
     torch.manual_seed(0)
-    model = BertModel(cfg)
+    model = BertModel(dataclasses.replace(cfg, pack_padded_tokens=packed))
     tokens = torch.randint(0, 64, (2, 16))
     pad = (torch.arange(16)[None] < torch.tensor([[16], [9]])).long()
     torch.manual_seed(1)

@@ -325,7 +325,6 @@ def test_keep_all_tokens_is_bit_identical_to_dense(post_ln):
     full = TokenDropState(3, 1, middle_layer_kept_lengths(4, S), torch.arange(B))
     _assert_bit_identical(_loss_and_grads(model, *batch, token_drop=full), dense)
     encoder = model.language_model.encoder
-    encoder._always_gather = True  # through gather -> layer -> scatter with every position
     calls = []
     forward_dropped = encoder._forward_dropped
 
@@ -333,12 +332,17 @@ def test_keep_all_tokens_is_bit_identical_to_dense(post_ln):
         calls.append(layer.layer_number)
         return forward_dropped(layer, *args)
 
-    encoder._forward_dropped = counting
+    # against the padded batch's dense layers (packed ones round differently)
+    encoder.config.pack_padded_tokens = False
     try:
+        dense = _loss_and_grads(model, *batch)
+        encoder._always_gather = True  # through gather -> layer -> scatter with every position
+        encoder._forward_dropped = counting
         _assert_bit_identical(_loss_and_grads(model, *batch, token_drop=full), dense)
     finally:
         encoder._always_gather = False
-        del encoder._forward_dropped
+        encoder.config.pack_padded_tokens = True
+        encoder.__dict__.pop("_forward_dropped", None)
     assert calls == [1, 2]
     dropped = _loss_and_grads(model, *batch, token_drop=TokenDropState(
         3, 1, middle_layer_kept_lengths(4, 6), torch.arange(B)))
@@ -400,7 +404,8 @@ def test_mlm_loss_covers_every_masked_position_after_the_last_full_layer():
     finally:
         for h in hooks:
             h.remove()
-    assert seen == {0: (B, S, H), 1: (B, 5, H), 2: (B, 5, H), 3: (B, S, H)}
+    real = int(padding.sum())  # the full layers run on the packed real tokens
+    assert seen == {0: (1, real, H), 1: (B, 5, H), 2: (B, 5, H), 3: (1, real, H)}
     masked = labels >= 0
     kept = kept_indices_by_layer(state, [1, 2], S)
     dropped_somewhere = torch.ones(B, S, dtype=torch.bool)

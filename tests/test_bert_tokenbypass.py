@@ -205,11 +205,15 @@ def test_query_layer_is_kept_queries_over_all_keys(post_ln):
     (x2, *_), out2 = seen[2]
     assert x2.shape == (B, 8, H) and torch.equal(x2, out)
     # the dropped tokens skip layers 1 and 2; the last layer is full and gets them back
-    (x3, *_), _ = seen[3]
-    assert x3.shape == (B, S, H)
+    (x3, _, _, _, packing), _ = seen[3]
+    real = padding.bool()
+    assert x3.shape == (1, int(real.sum()), H)  # a full layer: on the packed real tokens
+    x3 = packing.unpack(x3)  # [b, s, h], padded rows zero
     dropped = torch.ones(B, S, dtype=torch.bool).scatter(1, idx, False)
-    assert torch.equal(x3[dropped], x[dropped])
-    assert torch.equal(x3.gather(1, idx[..., None].expand(-1, -1, H)), out2)
+    assert torch.equal(x3[dropped & real], x[dropped & real])
+    kept_real = real.gather(1, idx)
+    assert torch.equal(x3.gather(1, idx[..., None].expand(-1, -1, H))[kept_real],
+                       out2[kept_real])
 
 
 def _loss_and_grads(model, ids, padding, types, labels, **kw):
@@ -229,11 +233,15 @@ def test_keep_all_is_bitwise_dense(post_ln):
     got = _loss_and_grads(model, ids, padding, types, labels, token_drop=full)
     assert all(torch.equal(a, b) for a, b in zip(got, dense))
     encoder = model.language_model.encoder
-    encoder._always_gather = True  # through the query layer and gather/scatter, all positions
+    # against the padded batch's dense layers (packed ones round differently)
+    encoder.config.pack_padded_tokens = False
     try:
+        dense = _loss_and_grads(model, ids, padding, types, labels)
+        encoder._always_gather = True  # through the query layer and gather/scatter, all positions
         routed = _loss_and_grads(model, ids, padding, types, labels, token_drop=full)
     finally:
         encoder._always_gather = False
+        encoder.config.pack_padded_tokens = True
     assert all(torch.equal(a, b) for a, b in zip(routed, dense))
 
 

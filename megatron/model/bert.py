@@ -74,7 +74,10 @@ class BertModel(LanguageModule):
         # Fires on the layer's forward (and again under full recompute in backward, when no
         # capture is armed).
         if self._penultimate is not None:
-            self._penultimate.append(args[0])
+            hidden, packed = args[0], args[4] if len(args) > 4 else None
+            if packed is not None:  # the real tokens only (PackedTokens): back to [b, s, h]
+                hidden = packed.unpack(hidden)
+            self._penultimate.append(hidden)
 
     def _cls(self, hidden: torch.Tensor) -> torch.Tensor:
         """[b, s, h] (or this rank's sequence-parallel chunk) -> the [CLS] row [b, h]."""

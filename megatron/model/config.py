@@ -87,6 +87,12 @@ class TransformerConfig:
     apply_residual_connection_post_layernorm: bool = False
     """Megatron's post-LN variant, the original BERT: each residual branch starts from the
     LayerNorm's output instead of its input (--apply-residual-connection-post-layernorm)."""
+    pack_padded_tokens: bool = True
+    """Encoder blocks under a padding mask (BERT) run their layers on the real tokens only,
+    packed (``megatron.model.transformer.PackedTokens``); padded positions skip the layers.
+    Off (--no-pack-padded-tokens): every layer computes the padded positions too, as
+    Megatron-LM does. Real tokens' outputs are the same either way (up to rounding and the
+    dropout masks' stream)."""
     num_tokentypes: int = 0
     """Token-type (segment) embeddings rows; 0 for GPT, 2 for BERT with the binary head."""
     sequence_parallel: bool = False

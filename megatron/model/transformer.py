@@ -29,7 +29,8 @@ Position ids and masks passed to a layer always describe the full sequence.
 """
 
 import contextlib
-from typing import Optional, Sequence
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ from megatron.ltd.dropping import (TokenDropState, flat_token_indices, gather_at
                                    gather_position_ids, gather_tokens, kept_indices_by_layer,
                                    scatter_tokens)
 from megatron.model.attention import (causal_attention_with_dropout, core_attention,
-                                      padding_attention_with_dropout)
+                                      padding_attention_with_dropout,
+                                      varlen_attention_with_dropout)
 from megatron.model.config import TransformerConfig
 from megatron.model.utils import init_method_normal, scaled_init_method_normal, seeded_init
 from megatron.parallel.layers import (ColumnParallelLinear, RowParallelLinear, divide,
@@ -98,6 +100,67 @@ def _layer_norm(config: TransformerConfig) -> LayerNorm:
                      config.sequence_parallel)
 
 
+@dataclasses.dataclass
+class PackedTokens:
+    """The real tokens of a batch under a padding mask, packed: row ``k`` of the packed hidden
+    states ``[1, N, h]`` is row ``index[k]`` of the flattened ``[b * s, h]`` batch, the samples
+    one after another (each sample's tokens contiguous, in position order).
+
+    BERT's batches are padded to the sequence length: finetuning batches (MNLI, QQP) are mostly
+    padding and a pretraining batch a fifth or more. Every part of a layer but attention works
+    row by row (LayerNorms, projections, GeLU, dropout, residuals), so the block runs them on the
+    N real rows only; attention stays per sample (``ParallelAttention`` on packed rows). Padded
+    positions skip the layers (they keep the block's input), so their outputs differ from a
+    layer that computes them; nothing reads them (the MLM loss and the pooler look at real
+    tokens only). The real tokens' outputs are those of the padded layer.
+    """
+
+    index: torch.Tensor
+    """[N] rows of the flattened [b * s] batch holding real tokens, ascending."""
+    batch: int
+    seq: int
+    position_ids: torch.Tensor
+    """[1, N] the real tokens' position ids (the given ones, or their index in the sample)."""
+    bounds: Tuple[Tuple[int, int], ...]
+    """(start, end) packed rows of each sample with at least one real token."""
+
+    @classmethod
+    def from_padding_mask(cls, attention_mask: torch.Tensor, batch: int,
+                          position_ids: Optional[torch.Tensor]) -> Optional["PackedTokens"]:
+        """For a padding mask bool [b|1, 1, 1, s] (True = padded): the packing, or None when
+        no position is padded (packing would only cost copies)."""
+        seq = attention_mask.size(-1)
+        real = ~attention_mask.view(-1, seq).expand(batch, seq)  # [b, s]
+        counts = real.sum(dim=1).tolist()  # one host sync per forward
+        if sum(counts) == batch * seq:
+            return None
+        index = real.reshape(-1).nonzero().view(-1)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=index.device)
+        position_ids = position_ids.expand(batch, seq).reshape(-1)[index].view(1, -1)
+        bounds, start = [], 0
+        for n in counts:
+            if n:
+                bounds.append((start, start + n))
+            start += n
+        return cls(index, batch, seq, position_ids, tuple(bounds))
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[b, s, ...] -> the real rows [1, N, ...]."""
+        flat = padded.reshape(self.batch * self.seq, *padded.shape[2:])
+        return flat.index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, packed: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[1, N, ...] -> [b, s, ...]: the real rows from ``packed``, the padded rows from
+        ``base`` (zeros when None). Out of place, like ``scatter_tokens``."""
+        tail = packed.shape[2:]
+        if base is None:
+            flat = packed.new_zeros(self.batch * self.seq, *tail)
+        else:
+            flat = base.to(packed.dtype).reshape(self.batch * self.seq, *tail)
+        return flat.index_copy(0, self.index, packed[0]).view(self.batch, self.seq, *tail)
+
+
 class ParallelAttention(nn.Module):
     """Self-attention: fused QKV projection, (rope), SDPA (or the CPU kernels of
     ``megatron.model.attention`` for dropout on CPU), output projection.
@@ -131,14 +194,29 @@ class ParallelAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                query_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_indices: Optional[torch.Tensor] = None,
+                packed: Optional[PackedTokens] = None) -> torch.Tensor:
         """hidden [b, r, h] -> [b, r, h]. ``query_indices`` [b, r_q] (ascending positions of
         the sequence): only those tokens are queries, every token a key/value; the output is
         [b, r_q, h] (TokenBypass's query layer). The fused QKV projection still runs on all r
-        tokens (one projection; the dropped tokens' query rows are discarded)."""
+        tokens (one projection; the dropped tokens' query rows are discarded).
+
+        ``packed``: hidden is the real tokens [1, N, h] of a batch whose padding mask (and
+        full position ids) are ``attention_mask`` and ``position_ids``. On CPU with dropout the
+        packed kernel attends within each sample; otherwise q, k and v are unpacked to
+        [b, s] for the kernels below and the context packed again."""
         np_, hn = self.heads_per_partition, self.head_dim
         # Under sequence parallelism hidden is [b, r / tp, h]; the projection all-gathers it.
         mixed = self.query_key_value(hidden)  # [b, r, np * 3 * hn]
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        backend = self.config.attention_backend
+        cpu_dropout = dropout_p > 0 and mixed.device.type == "cpu" \
+            and not self.config.use_flash_attn and backend == "auto"
+        varlen = packed is not None and cpu_dropout and query_indices is None
+        if varlen:
+            position_ids = packed.position_ids
+        elif packed is not None:
+            mixed = packed.unpack(mixed)  # [b, s, np * 3 * hn], padded rows zero
         b, r = mixed.shape[0], mixed.shape[1]
         mixed = mixed.view(b, r, np_, 3 * hn)  # [b, r, np, 3 * hn]
         q, k, v = mixed.split(hn, dim=-1)  # each [b, r, np, hn]
@@ -158,7 +236,6 @@ class ParallelAttention(nn.Module):
             mask, is_causal = ~attention_mask, False  # SDPA's boolean mask: True = attend
         else:
             mask, is_causal = None, self.causal
-        dropout_p = self.config.attention_dropout if self.training else 0.0
         # Attention probabilities belong to this rank's heads: under TP they need a per-rank mask.
         # (Under sequence parallelism the block already runs in that RNG state.)
         fork = dropout_p > 0 and not self.config.sequence_parallel
@@ -167,11 +244,10 @@ class ParallelAttention(nn.Module):
         if self.config.use_flash_attn:
             from torch.nn.attention import SDPBackend, sdpa_kernel
             kernel = sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-        backend = self.config.attention_backend
-        cpu_dropout = dropout_p > 0 and q.device.type == "cpu" and not self.config.use_flash_attn \
-            and backend == "auto"
         with rng, kernel:
-            if backend == "core":  # --attention-backend unfused/local: Megatron's CoreAttention
+            if varlen:  # packed real tokens: each sample's queries over its own keys
+                context = varlen_attention_with_dropout(q, k, v, dropout_p, packed.bounds)
+            elif backend == "core":  # --attention-backend unfused/local: Megatron's CoreAttention
                 context = core_attention(q, k, v, mask, is_causal, dropout_p)
             elif cpu_dropout and _masks_the_future(attention_mask, is_causal):
                 # SDPA has no fused CPU kernel with dropout; this one skips the masked future
@@ -188,6 +264,8 @@ class ParallelAttention(nn.Module):
                     is_causal=is_causal)  # [b, np, r, hn]
         r_q = q.size(2)
         context = context.transpose(1, 2).reshape(b, r_q, np_ * hn)  # [b, r_q, np * hn]
+        if packed is not None and not varlen:
+            context = packed.pack(context)  # [1, N, np * hn]
         return self.dense(context)  # [b, r_q, h] ([b, r_q / tp, h] sequence-parallel)
 
 
@@ -292,13 +370,16 @@ class ParallelTransformerLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None,
-                query_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+                query_indices: Optional[torch.Tensor] = None,
+                packed: Optional[PackedTokens] = None) -> torch.Tensor:
         """hidden [b, r, h], position_ids [b, r] | None, attention_mask [b|1, 1, r, r] | None.
         ``query_indices`` [b, r_q]: the query-layer mode (TokenBypass's layer L/2-1): those
         tokens are the queries, all r tokens the keys/values, and the output is theirs only,
-        [b, r_q, h] (the residual stream and the MLP run on them only)."""
+        [b, r_q, h] (the residual stream and the MLP run on them only). ``packed``: hidden is
+        the real tokens [1, N, h] of the padded batch that ``attention_mask`` (a padding mask)
+        and ``position_ids`` describe; so is the output."""
         normed = self.input_layernorm(hidden)
-        attn = self.self_attention(normed, position_ids, attention_mask, query_indices)
+        attn = self.self_attention(normed, position_ids, attention_mask, query_indices, packed)
         residual = normed if self.post_ln else hidden
         if query_indices is not None:
             residual = self._kept_rows(residual, query_indices)
@@ -470,9 +551,19 @@ class ParallelTransformer(nn.Module):
         if self.config.sequence_parallel and self.training and \
                 (self.config.hidden_dropout > 0 or self.config.attention_dropout > 0):
             rng = tp_region_rng(self.parallel)  # each rank drops out different tokens
+        packing = self._packing(hidden, position_ids, attention_mask, drops)
+        padded = None  # the padded batch while hidden holds its packed real tokens
         with rng:
             for layer_id, layer in zip(self.layer_ids, self.layers):
                 indices = drops.get(layer_id)
+                if indices is None and packing is not None:
+                    if padded is None:
+                        padded, hidden = hidden, packing.pack(hidden)
+                    hidden = self._forward_layer(layer, hidden, position_ids, attention_mask,
+                                                 None, packing)
+                    continue
+                if padded is not None:  # a dropping layer: back to the padded batch
+                    padded, hidden = None, packing.unpack(hidden, padded)
                 if indices is None:
                     hidden = self._forward_layer(layer, hidden, position_ids, attention_mask)
                 elif layer_id in token_drop.query_layers:
@@ -481,9 +572,20 @@ class ParallelTransformer(nn.Module):
                 else:
                     hidden = self._forward_dropped(layer, hidden, position_ids,
                                                    attention_mask, indices)
+        if padded is not None:
+            hidden = packing.unpack(hidden, padded)
         if self.post_process:
             hidden = self.final_layernorm(hidden)
         return hidden
+
+    def _packing(self, hidden, position_ids, attention_mask, drops) -> Optional[PackedTokens]:
+        """The packing of the real tokens (``PackedTokens``) when this block may run its dense
+        layers on them: a padding mask with padding, no sequence parallelism (the chunks split
+        the sequence), and ``config.pack_padded_tokens``. None otherwise."""
+        if not self.config.pack_padded_tokens or self._sequence_parallel \
+                or not _is_padding_mask(attention_mask) or len(drops) == len(self.layer_ids):
+            return None
+        return PackedTokens.from_padding_mask(attention_mask, hidden.size(0), position_ids)
 
 
 def _checkpointed(layer, tracker, *args):
