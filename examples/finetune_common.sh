@@ -26,6 +26,12 @@
 #   DRY_RUN      1: print every run's launch command and check its flags for the launcher's
 #                process count (slurm outside a job: the 8 tasks of the #SBATCH lines) with
 #                tasks/main.py's parser; nothing starts and missing inputs are warnings
+#   PREEMPTIBLE  1 (default with LAUNCHER=slurm): each run saves to OUTPUT_DIR/<checkpoint>/
+#                <task>/seed<S>/checkpoints, so SIGUSR1 (#SBATCH --signal=B:USR1@300, or a
+#                preemption) saves the running finetune, stops the series and requeues the job,
+#                which resumes it; the checkpoints stay (a BERT-large run with its optimizer
+#                state is about 4 GB). 0: nothing saved, a stopped run starts over.
+#                REQUEUE=0: stop without requeueing.
 #   PYTHON       interpreter (default python3)
 # Extra arguments go to every tasks/main.py run (after the presets', so they win).
 
@@ -63,6 +69,9 @@ case "$LAUNCHER" in
               WORLD=$GPUS_PER_NODE ;;
     *) die "LAUNCHER must be slurm or torchrun, got '$LAUNCHER'" ;;
 esac
+PREEMPTIBLE=${PREEMPTIBLE:-$([[ "$LAUNCHER" == slurm ]] && echo 1 || echo 0)}
+[[ "$PREEMPTIBLE" == 0 || "$PREEMPTIBLE" == 1 ]] || die "PREEMPTIBLE must be 0 or 1, got" \
+    "'$PREEMPTIBLE'"
 TP=${TP:-1}
 PP=${PP:-1}
 for v in TP PP; do
@@ -120,6 +129,7 @@ for item in "${CHECKPOINT_LIST[@]}"; do
     RUNNER_ARGS+=(--checkpoint "$item")
 done
 if [[ "${DRY_RUN:-0}" == 1 ]]; then RUNNER_ARGS+=(--dry-run); fi
+if [[ "$PREEMPTIBLE" == 1 ]]; then RUNNER_ARGS+=(--save-checkpoints); fi
 TASK_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
            "${PRECISION_ARGS[@]}" "${TOKENIZER_ARGS[@]}" --num-workers 2 --log-interval 10
            "$@")

@@ -6,6 +6,9 @@
 #SBATCH --cpus-per-task=10
 #SBATCH --time=2-00:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=B:USR1@300   # save and requeue before the time limit (tasks/run_finetune_seeds.py)
+#SBATCH --requeue
+#SBATCH --open-mode=append
 #
 # The random-LTD paper's QQP finetuning (Tab. 2 / E.1): each pretrained BERT checkpoint,
 # 12 epochs, global batch 128, lr 5e-5 (tasks/finetune_presets.py), seeds 1234-1238, one run after another

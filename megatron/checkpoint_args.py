@@ -67,10 +67,15 @@ def checkpoint_args(root, reading=None):
 def apply_checkpoint_args(args, given, log=None):
     """Fill ``args`` (parsed, not yet validated) from the checkpoint's args; see the module
     docstring. ``given``: the destinations set on the command line (``given_dests``)."""
-    root = args.load or getattr(args, "pretrained_checkpoint", None)
+    from megatron.checkpoint_files import ReadOptions
+    from megatron.checkpointing import read_tracker
+
+    pretrained = getattr(args, "pretrained_checkpoint", None)
+    root = args.load or pretrained
     if root is None:
         raise UserError("--use-checkpoint-args needs --load (or --pretrained-checkpoint)")
-    from megatron.checkpoint_files import ReadOptions
+    if args.load and pretrained and not (os.path.isdir(args.load) and read_tracker(args.load)):
+        root = pretrained  # a finetune's own --load before its first save: the pretrained one
 
     saved = checkpoint_args(root, ReadOptions.from_args(args))
     fields = MODEL_FIELDS + (MP_FIELDS if args.use_mp_args_from_checkpoint_args else ())

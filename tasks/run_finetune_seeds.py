@@ -22,6 +22,15 @@ for torchrun/slurm); --table-only rebuilds the tables from the results on disk.
 
 Launchers: python (one process, default), torchrun (examples/run_torchrun.sh, GPUS_PER_NODE
 processes) or slurm (examples/run_slurm.sbatch inside an allocation: srun over its tasks).
+
+Preemption: SIGUSR1 (what ``#SBATCH --signal=B:USR1@300`` sends to the batch script, i.e. this
+process in examples/finetune_*.sh), SIGTERM or Ctrl-C stop the series. The signal goes on to
+the running finetune (SIGUSR1 through the slurm launcher to every task, SIGTERM to torchrun,
+which passes it to its workers); with --save-checkpoints it runs with --exit-signal-handler, so
+it saves at the end of its current iteration and exits 0. No further run starts, and the next
+start of the runner resumes the stopped run from its checkpoint (without --save-checkpoints it
+starts over). Inside a SLURM job, after SIGUSR1 the runner requeues the job (``scontrol
+requeue``; REQUEUE=0 in the environment: no requeue), so a preempted series finishes by itself.
 """
 
 import argparse
@@ -32,6 +41,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +52,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
 
+from megatron.dist_signal_handler import DistributedSignalHandler  # noqa: E402
 from megatron.errors import UserError, run_main  # noqa: E402
 from tasks.finetune_presets import BERT_LARGE_FLAGS, PRESETS, SEEDS, task_flags  # noqa: E402
 
@@ -160,6 +171,9 @@ def run_flags(cli, run: Run) -> List[str]:
     if cli.save_checkpoints:
         ckpt = os.path.join(run.directory(cli.output_dir), "checkpoints")
         flags += ["--save", ckpt, "--load", ckpt]
+        if cli.launcher != "slurm":  # run_slurm.sbatch adds these itself, for SIGUSR1
+            flags += ["--exit-signal-handler", "--exit-signal", FORWARD[cli.launcher][
+                signal.SIGUSR1].name]
     return flags + cli.extra
 
 
@@ -212,21 +226,74 @@ def read_result(directory) -> Optional[dict]:
         return json.load(f)
 
 
-def execute(cli, run: Run, log=print) -> Optional[dict]:
-    """Run one finetuning (its output into log.txt); -> the result written to result.json, or
-    None if it failed (the end of its log is printed)."""
+#: The signal each launcher's process gets when the runner gets SIGUSR1 or SIGTERM. SIGINT
+#: is not passed on: a terminal's Ctrl-C reaches the whole foreground process group already.
+#: torchrun passes SIGTERM to its workers (and kills them 30 s later); SIGUSR1 would kill it.
+FORWARD = {
+    "python": {signal.SIGUSR1: signal.SIGUSR1, signal.SIGTERM: signal.SIGTERM},
+    "torchrun": {signal.SIGUSR1: signal.SIGTERM, signal.SIGTERM: signal.SIGTERM},
+    "slurm": {signal.SIGUSR1: signal.SIGUSR1, signal.SIGTERM: signal.SIGTERM},
+}
+
+
+class StopSignals(DistributedSignalHandler):
+    """Records the first of SIGUSR1, SIGTERM and SIGINT (a second Ctrl-C stops at once) and
+    passes it on to the running finetune's process (``child``) as ``FORWARD`` says."""
+
+    def __init__(self, launcher: str):
+        super().__init__((signal.SIGUSR1, signal.SIGTERM, signal.SIGINT))
+        self.forward = FORWARD[launcher]
+        self.child: Optional[subprocess.Popen] = None
+
+    def _handle(self, signum, frame):
+        super()._handle(signum, frame)
+        self.pass_on(signal.Signals(signum))
+
+    def pass_on(self, sig: signal.Signals) -> None:
+        """Send the running finetune what ``sig`` maps to (nothing when none is running)."""
+        target, child = self.forward.get(sig), self.child
+        if target is not None and child is not None and child.poll() is None:
+            child.send_signal(target)
+
+
+def execute(cli, run: Run, log=print, stop: Optional[StopSignals] = None) -> Optional[dict]:
+    """Run one finetuning (its output appended to log.txt, so a resumed run keeps the metrics
+    of its earlier epochs); -> the result written to result.json, or None if it failed (the end
+    of its log is printed) or was stopped by a signal (``stop.received``)."""
     directory = run.directory(cli.output_dir)
     os.makedirs(directory, exist_ok=True)
     log_path = os.path.join(directory, "log.txt")
     start = time.time()
-    with open(log_path, "w") as out:
-        done = subprocess.run(run_command(cli, run), stdout=out, stderr=subprocess.STDOUT)
+    command = run_command(cli, run)
+    with open(log_path, "a") as out:
+        out.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} started: "
+                  f"{' '.join(shlex.quote(a) for a in command)}\n")
+        out.flush()
+        # run_slurm.sbatch would requeue the job itself after SIGUSR1: the runner does it,
+        # once, after the series has stopped (requeue_slurm_job)
+        env = {**os.environ, "REQUEUE": "0"} if cli.launcher == "slurm" else None
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        if stop is not None:
+            stop.child = child
+            if stop.received is not None:  # it came while the process was being started
+                stop.pass_on(stop.received)
+        try:
+            returncode = child.wait()
+        finally:
+            if stop is not None:
+                stop.child = None
     with open(log_path, errors="replace") as f:
         lines = f.read().splitlines()
     epochs = parse_log(lines)
     last = final_epoch(run_flags(cli, run))
-    if done.returncode != 0 or last not in epochs:
-        why = f"exit status {done.returncode}" if done.returncode else \
+    if stop is not None and stop.received is not None and (returncode != 0 or
+                                                            last not in epochs):
+        resume = "resumes from its checkpoint" if cli.save_checkpoints else "starts over"
+        log(f"    stopped by {stop.received.name} (exit status {returncode}); it {resume} "
+            f"when the runner is started again")
+        return None
+    if returncode != 0 or last not in epochs:
+        why = f"exit status {returncode}" if returncode else \
             f"no metrics of epoch {last} in the log"
         log(f"    FAILED ({why}); the end of {log_path}:")
         for line in lines[-5:]:
@@ -234,7 +301,7 @@ def execute(cli, run: Run, log=print) -> Optional[dict]:
         return None
     result = {"checkpoint": run.checkpoint, "pretrained_checkpoint": run.path,
               "task": run.task, "seed": run.seed, "seconds": round(time.time() - start, 1),
-              "command": run_command(cli, run), "epochs": {str(e): v for e, v in epochs.items()}}
+              "command": command, "epochs": {str(e): v for e, v in epochs.items()}}
     atomic_write(os.path.join(directory, RESULT), json.dumps(result, indent=1))
     return result
 
@@ -380,29 +447,59 @@ def main(argv=None, log=print):
         return dry_run(cli, runs, log)
     results = {r: res for r in runs if (res := read_result(r.directory(cli.output_dir)))}
     failed = []
+    stop = StopSignals(cli.launcher)
     if not cli.table_only:
-        for i, run in enumerate(runs, start=1):
-            head = f"[{i}/{len(runs)}] {run.checkpoint} {run.task} seed {run.seed}"
-            if run in results:
-                log(f"{head}: finished before, skipped")
-                continue
-            log(f"{head}: running ({run.directory(cli.output_dir)}/log.txt)")
-            result = execute(cli, run, log)
-            if result is None:
-                failed.append(run)
-                continue
-            results[run] = result
-            values = ", ".join(f"{c.name} {_fmt(column_value(result, c, cli.epoch_select))}"
-                               for c in PRESETS[run.task].columns)
-            log(f"{head}: done in {result['seconds']:.0f} s: {values}")
-            write_tables(cli, results)
+        with stop:
+            _run_all(cli, runs, results, failed, stop, log)
     md = write_tables(cli, results)
     log(md)
+    if stop.received is not None:
+        left = sum(run not in results for run in runs)
+        log(f"stopped by {stop.received.name}: {left} run(s) left; start the runner again to "
+            f"finish them")
+        requeue_slurm_job(stop.received, log)
     if failed:
         log(f"{len(failed)} run(s) failed: " + "; ".join(
             f"{r.checkpoint} {r.task} seed {r.seed}" for r in failed))
         return 1
     return 0
+
+
+def requeue_slurm_job(received, log=print) -> None:
+    """After SIGUSR1 inside a SLURM batch job (and unless REQUEUE=0): ``scontrol requeue`` the
+    job, which runs this script again from the start; its finished runs are skipped."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if received != signal.SIGUSR1 or not job or os.environ.get("REQUEUE", "1") != "1":
+        return
+    log(f"requeueing SLURM job {job} (restart {int(os.environ.get('SLURM_RESTART_COUNT', 0)) + 1})")
+    try:
+        done = subprocess.run(["scontrol", "requeue", job])
+        ok = done.returncode == 0
+    except OSError:
+        ok = False
+    if not ok:
+        log(f"scontrol requeue {job} failed; submit the same command again to resume")
+
+
+def _run_all(cli, runs, results, failed, stop, log):
+    for i, run in enumerate(runs, start=1):
+        head = f"[{i}/{len(runs)}] {run.checkpoint} {run.task} seed {run.seed}"
+        if stop.received is not None:
+            return
+        if run in results:
+            log(f"{head}: finished before, skipped")
+            continue
+        log(f"{head}: running ({run.directory(cli.output_dir)}/log.txt)")
+        result = execute(cli, run, log, stop)
+        if result is None:
+            if stop.received is None:
+                failed.append(run)
+            continue
+        results[run] = result
+        values = ", ".join(f"{c.name} {_fmt(column_value(result, c, cli.epoch_select))}"
+                           for c in PRESETS[run.task].columns)
+        log(f"{head}: done in {result['seconds']:.0f} s: {values}")
+        write_tables(cli, results)
 
 
 if __name__ == "__main__":

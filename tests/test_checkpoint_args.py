@@ -68,3 +68,21 @@ def test_errors_name_the_problem(data_prefix, tmp_path):
     (bad / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="model_optim_rng.pt"):
         parse_args(_short(data_prefix, "--load", str(bad), "--use-checkpoint-args"))
+
+
+def test_a_finetunes_own_empty_load_falls_back_to_the_pretrained_checkpoint(checkpoint,
+                                                                            data_prefix,
+                                                                            tmp_path):
+    """tasks/main.py --save D --load D --pretrained-checkpoint P --use-checkpoint-args (what a
+    preemptible finetune runs): before D holds a checkpoint the shape comes from P."""
+    from tasks.main import parse_task_args
+
+    own = str(tmp_path / "own")
+    argv = ["--task", "MNLI", "--micro-batch-size", "2", "--epochs", "1", "--lr", "1e-3",
+            "--device", "cpu", "--use-checkpoint-args", "--pretrained-checkpoint", checkpoint,
+            "--save", own, "--load", own]
+    args = parse_task_args(argv, world_size=1)
+    assert (args.num_layers, args.max_position_embeddings) == (3, 48)
+    alone = [a for a in argv if a not in ("--pretrained-checkpoint", checkpoint)]
+    with pytest.raises(UserError, match=f"{own} holds no latest_checkpointed_iteration.txt"):
+        parse_task_args(alone, world_size=1)  # no pretrained checkpoint to fall back to

@@ -666,11 +666,19 @@ def test_finetune_script_dry_run_checks_every_seed(tmp_path, script, task, gbs, 
     assert len(commands) == 5 and all(c.startswith("srun --kill-on-bad-exit=1 ") for c in commands)
     assert [c.split("--seed ")[1].split()[0] for c in commands] == [str(s) for s in
                                                                      range(1234, 1239)]
-    assert all(f"tasks/main.py --task {task} " in c and f"--global-batch-size {gbs} " in c
+    assert all(f"tasks/main.py --exit-signal-handler --exit-signal SIGUSR1 --task {task} " in c
+               and f"--global-batch-size {gbs} " in c
                and "--pretrained-checkpoint /nowhere/bert " in c for c in commands)
     assert done.stderr.count(f"flags valid for 8 processes: TP 1 x PP 1 x DP 8; micro-batch "
                              f"{mbs} x {gbs // (8 * mbs)} micro-batches") == 5
     assert "warning:" in done.stderr and "/nowhere/bert" in done.stderr
+    # preemptible under SLURM: each run saves to its own directory and resumes from it, and
+    # run_slurm.sbatch adds the handler for the SIGUSR1 the runner passes on
+    for seed, c in zip(range(1234, 1239), commands):
+        ckpt = f"/baseline/{task}/seed{seed}/checkpoints"
+        assert f"--save {ROOT}/finetune-runs{ckpt} --load {ROOT}/finetune-runs{ckpt} " in c
+    header = open(os.path.join(ROOT, "examples", script)).read()
+    assert "#SBATCH --signal=B:USR1@300" in header and "#SBATCH --requeue" in header
 
 
 @pytest.mark.parametrize("env,bad", [
@@ -678,6 +686,7 @@ def test_finetune_script_dry_run_checks_every_seed(tmp_path, script, task, gbs, 
     ({"LAUNCHER": "torchrun", "GPUS_PER_NODE": "3"}, "global batch 128 is not divisible by DP 3"),
     ({"CHECKPOINTS": ""}, "set CHECKPOINTS"),
     ({"MODEL": "huge"}, "MODEL must be bert-large or checkpoint"),
+    ({"PREEMPTIBLE": "yes"}, "PREEMPTIBLE must be 0 or 1"),
 ])
 def test_finetune_script_refuses_in_one_line(tmp_path, env, bad):
     run_env = _clean_env(**{"LAUNCHER": "slurm", "PYTHON": sys.executable,

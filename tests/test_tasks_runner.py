@@ -248,3 +248,161 @@ def test_tiny_real_run_writes_the_table(tmp_path):
                         "--task", "MNLI", "--seeds", "1234", "--data-root", TASKS,
                         "--output-dir", out], log=again.append) == 0
     assert sum("finished before, skipped" in line for line in again) == 2
+
+
+FAKE_PREEMPTIBLE = """\
+import os, signal, sys, time
+args = sys.argv[1:]
+assert args[args.index('--exit-signal') + 1] == 'SIGUSR1' and '--exit-signal-handler' in args
+save = args[args.index('--save') + 1]
+marker = os.path.join(save, 'latest_checkpointed_iteration.txt')
+if os.path.exists(marker):  # resumed: the last epoch only
+    print(LOG.split(' > |epoch: 1|')[0].split('\\n', 1)[0])
+    print(' > |epoch: 1|' + LOG.split(' > |epoch: 1|', 1)[1], flush=True)
+    sys.exit(0)
+if os.environ.get('FAKE_FINISH'):  # a run that is not interrupted
+    print(LOG, flush=True)
+    sys.exit(0)
+def save_and_exit(signum, frame):
+    os.makedirs(save, exist_ok=True)
+    open(marker, 'w').write('1')
+    print('saved after signal', signum, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGUSR1, save_and_exit)
+print(LOG.split(' > |epoch: 1|')[0], flush=True)  # epoch 0's lines
+time.sleep(60)
+sys.exit(3)
+"""
+
+
+def test_sigusr1_stops_the_series_saves_resumes_and_requeues(tmp_path, monkeypatch):
+    """SIGUSR1 (sbatch --signal=B:USR1@300 to the batch script) while a run trains: the run
+    gets it, saves and exits 0; no further run starts; the runner asks SLURM to requeue the job;
+    started again it resumes that run, and the result keeps the epochs of both starts."""
+    import signal
+    import threading
+    import time
+
+    fake = tmp_path / "fake_main.py"
+    fake.write_text(f"LOG = {LOG!r}\n" + FAKE_PREEMPTIBLE)
+    monkeypatch.setitem(runner.LAUNCHERS, "python", lambda: [sys.executable, str(fake)])
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    out = str(tmp_path / "runs")
+    log_txt = os.path.join(out, "base", "QQP", "seed1234", "log.txt")
+    argv = ["--checkpoint", "base=/ckpt", "--task", "QQP", "--seeds", "1234-1235",
+            "--data-root", TASKS, "--output-dir", out, "--save-checkpoints", "--",
+            "--epochs", "2"]
+
+    def signal_once_epoch_0_is_logged():
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if os.path.exists(log_txt) and "epoch: 0" in open(log_txt).read():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.05)
+
+    sender = threading.Thread(target=signal_once_epoch_0_is_logged)
+    sender.start()
+    logs = []
+    try:
+        status = runner.main(argv, log=logs.append)
+    finally:
+        sender.join()
+    text = "\n".join(logs)
+    assert status == 0, text
+    assert "stopped by SIGUSR1 (exit status 0); it resumes from its checkpoint" in text
+    assert "seed 1235" not in text  # never started
+    assert "stopped by SIGUSR1: 2 run(s) left" in text
+    assert open(calls).read().split() == ["requeue", "4242"]
+    assert "saved after signal 10" in open(log_txt).read()
+    assert not os.path.exists(os.path.join(os.path.dirname(log_txt), "result.json"))
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("FAKE_FINISH", "1")
+    logs = []
+    assert runner.main(argv, log=logs.append) == 0, "\n".join(logs)
+    assert open(calls).read().split() == ["requeue", "4242"]  # not again
+    saved = json.load(open(os.path.join(os.path.dirname(log_txt), "result.json")))
+    assert set(saved["epochs"]) == {"0", "1"}  # the first start's epoch survives the resume
+    assert open(log_txt).read().count("==== ") == 2
+    assert os.path.exists(os.path.join(out, "base", "QQP", "seed1235", "result.json"))
+
+
+@pytest.mark.parametrize("launcher, expected", [("python", "SIGUSR1"), ("torchrun", "SIGTERM")])
+def test_run_flags_add_the_exit_handler_for_the_launcher(launcher, expected):
+    cli = runner.parse_cli(["--checkpoint", "a=/ckpt", "--data-root", "/d", "--task", "MNLI",
+                            "--launcher", launcher, "--save-checkpoints"])
+    flags = runner.run_flags(cli, runner.plan(cli)[0])
+    assert flags[flags.index("--exit-signal") + 1] == expected
+    assert "--exit-signal-handler" in flags
+    cli = runner.parse_cli(["--checkpoint", "a=/ckpt", "--data-root", "/d", "--task", "MNLI",
+                            "--launcher", "slurm", "--save-checkpoints"])
+    assert "--exit-signal-handler" not in runner.run_flags(cli, runner.plan(cli)[0])  # its own
+
+
+@pytest.mark.slow
+def test_preempted_series_resumes_to_the_uninterrupted_result(tmp_path):
+    """The real tasks/main.py under the runner with --save-checkpoints: SIGUSR1 during a run's
+    first epoch saves it and stops the series; the runner started again resumes it, and every
+    epoch's metrics equal those of an uninterrupted series."""
+    import signal
+    import threading
+    import time
+
+    import pretrain_bert
+
+    ckpt = str(tmp_path / "bert")
+    model = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+             "--seq-length", "64", "--max-position-embeddings", "64",
+             "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", BERT_VOCAB,
+             "--make-vocab-size-divisible-by", "64"]
+    pretrain_bert.pretrain(pretrain_bert.PROVIDER, argv=model + [
+        "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr",
+        "1e-3", "--mock-data", "--num-workers", "0", "--device", "cpu", "--eval-iters", "0",
+        "--save", ckpt], log=lambda *a: None)
+
+    def argv(out):
+        return ["--checkpoint", f"base={ckpt}", "--task", "MNLI", "--seeds", "1234",
+                "--data-root", TASKS, "--output-dir", out, "--save-checkpoints", "--",
+                "--epochs", "3", "--global-batch-size", "1", "--micro-batch-size", "1",
+                "--num-workers", "0", "--device", "cpu", "--log-interval", "1"]
+
+    plain = str(tmp_path / "plain")
+    assert runner.main(argv(plain), log=lambda *a: None) == 0
+    stopped = str(tmp_path / "stopped")
+    log_txt = os.path.join(stopped, "base", "MNLI", "seed1234", "log.txt")
+
+    def signal_at_iteration_5():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if os.path.exists(log_txt) and "iteration        5/" in open(log_txt).read():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=signal_at_iteration_5)
+    sender.start()
+    logs = []
+    try:
+        assert runner.main(argv(stopped), log=logs.append) == 0
+    finally:
+        sender.join()
+    assert any("stopped by SIGUSR1 (exit status 0)" in line for line in logs), "\n".join(logs)
+    assert not os.path.exists(os.path.join(os.path.dirname(log_txt), "result.json"))
+    assert runner.main(argv(stopped), log=lambda *a: None) == 0
+    text = open(log_txt).read()
+    assert text.count("==== ") == 2 and "loaded checkpoint" in text.lower()
+
+    def epochs(out):
+        path = os.path.join(out, "base", "MNLI", "seed1234", "result.json")
+        return json.load(open(path))["epochs"]
+
+    assert epochs(stopped) == epochs(plain)
+    assert set(epochs(plain)) >= {"0", "1", "2"}
