@@ -404,10 +404,12 @@ def test_mlm_loss_covers_every_masked_position_after_the_last_full_layer():
     finally:
         for h in hooks:
             h.remove()
-    real = int(padding.sum())  # the full layers run on the packed real tokens
-    assert seen == {0: (1, real, H), 1: (B, 5, H), 2: (B, 5, H), 3: (1, real, H)}
-    masked = labels >= 0
     kept = kept_indices_by_layer(state, [1, 2], S)
+    # every layer runs on its real tokens, packed: all of them, or the kept ones (5 of s)
+    real, kept_real = int(padding.sum()), [int(padding.gather(1, kept[i]).sum()) for i in (1, 2)]
+    assert seen == {0: (1, real, H), 1: (1, kept_real[0], H), 2: (1, kept_real[1], H),
+                    3: (1, real, H)}
+    masked = labels >= 0
     dropped_somewhere = torch.ones(B, S, dtype=torch.bool)
     for idx in kept.values():
         dropped_somewhere &= ~torch.zeros(B, S, dtype=torch.bool).scatter(1, idx, True)

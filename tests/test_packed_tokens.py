@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import megatron.model.transformer as transformer
 from megatron.arguments import parse_args, transformer_config_from_args
-from megatron.ltd.dropping import TokenDropState
+from megatron.ltd.dropping import TokenDropState, kept_indices_by_layer
 from megatron.model.attention import dropout_keep_mask, varlen_attention_with_dropout
 from megatron.model.bert import bert_attention_mask
 from megatron.model.classification import Classification
@@ -237,9 +237,10 @@ def test_recompute_replays_the_packed_layers():
     assert all(torch.equal(gp[n], gp2[n]) for n in gp)
 
 
-def test_dropping_layers_get_the_padded_batch_and_full_layers_the_packed_one():
-    """random-LTD: the dropping layer gathers from the padded batch [b, s, h] (its kept
-    positions index it); the full layers before and after run packed."""
+def test_dropping_layers_run_on_their_kept_real_tokens_packed():
+    """random-LTD: the dropping layer gathers its kept tokens from the padded batch [b, s, h]
+    (its kept positions index it) and runs on the real ones among them, packed; the full
+    layers before and after run on all real tokens, packed."""
     block = _block(_config(num_layers=4)).train()
     pad = _padding()
     seen = {}
@@ -253,9 +254,29 @@ def test_dropping_layers_get_the_padded_batch_and_full_layers_the_packed_one():
     finally:
         for h in hooks:
             h.remove()
-    n = int(pad.sum())
-    assert seen == {0: ((1, n, H), True), 1: ((B, 9, H), False), 2: ((B, 9, H), False),
+    kept = kept_indices_by_layer(state, [1, 2], S)
+    n, n1, n2 = (int(pad.sum()), int(pad.gather(1, kept[1]).sum()),
+                 int(pad.gather(1, kept[2]).sum()))
+    assert n1 < B * 9 and n2 < B * 9  # some kept positions are padding
+    assert seen == {0: ((1, n, H), True), 1: ((1, n1, H), True), 2: ((1, n2, H), True),
                     3: ((1, n, H), True)}
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_packed_dropping_block_equals_padded_at_real_tokens(train):
+    """With random-LTD the real tokens' outputs and every gradient equal the padded block's
+    (float64, no dropout), kept and dropped tokens alike."""
+    packed, padded = _pair(num_layers=4)
+    pad = _padding(leading=True)
+    x = torch.randn(B, S, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    state = TokenDropState(3, 1, {1: 9, 2: 6}, torch.arange(B))
+    y, gx, gp = _run(packed, x, pad, train, token_drop=state)
+    y_ref, gx_ref, gp_ref = _run(padded, x, pad, train, token_drop=state)
+    real = pad.bool()
+    torch.testing.assert_close(y[real], y_ref[real])
+    torch.testing.assert_close(gx[real], gx_ref[real])
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name], gp_ref[name], msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_no_packing_without_padding_causal_masks_or_under_sequence_parallelism(monkeypatch):

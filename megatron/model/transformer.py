@@ -112,7 +112,9 @@ class PackedTokens:
     N real rows only; attention stays per sample (``ParallelAttention`` on packed rows). Padded
     positions skip the layers (they keep the block's input), so their outputs differ from a
     layer that computes them; nothing reads them (the MLM loss and the pooler look at real
-    tokens only). The real tokens' outputs are those of the padded layer.
+    tokens only). The real tokens' outputs are those of the padded layer. A random-LTD layer's
+    kept tokens, gathered with their columns of the padding mask, are a padded batch too: the
+    block packs the real ones among them the same way.
     """
 
     index: torch.Tensor
@@ -492,9 +494,17 @@ class ParallelTransformer(nn.Module):
             return self._forward_dropped_sp(layer, hidden, position_ids, attention_mask, indices)
         s = hidden.size(1)
         flat = flat_token_indices(indices, s)
-        kept = self._forward_layer(layer, gather_tokens(hidden, indices, flat),
-                                   gather_position_ids(position_ids, indices, s),
-                                   gather_attention_mask(attention_mask, indices, s))
+        kept = gather_tokens(hidden, indices, flat)
+        kept_positions = gather_position_ids(position_ids, indices, s)
+        kept_mask = gather_attention_mask(attention_mask, indices, s)
+        # The kept tokens of a padded batch are a padded batch too (their columns of the
+        # padding mask): the layer runs on the real ones among them, packed.
+        packing = self._packing(kept, kept_positions, kept_mask)
+        if packing is None:
+            kept = self._forward_layer(layer, kept, kept_positions, kept_mask)
+        else:
+            kept = packing.unpack(self._forward_layer(layer, packing.pack(kept), kept_positions,
+                                                      kept_mask, None, packing), kept)
         return scatter_tokens(hidden, indices, kept, flat)
 
     def _forward_dropped_sp(self, layer, hidden, position_ids, attention_mask, indices):
@@ -551,7 +561,9 @@ class ParallelTransformer(nn.Module):
         if self.config.sequence_parallel and self.training and \
                 (self.config.hidden_dropout > 0 or self.config.attention_dropout > 0):
             rng = tp_region_rng(self.parallel)  # each rank drops out different tokens
-        packing = self._packing(hidden, position_ids, attention_mask, drops)
+        packing = None  # (when every layer here drops, no layer runs on the whole batch)
+        if len(drops) < len(self.layer_ids):
+            packing = self._packing(hidden, position_ids, attention_mask)
         padded = None  # the padded batch while hidden holds its packed real tokens
         with rng:
             for layer_id, layer in zip(self.layer_ids, self.layers):
@@ -578,12 +590,12 @@ class ParallelTransformer(nn.Module):
             hidden = self.final_layernorm(hidden)
         return hidden
 
-    def _packing(self, hidden, position_ids, attention_mask, drops) -> Optional[PackedTokens]:
-        """The packing of the real tokens (``PackedTokens``) when this block may run its dense
-        layers on them: a padding mask with padding, no sequence parallelism (the chunks split
-        the sequence), and ``config.pack_padded_tokens``. None otherwise."""
+    def _packing(self, hidden, position_ids, attention_mask) -> Optional[PackedTokens]:
+        """The packing of the real tokens (``PackedTokens``) when this block may run layers on
+        them: a padding mask with padding, no sequence parallelism (the chunks split the
+        sequence), and ``config.pack_padded_tokens``. None otherwise."""
         if not self.config.pack_padded_tokens or self._sequence_parallel \
-                or not _is_padding_mask(attention_mask) or len(drops) == len(self.layer_ids):
+                or not _is_padding_mask(attention_mask):
             return None
         return PackedTokens.from_padding_mask(attention_mask, hidden.size(0), position_ids)
 
