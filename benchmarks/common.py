@@ -739,8 +739,14 @@ class Probe:
     def _count(self, module, inputs, output):
         if module.training and torch.is_grad_enabled():
             # [b, r, h]: the layer produces r tokens per sample (TokenBypass's query layer reads
-            # all s as keys/values and produces its r kept queries: r, as the framework counts)
-            self.layer_tokens += int(output.shape[0]) * int(output.shape[1])
+            # all s as keys/values and produces its r kept queries: r, as the framework counts).
+            # BERT's packed layers (PackedTokens, the 5th input) compute the real tokens of a
+            # [b, r] batch only; layer tokens count all b x r positions, padding included.
+            packed = inputs[4] if len(inputs) > 4 else None
+            if packed is not None:
+                self.layer_tokens += packed.batch * packed.seq
+            else:
+                self.layer_tokens += int(output.shape[0]) * int(output.shape[1])
 
     def provider(self):
         """A ``megatron.training.Provider`` with the family's flag checks and these hooks."""
