@@ -213,3 +213,36 @@ def test_tp2_matches_tp1(tmp_path):
     for name, layer, dim in (("emb", emb, 0), ("col", col, 0), ("row", row, 1)):
         gathered = torch.cat([r0["grads"][name], r1["grads"][name]], dim)
         torch.testing.assert_close(gathered, layer.weight.grad)
+
+
+@pytest.mark.parametrize("tp_rank", [None, 0, 1], ids=["tp1", "tp2-rank0", "tp2-rank1"])
+def test_embedding_gradient_goes_sparse_into_an_fp32_main_grad(tp_rank, monkeypatch):
+    """bf16 with fp32 main grads: the lookup's gradient is the looked-up rows only (sparse),
+    summed into main_grad in fp32 (duplicate ids too); ids outside a TP rank's range add
+    nothing (one rank's half alone: the cross-rank sum is left out). Without a main_grad the
+    gradient stays dense, as before."""
+    import megatron.parallel.layers as layers
+    from megatron.parallel.data_parallel import attach_main_grads
+
+    monkeypatch.setattr(layers, "reduce_from_tp_region", lambda tensor, parallel: tensor)
+    parallel = ParallelState() if tp_rank is None else ParallelState(tp_size=2, tp_rank=tp_rank)
+    torch.manual_seed(0)
+    emb = VocabParallelEmbedding(16, 8, init_method=INIT, parallel=parallel,
+                                 params_dtype=torch.bfloat16)
+    ids = torch.tensor([[1, 15, 8, 3, 1], [0, 7, 9, 12, 1]])  # id 1 three times
+    g = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(2, 5, 8, generator=g).to(torch.bfloat16)
+    emb(ids).backward(grad_out)
+    dense = emb.weight.grad
+    assert dense.layout == torch.strided and dense.dtype == torch.bfloat16
+    emb.weight.grad = None
+    attach_main_grads(emb)
+    emb(ids).backward(grad_out)
+    assert emb.weight.grad is None  # the hook took it
+    want = torch.zeros(emb.weight.shape)
+    start = emb.vocab_start_index
+    for i, token in enumerate(ids.flatten().tolist()):
+        if start <= token < emb.vocab_end_index:
+            want[token - start] += grad_out.reshape(-1, 8)[i].float()
+    assert torch.equal(emb.weight.main_grad, want)
+    torch.testing.assert_close(emb.weight.main_grad, dense.float(), atol=2e-2, rtol=0)
