@@ -210,10 +210,8 @@ def test_cli_errors_are_one_line():
             runner.parse_cli(argv)
 
 
-@pytest.mark.slow
-def test_tiny_real_run_writes_the_table(tmp_path):
-    """Two named checkpoints (one tiny pretrained BERT), MNLI, one seed, one short epoch each
-    through the real tasks/main.py: the table holds every run's accuracy."""
+def _tiny_pretrained_bert(tmp_path):
+    """A one-iteration pretraining checkpoint of a 2-layer BERT (hidden 32, seq 64) -> dir."""
     import pretrain_bert
 
     ckpt = str(tmp_path / "bert")
@@ -225,6 +223,14 @@ def test_tiny_real_run_writes_the_table(tmp_path):
         "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr",
         "1e-3", "--mock-data", "--num-workers", "0", "--device", "cpu", "--eval-iters", "0",
         "--save", ckpt], log=lambda *a: None)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_tiny_real_run_writes_the_table(tmp_path):
+    """Two named checkpoints (one tiny pretrained BERT), MNLI, one seed, one short epoch each
+    through the real tasks/main.py: the table holds every run's accuracy."""
+    ckpt = _tiny_pretrained_bert(tmp_path)
     out = str(tmp_path / "runs")
     logs = []
     status = runner.main(["--checkpoint", f"baseline={ckpt}", "--checkpoint", f"again={ckpt}",
@@ -248,6 +254,31 @@ def test_tiny_real_run_writes_the_table(tmp_path):
                         "--task", "MNLI", "--seeds", "1234", "--data-root", TASKS,
                         "--output-dir", out], log=again.append) == 0
     assert sum("finished before, skipped" in line for line in again) == 2
+
+
+def _main_with_sigusr1_at(argv, log_txt, marker, timeout=120):
+    """runner.main(argv) while a thread sends this process SIGUSR1 (as SLURM sends the batch
+    script) once ``marker`` shows in the run's ``log_txt`` -> (status, logged lines)."""
+    import signal
+    import threading
+    import time
+
+    def send():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if os.path.exists(log_txt) and marker in open(log_txt).read():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.01)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    logs = []
+    try:
+        status = runner.main(argv, log=logs.append)
+    finally:
+        sender.join()
+    return status, logs
 
 
 FAKE_PREEMPTIBLE = """\
@@ -279,10 +310,6 @@ def test_sigusr1_stops_the_series_saves_resumes_and_requeues(tmp_path, monkeypat
     """SIGUSR1 (sbatch --signal=B:USR1@300 to the batch script) while a run trains: the run
     gets it, saves and exits 0; no further run starts; the runner asks SLURM to requeue the job;
     started again it resumes that run, and the result keeps the epochs of both starts."""
-    import signal
-    import threading
-    import time
-
     fake = tmp_path / "fake_main.py"
     fake.write_text(f"LOG = {LOG!r}\n" + FAKE_PREEMPTIBLE)
     monkeypatch.setitem(runner.LAUNCHERS, "python", lambda: [sys.executable, str(fake)])
@@ -300,21 +327,7 @@ def test_sigusr1_stops_the_series_saves_resumes_and_requeues(tmp_path, monkeypat
             "--data-root", TASKS, "--output-dir", out, "--save-checkpoints", "--",
             "--epochs", "2"]
 
-    def signal_once_epoch_0_is_logged():
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            if os.path.exists(log_txt) and "epoch: 0" in open(log_txt).read():
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.05)
-
-    sender = threading.Thread(target=signal_once_epoch_0_is_logged)
-    sender.start()
-    logs = []
-    try:
-        status = runner.main(argv, log=logs.append)
-    finally:
-        sender.join()
+    status, logs = _main_with_sigusr1_at(argv, log_txt, "epoch: 0")
     text = "\n".join(logs)
     assert status == 0, text
     assert "stopped by SIGUSR1 (exit status 0); it resumes from its checkpoint" in text
@@ -352,21 +365,7 @@ def test_preempted_series_resumes_to_the_uninterrupted_result(tmp_path):
     """The real tasks/main.py under the runner with --save-checkpoints: SIGUSR1 during a run's
     first epoch saves it and stops the series; the runner started again resumes it, and every
     epoch's metrics equal those of an uninterrupted series."""
-    import signal
-    import threading
-    import time
-
-    import pretrain_bert
-
-    ckpt = str(tmp_path / "bert")
-    model = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-             "--seq-length", "64", "--max-position-embeddings", "64",
-             "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", BERT_VOCAB,
-             "--make-vocab-size-divisible-by", "64"]
-    pretrain_bert.pretrain(pretrain_bert.PROVIDER, argv=model + [
-        "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr",
-        "1e-3", "--mock-data", "--num-workers", "0", "--device", "cpu", "--eval-iters", "0",
-        "--save", ckpt], log=lambda *a: None)
+    ckpt = _tiny_pretrained_bert(tmp_path)
 
     def argv(out):
         return ["--checkpoint", f"base={ckpt}", "--task", "MNLI", "--seeds", "1234",
@@ -379,21 +378,8 @@ def test_preempted_series_resumes_to_the_uninterrupted_result(tmp_path):
     stopped = str(tmp_path / "stopped")
     log_txt = os.path.join(stopped, "base", "MNLI", "seed1234", "log.txt")
 
-    def signal_at_iteration_5():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if os.path.exists(log_txt) and "iteration        5/" in open(log_txt).read():
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
-            time.sleep(0.01)
-
-    sender = threading.Thread(target=signal_at_iteration_5)
-    sender.start()
-    logs = []
-    try:
-        assert runner.main(argv(stopped), log=logs.append) == 0
-    finally:
-        sender.join()
+    status, logs = _main_with_sigusr1_at(argv(stopped), log_txt, "iteration        5/")
+    assert status == 0, "\n".join(logs)
     assert any("stopped by SIGUSR1 (exit status 0)" in line for line in logs), "\n".join(logs)
     assert not os.path.exists(os.path.join(os.path.dirname(log_txt), "result.json"))
     assert runner.main(argv(stopped), log=lambda *a: None) == 0
