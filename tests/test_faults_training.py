@@ -498,3 +498,23 @@ def test_a_failed_point_to_point_wait_names_its_peer():
     assert "from a peer rank" in communication_failure(RuntimeError(gloo_timeout), 10, 0, 8)
     assert communication_failure(RuntimeError("shape mismatch in timed out op"), 10, 0, 2) \
         is None  # not torch.distributed's: keeps its traceback
+
+
+def test_nccl_watchdog_errors_are_one_line():
+    """The texts torch's ProcessGroupNCCL raises when its watchdog times a collective out (and,
+    with TORCH_NCCL_ASYNC_ERROR_HANDLING=2, when a later call meets the aborted communicator)
+    become our one line. Only the classification: no GPU has run the NCCL path here."""
+    import torch.distributed as dist
+
+    from megatron.parallel.initialize import communication_failure
+
+    watchdog = ("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7, "
+                "OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=60000) ran for 60006 "
+                "milliseconds before timing out.")
+    aborted = ("NCCL communicator was aborted on rank 1. Original reason for failure was: "
+               + watchdog)
+    error_type = getattr(dist, "DistBackendError", RuntimeError)
+    for text in (watchdog, aborted):
+        assert communication_failure(error_type(text), 1, rank=1, world_size=4) == (
+            "rank 1: no answer from a peer rank within --distributed-timeout-minutes 1 (a frozen "
+            "or stuck process or node); stopped")
