@@ -742,7 +742,9 @@ class Probe:
             # all s as keys/values and produces its r kept queries: r, as the framework counts).
             # BERT's packed layers (PackedTokens, the 5th input) compute the real tokens of a
             # [b, r] batch only; layer tokens count all b x r positions, padding included.
-            packed = inputs[4] if len(inputs) > 4 else None
+            from megatron.model.transformer import layer_call_packing
+
+            packed = layer_call_packing(inputs)
             if packed is not None:
                 self.layer_tokens += packed.batch * packed.seq
             else:

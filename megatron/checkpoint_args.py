@@ -74,7 +74,7 @@ def apply_checkpoint_args(args, given, log=None):
     root = args.load or pretrained
     if root is None:
         raise UserError("--use-checkpoint-args needs --load (or --pretrained-checkpoint)")
-    if args.load and pretrained and not (os.path.isdir(args.load) and read_tracker(args.load)):
+    if args.load and pretrained and read_tracker(args.load) is None:
         root = pretrained  # a finetune's own --load before its first save: the pretrained one
 
     saved = checkpoint_args(root, ReadOptions.from_args(args))

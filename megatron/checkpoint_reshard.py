@@ -245,8 +245,9 @@ def merge_model(shards, tp_size, pp_size):
 def read_full_model_state(root, iteration=None, flag="--load", reading=ReadOptions()):
     """(full model {name: tensor} with global layer numbers, the checkpoint's ``args``) of the
     Megatron checkpoint directory ``root`` (release or ``iter_*``; ``iteration``: that one
-    instead of the tracker's), merged from every TP/PP shard and interleaved model chunk. One-line UserErrors for a missing
-    directory, tracker or shard, an unreadable file, or shards that do not fit together."""
+    instead of the tracker's), merged from every TP/PP shard and interleaved model chunk.
+    One-line UserErrors for a missing directory, tracker or shard, an unreadable file, or
+    shards that do not fit together."""
     _, _, shards, tp_size, pp_size = load_shards(root, iteration, flag, reading)
     shards, stages = virtual_stages(shards, tp_size, pp_size)
     full = merge_model(shards, tp_size, stages)

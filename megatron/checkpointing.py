@@ -494,7 +494,6 @@ def load_pretrained_weights(root, model, parallel=None, policy=None, log=print,
     line. Every rank reads the files itself (no collectives); ``reading``: how
     (``ReadOptions``: the --unsafe-load-checkpoint and --no-verify-checkpoint flags)."""
     from megatron.checkpoint_reshard import model_state_for_rank, read_full_model_state
-
     from megatron.parallel.pipeline_utils import model_chunks
 
     parallel = parallel or ParallelState()
@@ -520,6 +519,17 @@ def _optimizer_state(ckpt):
     model-only checkpoint: None, an empty dict)."""
     opt = ckpt.get("optimizer")
     return opt if isinstance(opt, dict) and opt else None
+
+
+def _load_weights_from_other_layout(root, iteration, why, model, parallel, policy, log,
+                                    reading):
+    """--finetune (or a release) from a checkpoint whose layout is not this run's (``why``):
+    the weights go through the full model (``load_pretrained_weights``); iteration 0."""
+    log(f"loading model weights from {root} at iteration {iteration} ({why})")
+    ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load",
+                                        reading=reading)
+    log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")
+    return TrainState(), {"args": ckpt_args, "iteration": iteration}
 
 
 def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, parallel=None,
@@ -552,12 +562,9 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
     layout = saved_layout(iteration_dir(root, iteration, release))
     given = (parallel.tp_size, parallel.pp_size)
     if weights_only and layout is not None and layout != given:
-        log(f"loading model weights from {root} at iteration {iteration} (saved with TP "
-            f"{layout[0]} x PP {layout[1]}, this run TP {given[0]} x PP {given[1]})")
-        ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load",
-                                            reading=reading)
-        log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")
-        return TrainState(), {"args": ckpt_args, "iteration": iteration}
+        return _load_weights_from_other_layout(
+            root, iteration, f"saved with TP {layout[0]} x PP {layout[1]}, this run TP "
+            f"{given[0]} x PP {given[1]}", model, parallel, policy, log, reading)
     path = checkpoint_file(root, iteration, parallel.tp_rank, parallel.pp_rank, parallel.pp_size,
                            release=release)
     if not os.path.isfile(path):
@@ -574,14 +581,10 @@ def load_checkpoint(args, model, optimizer, scheduler, tracker=None, log=print, 
     ckpt = read_checkpoint_file(path, reading)
     saved_chunks, run_chunks = _chunk_count(ckpt), len(_model_entry_names(model))
     if weights_only and saved_chunks != run_chunks:
-        # the same TP x PP, other model chunks (--num-layers-per-virtual-pipeline-stage):
-        # the weights go through the full model as from another layout
-        log(f"loading model weights from {root} at iteration {iteration} (saved with "
-            f"{saved_chunks} model chunk(s) per pipeline stage, this run {run_chunks})")
-        ckpt_args = load_pretrained_weights(root, model, parallel, policy, log, flag="--load",
-                                            reading=reading)
-        log(f"  loaded model weights from {root} (finetune: starting from iteration 0)")
-        return TrainState(), {"args": ckpt_args, "iteration": iteration}
+        # the same TP x PP, other model chunks (--num-layers-per-virtual-pipeline-stage)
+        return _load_weights_from_other_layout(
+            root, iteration, f"saved with {saved_chunks} model chunk(s) per pipeline stage, "
+            f"this run {run_chunks}", model, parallel, policy, log, reading)
     entries = _saved_model_entries(ckpt, model, path)
     _check_layout(ckpt.get("args"), args, path)
     if not weights_only and "random_ltd_scheduler" in ckpt:

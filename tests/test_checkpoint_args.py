@@ -12,8 +12,8 @@ from training_helpers import gpt_argv, run
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, data_prefix):
     ckpt = str(tmp_path_factory.mktemp("ckpt") / "gpt")
-    run(gpt_argv(data_prefix, "--save", ckpt, "--untie-embeddings-and-output-weights", "--num-layers", "3",
-                 "--max-position-embeddings", "48", iters=2))
+    run(gpt_argv(data_prefix, "--save", ckpt, "--untie-embeddings-and-output-weights",
+                 "--num-layers", "3", "--max-position-embeddings", "48", iters=2))
     return ckpt
 
 

@@ -13,8 +13,8 @@ token.
   BPE). SentencePiece models stay on ``hf``: gigatoken 0.10's SentencePiece normalizer is not
   sentencepiece's (see ``_NOT_IDENTICAL``). gigatoken was chosen by measurement
   (BENCHMARKS.md): end to end on the benchmark corpus the tool runs about 23x faster per core
-  than with HF tokenizers; it releases the GIL, splits huge documents at pretoken-safe boundaries itself and returns one
-  flat buffer plus offsets.
+  than with HF tokenizers; it releases the GIL, splits huge documents at pretoken-safe
+  boundaries itself and returns one flat buffer plus offsets.
 
 ``choose_backend`` builds the fast backend when asked (or when ``auto`` and it is installed and
 supports the tokenizer) and checks it against the reference on fixed probe strings and the

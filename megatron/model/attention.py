@@ -194,10 +194,8 @@ class _PaddingAttentionWithDropout(torch.autograd.Function):
             columns.append(cols)
             if cols is None:  # no key to attend to: zeros
                 continue
-            ki, vi = _columns(kf[i], cols), _columns(vf[i], cols)  # [np, L, d]
-            probs = torch.softmax(torch.bmm(qs[i], ki.transpose(1, 2)), dim=-1)  # [np, r, L]
-            kept = torch.where(dropout_keep_mask(probs.shape, dropout_p, q.device), probs, 0.0)
-            torch.bmm(kept, vi, out=out[i])
+            probs, kept = _kept_probabilities(qs[i], _columns(kf[i], cols), dropout_p)
+            torch.bmm(kept, _columns(vf[i], cols), out=out[i])  # [np, r, L] x [np, L, d]
             saved += [probs, kept]
         out.mul_(1.0 / (1.0 - dropout_p))
         ctx.save_for_backward(qs, kf, vf, out, *saved)
@@ -217,9 +215,7 @@ class _PaddingAttentionWithDropout(torch.autograd.Function):
                 continue
             probs, kept = next(it), next(it)
             g = grad_out[i]  # [np, r, d]
-            # d scores = P * (keep * inv_keep * dO v^T - rowdot) = kept * (g v^T) - P * rowdot
-            dscores = torch.bmm(g, _columns(vf[i], cols).transpose(1, 2))  # [np, r, L]
-            dscores.mul_(kept).addcmul_(probs, rowdot[i], value=-1.0)
+            dscores = _score_gradient(g, _columns(vf[i], cols), probs, kept, rowdot[i])
             torch.bmm(dscores, _columns(kf[i], cols), out=dq[i])
             if isinstance(cols, int):
                 torch.bmm(kept.transpose(1, 2), g, out=dv[i, :, :cols])
@@ -230,6 +226,22 @@ class _PaddingAttentionWithDropout(torch.autograd.Function):
         dq.mul_(ctx.scale)
         dtype = ctx.in_dtype
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
+
+
+def _kept_probabilities(qs, k, dropout_p: float):
+    """One sequence's attention probabilities ``P = softmax(qs k^T)`` [np, r_q, L] and ``P *
+    keep``, its dropped-out copy without the 1 / (1 - p) scale (the per-sample kernels' forward;
+    ``qs`` [np, r_q, d] already scaled, ``k`` [np, L, d])."""
+    probs = torch.softmax(torch.bmm(qs, k.transpose(1, 2)), dim=-1)
+    kept = torch.where(dropout_keep_mask(probs.shape, dropout_p, qs.device), probs, 0.0)
+    return probs, kept
+
+
+def _score_gradient(g, v, probs, kept, rowdot):
+    """The scores' gradient of one sequence (the per-sample kernels' backward), ``g`` the
+    output gradient already times 1 / (1 - p), ``rowdot`` = sum_j P_ij dP_ij:
+    d scores = P * (keep * inv_keep * dO v^T - rowdot) = kept * (g v^T) - P * rowdot."""
+    return torch.bmm(g, v.transpose(1, 2)).mul_(kept).addcmul_(probs, rowdot, value=-1.0)
 
 
 def _unmasked_columns(masked: torch.Tensor):
@@ -284,10 +296,9 @@ class _VarlenAttentionWithDropout(torch.autograd.Function):
         out = torch.empty(heads, n, d, dtype=dtype, device=q.device)
         saved = []
         for start, end in bounds:
-            probs = torch.softmax(torch.bmm(qs[:, start:end], kf[:, start:end].transpose(1, 2)),
-                                  dim=-1)  # [np, L, L]
-            kept = torch.where(dropout_keep_mask(probs.shape, dropout_p, q.device), probs, 0.0)
-            out[:, start:end] = torch.bmm(kept, vf[:, start:end])
+            seg = slice(start, end)
+            probs, kept = _kept_probabilities(qs[:, seg], kf[:, seg], dropout_p)  # [np, L, L]
+            out[:, seg] = torch.bmm(kept, vf[:, seg])
             saved += [probs, kept]
         out.mul_(1.0 / (1.0 - dropout_p))
         ctx.save_for_backward(qs, kf, vf, out, *saved)
@@ -303,10 +314,9 @@ class _VarlenAttentionWithDropout(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(kf), torch.empty_like(vf)
         for i, (start, end) in enumerate(ctx.bounds):
             probs, kept = saved[2 * i], saved[2 * i + 1]
-            g, seg = grad_out[:, start:end], slice(start, end)
-            # d scores = P * (keep * inv_keep * dO v^T - rowdot) = kept * (g v^T) - P * rowdot
-            dscores = torch.bmm(g, vf[:, seg].transpose(1, 2))  # [np, L, L]
-            dscores.mul_(kept).addcmul_(probs, rowdot[:, seg], value=-1.0)
+            seg = slice(start, end)
+            g = grad_out[:, seg]
+            dscores = _score_gradient(g, vf[:, seg], probs, kept, rowdot[:, seg])  # [np, L, L]
             dq[:, seg] = torch.bmm(dscores, kf[:, seg])
             dk[:, seg] = torch.bmm(dscores.transpose(1, 2), qs[:, seg])
             dv[:, seg] = torch.bmm(kept.transpose(1, 2), g)

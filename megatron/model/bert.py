@@ -28,6 +28,7 @@ from megatron.model.config import TransformerConfig
 from megatron.model.heads import BertLMHead, linear_layer
 from megatron.model.language_model import TransformerLanguageModel
 from megatron.model.module import LanguageModule
+from megatron.model.transformer import layer_call_packing
 from megatron.model.utils import seeded_init
 from megatron.parallel.state import ParallelState
 
@@ -74,7 +75,7 @@ class BertModel(LanguageModule):
         # Fires on the layer's forward (and again under full recompute in backward, when no
         # capture is armed).
         if self._penultimate is not None:
-            hidden, packed = args[0], args[4] if len(args) > 4 else None
+            hidden, packed = args[0], layer_call_packing(args)
             if packed is not None:  # the real tokens only (PackedTokens): back to [b, s, h]
                 hidden = packed.unpack(hidden)
             self._penultimate.append(hidden)

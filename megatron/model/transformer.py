@@ -163,6 +163,13 @@ class PackedTokens:
         return flat.index_copy(0, self.index, packed[0]).view(self.batch, self.seq, *tail)
 
 
+def layer_call_packing(args) -> Optional[PackedTokens]:
+    """For a forward (pre-)hook on a ``ParallelTransformerLayer``: the ``PackedTokens`` its call
+    got (the block passes it as the 5th positional input), or None when the layer ran on the
+    padded batch."""
+    return args[4] if len(args) > 4 else None
+
+
 class ParallelAttention(nn.Module):
     """Self-attention: fused QKV projection, (rope), SDPA (or the CPU kernels of
     ``megatron.model.attention`` for dropout on CPU), output projection.

@@ -146,7 +146,8 @@ def broadcast_from_first(model: nn.Module, group) -> None:
 
 def allreduce_gradients(module: nn.Module, group, bucket_cap_mb: float = 25) -> None:
     """Average the gradients of ``module``'s parameters over ``group`` (what DDP computes), in
-    buckets of at most ``bucket_cap_mb`` (one parameter larger than that is its own bucket).
+    the buckets of about ``bucket_cap_mb`` that ``OverlappedGradReducer`` uses (``_buckets``),
+    one after the other, after backward.
 
     The gradient is ``main_grad`` where a parameter has one, else ``.grad`` (None counts as
     zero). As DDP's reducer, each gradient is multiplied by ``1 / world`` before the
@@ -154,26 +155,8 @@ def allreduce_gradients(module: nn.Module, group, bucket_cap_mb: float = 25) -> 
     first overflows (two ranks at 40000 give inf in fp16; their average is 40000), which the
     fp16 optimizer would take for an overflow of the step. bf16 gradients are reduced in fp32
     and rounded once, as ``allreduce_hook`` does for DDP's buckets."""
-    cap = max(1, int(bucket_cap_mb * 1024 * 1024))
-    pending = {}  # dtype -> (grads, bytes)
-
-    def flush(grads):
-        _BucketReduction(grads, group).wait()
-
-    for param in module.parameters():
-        if not param.requires_grad:
-            continue
-        grad = grad_buffer(param, zeros_if_missing=True)
-        grads, size = pending.get(grad.dtype, ([], 0))
-        grads.append(grad)
-        size += grad.numel() * 4  # the bytes of the fp32 (or narrower) reduction buffer
-        if size >= cap:
-            flush(grads)
-            grads, size = [], 0
-        pending[grad.dtype] = (grads, size)
-    for grads, _ in pending.values():
-        if grads:
-            flush(grads)
+    for bucket in _buckets(module, bucket_cap_mb):
+        _BucketReduction([grad_buffer(p, zeros_if_missing=True) for p in bucket], group).wait()
 
 
 class _BucketReduction:
@@ -220,8 +203,7 @@ class OverlappedGradReducer:
                  on_start: Optional[Callable[[int], None]] = None):
         self.group = group
         self.on_start = on_start
-        self.buckets = _buckets([p for p in module.parameters() if p.requires_grad],
-                                max(1, int(bucket_cap_mb * 1024 * 1024)))
+        self.buckets = _buckets(module, bucket_cap_mb)
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.syncing = True
         self._reset()
@@ -270,11 +252,13 @@ class OverlappedGradReducer:
         self._reset()
 
 
-def _buckets(params, cap_bytes):
-    """Parameters in reverse order, cut into buckets of one dtype and at most ``cap_bytes``
-    (counted as fp32; a larger parameter is a bucket of its own)."""
+def _buckets(module, bucket_cap_mb):
+    """``module``'s trainable parameters in reverse order, cut into buckets of one gradient
+    dtype and about ``bucket_cap_mb`` (counted as fp32; a larger parameter is a bucket of its
+    own)."""
+    cap_bytes = max(1, int(bucket_cap_mb * 1024 * 1024))
     buckets, size, dtype = [], 0, None
-    for param in reversed(params):
+    for param in reversed([p for p in module.parameters() if p.requires_grad]):
         grad_dtype = torch.float32 if getattr(param, "main_grad", None) is not None \
             else param.dtype
         if not buckets or grad_dtype != dtype or size >= cap_bytes:
