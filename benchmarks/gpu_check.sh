@@ -5,12 +5,13 @@
 #
 # 1. the CUDA-only tests (RNG kept tokens CPU == CUDA, TokenBypass on CUDA, ZeRO-1 resume with
 #    fused AdamW on one NCCL rank) and the model/attention tests on whatever device they pick;
+#    then a frozen peer under NCCL (2 ranks, --distributed-timeout-minutes 0.5): one line, no hang;
 # 2. a 20-iteration bf16 pretrain_gpt.py run on the GPU (mock data, random-LTD on), which also
 #    saves, resumes and checks the resumed loss;
 # 3. the HF train-step comparison (GPT-2 small, batch 8, bf16 and fp32) and the random-LTD
 #    step-time benchmark in bf16.
 # Each part writes its log to OUT_DIR and the script goes on after a failure; the summary at
-# the end lists what failed. About 6-8 minutes on one H100-class GPU (most of it the two
+# the end lists what failed. About 7-9 minutes on one H100-class GPU (most of it the two
 # benchmarks). Needs torch with CUDA and `pip install -e ".[test,hf]"`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,9 @@ part() {  # part NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember a failu
 
 part cuda_tests "$PY" -m pytest -q -rs tests/test_ltd_dropping.py tests/test_ltd_tokenbypass.py \
     tests/test_data_parallel.py tests/test_attention.py tests/test_model_numerics.py
+# 2 NCCL ranks (one GPU: both on it, as two NCCL hosts), rank 1 frozen: rank 0 must end in one
+# line within --distributed-timeout-minutes 0.5 and a little (about a minute in all)
+part nccl_frozen_peer "$PY" -m pytest -q -rs tests/test_faults_training.py -k under_nccl
 
 CKPT="$OUT_DIR/ckpt"
 rm -rf "$CKPT"

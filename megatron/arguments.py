@@ -564,7 +564,7 @@ def _add_distributed_args(parser):
                    help="Layers per pipeline stage, e.g. 3,5 (default: even split).")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--distributed-backend", default=None, choices=["nccl", "gloo"],
-                   help="Default: nccl on GPU, gloo on CPU.")
+                   help="Default: nccl when the run's --device is a GPU, else gloo.")
     g.add_argument("--local_rank", "--local-rank", type=int, default=None)
     g.add_argument("--distributed-timeout-minutes", type=float, default=10,
                    help="Bound on every collective and point-to-point wait: a frozen or dead "

@@ -13,12 +13,25 @@ import torch
 from megatron.errors import UserError
 
 
-def select_device(device=None):
-    """``--device`` if given, else CUDA when available, else CPU."""
+def requested_device(device=None) -> str:
+    """What ``select_device`` will resolve: ``--device`` if given, else $MEGATRON_DEVICE, else
+    "cuda" when available, else "cpu" (no CUDA call beyond ``is_available``)."""
     if device is None:
         device = os.environ.get("MEGATRON_DEVICE")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def default_distributed_backend(device=None) -> str:
+    """--distributed-backend's default: nccl where the run's device is a GPU, else gloo (also
+    for --device cpu on a GPU node, where NCCL could not move the CPU tensors)."""
+    return "nccl" if requested_device(device).startswith("cuda") else "gloo"
+
+
+def select_device(device=None):
+    """``--device`` if given, else CUDA when available, else CPU."""
+    device = requested_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
     if device == "cuda":

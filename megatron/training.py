@@ -37,14 +37,15 @@ from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, 
 from megatron.dist_signal_handler import (DistributedSignalHandler, end_data_workers,
                                           exit_signals)
 from megatron.errors import UserError
-from megatron.initialize import select_device, set_random_seed
+from megatron.initialize import (default_distributed_backend, select_device,
+                                 set_random_seed)
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
 from megatron.parallel.data_parallel import (OverlappedGradReducer, attach_main_grads,
                                              is_data_parallel, no_sync_factory,
                                              wrap_data_parallel, zero_main_grads)
-from megatron.parallel.initialize import (build_parallel_state, comm_device,
-                                          communication_failure, init_process_group,
-                                          read_distributed_env)
+from megatron.parallel.initialize import (BackendFailureWatch, build_parallel_state,
+                                          comm_device, communication_failure,
+                                          init_process_group, read_distributed_env)
 from megatron.parallel.layers import allreduce_sequence_parallel_grads
 from megatron.parallel.pipeline_utils import (allreduce_embedding_grads, build_model_chunks,
                                               initialize_embedding_tie)
@@ -145,7 +146,9 @@ def run_pretraining(args, provider, log=print_rank_0):
     With --exit-signal-handler the whole run (setup included) records SIGTERM / --exit-signal /
     SIGINT, which the loop honours at the next iteration's end. A collective or point-to-point
     wait that outlives --distributed-timeout-minutes, or a peer that died, ends this rank with
-    one line (a UserError) instead of a hang or a gloo traceback."""
+    one line (a UserError) instead of a hang or a gloo traceback; under NCCL, whose watchdog
+    finds the timeout on its own thread, a ``BackendFailureWatch`` prints that line and exits
+    before torch's C++ abort."""
     start_time = time.time()
     handler = DistributedSignalHandler(exit_signals(args) or ())
     env = read_distributed_env()
@@ -153,13 +156,15 @@ def run_pretraining(args, provider, log=print_rank_0):
     timeout = args.distributed_timeout_minutes
     try:
         if started_here:
-            init_process_group(env, args.distributed_backend, timeout_minutes=timeout)
+            init_process_group(env, args.distributed_backend
+                               or default_distributed_backend(args.device),
+                               timeout_minutes=timeout)
         elif args.deepspeed:  # the engine needs a process group, even for one process
             from megatron.ds.engine import start_single_process_group
 
             start_single_process_group()
-        with handler:
-            return _run_pretraining(args, provider, log, start_time, handler)
+        with handler, BackendFailureWatch(timeout, env.rank, env.world_size) as watch:
+            return _run_pretraining(args, provider, log, start_time, handler, watch)
     except RuntimeError as err:
         failure = communication_failure(err, timeout, env.rank, env.world_size)
         if failure is None:
@@ -170,12 +175,14 @@ def run_pretraining(args, provider, log=print_rank_0):
             torch.distributed.destroy_process_group()
 
 
-def _run_pretraining(args, provider, log, start_time, signal_handler=None):
+def _run_pretraining(args, provider, log, start_time, signal_handler=None, failure_watch=None):
     device = select_device(args.device)
     args.device = str(device)
     parallel = build_parallel_state(args.tensor_model_parallel_size,
                                     args.pipeline_model_parallel_size,
                                     timeout_minutes=args.distributed_timeout_minutes)
+    if failure_watch is not None and torch.distributed.is_initialized():
+        failure_watch.add([torch.distributed.group.WORLD, *parallel.process_groups()])
     # As Megatron (_set_random_seed): every pipeline stage gets its own seed, seed + 100 * pp,
     # for the default generator and the tracker (different dropout streams per stage);
     # tensor-parallel ranks share the default one, so replicated regions drop the same units.

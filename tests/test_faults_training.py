@@ -292,9 +292,9 @@ def _tensors(tree):
 # --distributed-timeout-minutes: a frozen or dead peer ends the other ranks in one line
 
 
-def launch_ranks(argv, world_size=2):
-    """pretrain_gpt.py on ``world_size`` gloo ranks as torchrun starts them (rank 0's stdout
-    piped, the others' discarded); every rank's stderr is piped."""
+def launch_ranks(argv, world_size=2, rank_env=lambda rank: {}):
+    """pretrain_gpt.py on ``world_size`` ranks as torchrun starts them (rank 0's stdout piped,
+    the others' discarded); every rank's stderr is piped; ``rank_env(rank)`` adds variables."""
     from distributed_harness import free_port
 
     port = str(free_port())
@@ -302,7 +302,7 @@ def launch_ranks(argv, world_size=2):
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1",
-                   OMP_NUM_THREADS="1")
+                   OMP_NUM_THREADS="1", **rank_env(rank))
         procs.append(subprocess.Popen(
             [sys.executable, "pretrain_gpt.py", *map(str, argv)], cwd=ROOT, env=env,
             stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
@@ -349,6 +349,41 @@ def test_a_frozen_or_dead_peer_ends_the_other_rank_in_one_line(data_prefix, faul
         assert waited < 30, waited
         assert line == ("error: rank 0: lost the connection to rank 1 (its process ended or "
                         "its node went away); stopped")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL)")
+def test_a_frozen_peer_under_nccl_ends_the_other_rank_in_one_line(data_prefix):
+    """The NCCL half: rank 1 frozen (SIGSTOP) under --distributed-timeout-minutes 0.5. torch's
+    watchdog finds the timed-out collective on its own thread and would abort the process from
+    C++ a minute later; the BackendFailureWatch ends rank 0 first, with exit status 2 and our
+    line last on stderr (torch's own log lines come before it).
+
+    With one GPU both ranks share it, each with its own NCCL_HOSTID: NCCL refuses two ranks of
+    one host on one GPU ("Duplicate GPU detected"); as two hosts they talk through its socket
+    transport (InfiniBand off)."""
+    argv = gpt_argv(data_prefix, "--device", "cuda", "--log-interval", "1",
+                    "--eval-interval", "1000", "--distributed-timeout-minutes", "0.5",
+                    iters=100000)
+    one_gpu = torch.cuda.device_count() < 2
+    procs = launch_ranks(argv, rank_env=lambda rank: (
+        {"NCCL_HOSTID": f"megatron-ltd-test-{rank}", "NCCL_IB_DISABLE": "1"} if one_gpu
+        else {}))
+    try:
+        _wait_for_line(procs[0], " iteration        3/", timeout=300)
+        procs[1].send_signal(signal.SIGSTOP)
+        start = time.time()
+        _, err = procs[0].communicate(timeout=240)
+        waited = time.time() - start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    assert procs[0].returncode == 2, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: rank 0: no answer from rank 1 within --distributed-timeout-minutes 0.5 (a "
+        "frozen or stuck process or node); stopped"), err[-3000:]
+    assert 25 < waited < 30 + 45, waited  # before torch's own abort, a minute after the timeout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,3 +553,166 @@ def test_nccl_watchdog_errors_are_one_line():
         assert communication_failure(error_type(text), 1, rank=1, world_size=4) == (
             "rank 1: no answer from a peer rank within --distributed-timeout-minutes 1 (a frozen "
             "or stuck process or node); stopped")
+
+
+# ---------------------------------------------------------------------------------------------
+# BackendFailureWatch: an NCCL failure found on torch's watchdog thread becomes our one line
+
+
+class _FakeNcclBackend:
+    """What the watch reads of a ProcessGroupNCCL: ``get_error()``."""
+
+    def __init__(self):
+        from torch._C._distributed_c10d import ErrorType
+
+        self.error = ErrorType.SUCCESS
+
+    def get_error(self):
+        return self.error
+
+
+class _FakeGroup:
+    def __init__(self, backend):
+        self.backend = backend
+
+    def _get_backend(self, device):
+        assert device.type == "cuda"
+        return self.backend
+
+
+_WATCH_SCRIPT = """
+import sys, threading, time
+from torch._C._distributed_c10d import ErrorType
+sys.path.insert(0, sys.argv[1])
+from test_faults_training import _FakeGroup, _FakeNcclBackend
+from megatron.parallel.initialize import BackendFailureWatch
+
+backend = _FakeNcclBackend()
+watch = BackendFailureWatch(0.5, rank=0, world_size=2, interval=0.05)
+assert watch.add([_FakeGroup(backend), None]) == 1
+print("iteration 3", flush=True)
+threading.Timer(0.3, setattr, (backend, "error", ErrorType.TIMEOUT)).start()
+time.sleep(120)  # the main thread blocked in C++, as in a CUDA synchronisation
+print("not reached", flush=True)
+"""
+
+
+def test_the_watch_ends_a_process_whose_main_thread_is_blocked(tmp_path):
+    """The main thread never returns from its wait (as a CUDA synchronisation behind a frozen
+    peer's collective); when the backend reports the timeout the process ends within moments,
+    status 2, our line last on stderr, what was printed before kept."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [ROOT, os.environ.get("PYTHONPATH", "")]))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", _WATCH_SCRIPT, os.path.dirname(__file__)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert time.time() - start < 30
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "iteration 3\n"
+    assert proc.stderr.strip().splitlines() == [
+        "error: rank 0: no answer from rank 1 within --distributed-timeout-minutes 0.5 (a "
+        "frozen or stuck process or node); stopped"]
+
+
+@pytest.mark.parametrize("error,line", [
+    ("TIMEOUT", "rank 2: no answer from a peer rank within --distributed-timeout-minutes 10 (a "
+                "frozen or stuck process or node); stopped"),
+    ("COMM_ERROR", "rank 2: NCCL reported a communication error with a peer rank (a process "
+                   "ended, or a GPU or network link failed); stopped"),
+    ("REMOTE_ERROR", "rank 2: another rank reported an NCCL failure; stopped"),
+], ids=["timeout", "comm-error", "remote-error"])
+def test_the_watch_names_each_nccl_failure(capsys, error, line):
+    import threading
+
+    from torch._C._distributed_c10d import ErrorType
+
+    from megatron.parallel.initialize import BackendFailureWatch
+
+    healthy, failing = _FakeNcclBackend(), _FakeNcclBackend()
+    exited = threading.Event()
+    codes = []
+
+    def exit(code):
+        codes.append(code)
+        exited.set()
+
+    with BackendFailureWatch(10, rank=2, world_size=4, interval=0.01, exit=exit) as watch:
+        group = _FakeGroup(failing)
+        assert watch.add([_FakeGroup(healthy), group, group]) == 2  # each backend once
+        assert not exited.wait(0.1)  # healthy: nothing happens
+        failing.error = getattr(ErrorType, error)
+        assert exited.wait(10)
+    assert codes == [2]
+    assert capsys.readouterr().err == f"error: {line}\n"
+
+
+@pytest.mark.parametrize("handling", ["0", "2"])
+def test_the_watch_stays_off_where_nccl_leaves_the_process_alive(monkeypatch, handling):
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING 0 or 2: NCCL does not tear the process down (the caller
+    handles errors, and a call on the aborted communicator raises in Python): no thread."""
+    from megatron.parallel.initialize import BackendFailureWatch
+
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", handling)
+    backend = _FakeNcclBackend()
+    with BackendFailureWatch(10, 0, 2, interval=0.01,
+                             exit=lambda code: pytest.fail("exited")) as watch:
+        assert watch.add([_FakeGroup(backend)]) == 1
+        assert watch._thread is None
+
+
+def test_gloo_groups_are_not_watched():
+    """gloo's waits raise in the calling thread (communication_failure reads them); its backend
+    has no error state to poll, so a gloo run starts no watch thread."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from megatron.parallel.initialize import BackendFailureWatch
+
+    started_here = not dist.is_initialized()
+    if started_here:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        group = dist.new_group([0], timeout=datetime.timedelta(seconds=30))
+        with BackendFailureWatch(10, 0, 1) as watch:
+            assert watch.add([dist.group.WORLD, group]) == 0
+            assert watch._thread is None
+    finally:
+        if started_here:
+            dist.destroy_process_group()
+
+
+def test_a_store_key_a_frozen_peer_never_set_is_a_timeout():
+    """NCCL's communicator set-up reads its unique id from the store: a peer frozen before
+    setting it ends the wait with the store's "wait timeout after ...ms", the timeout line."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from distributed_harness import free_port
+    from megatron.parallel.initialize import communication_failure
+
+    store = dist.TCPStore("127.0.0.1", free_port(), 1, True,
+                          timeout=datetime.timedelta(milliseconds=200))
+    with pytest.raises(dist.DistStoreError) as err:
+        store.get("nccl-unique-id")
+    assert communication_failure(err.value, 1, rank=0, world_size=2) == (
+        "rank 0: no answer from rank 1 within --distributed-timeout-minutes 1 (a frozen or "
+        "stuck process or node); stopped")
+
+
+def test_the_default_backend_follows_the_device(monkeypatch):
+    """--distributed-backend's default: nccl for a GPU run, gloo for --device cpu even where a
+    GPU is visible (NCCL cannot move CPU tensors)."""
+    from megatron.initialize import default_distributed_backend
+
+    monkeypatch.delenv("MEGATRON_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_distributed_backend(None) == "nccl"
+    assert default_distributed_backend("cuda:1") == "nccl"
+    assert default_distributed_backend("cpu") == "gloo"
+    monkeypatch.setenv("MEGATRON_DEVICE", "cpu")
+    assert default_distributed_backend(None) == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("MEGATRON_DEVICE")
+    assert default_distributed_backend(None) == "gloo"

@@ -154,3 +154,12 @@ def test_select_device_makes_the_chosen_gpu_current(monkeypatch):
     assert select_device("cuda") == torch.device("cuda", 0)  # one GPU bound to this task
     assert select_device("cpu") == torch.device("cpu")
     assert calls == [("set_device", torch.device("cuda", 0))]
+
+
+def test_process_groups_lists_each_existing_group_once():
+    from megatron.parallel.state import ParallelState
+
+    tp, dp = object(), object()  # stand-ins: only identity matters
+    state = ParallelState(tp_size=2, tp_group=tp, dp_size=2, dp_group=dp, mp_group=tp)
+    assert state.process_groups() == (tp, dp)
+    assert ParallelState().process_groups() == ()

@@ -207,8 +207,9 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None,
 
 # What gloo says when a wait outlives the process group's timeout, and when a peer's process
 # went away (its sockets closed); NCCL's watchdog says "Watchdog caught collective operation
-# timeout" and the store "Timed out after ... waiting for clients".
-_TIMEOUT_MARKERS = ("Timed out", "timed out", "operation timeout")
+# timeout", the store "Timed out after ... waiting for clients" at start-up and "wait timeout
+# after ...ms, keys: ..." for a key a frozen peer never set (NCCL's communicator set-up).
+_TIMEOUT_MARKERS = ("Timed out", "timed out", "operation timeout", "wait timeout")
 _LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                       "Connection refused")
 
@@ -245,14 +246,124 @@ def communication_failure(err: BaseException, timeout_minutes: float, rank: int,
     lost = any(marker in text for marker in _LOST_PEER_MARKERS)
     if not (timed_out or lost):
         return None
+    return _failure_line("timeout" if timed_out else "lost", rank, peer, world_size,
+                         timeout_minutes)
+
+
+def _failure_line(kind: str, rank: int, peer: Optional[int], world_size: int,
+                  timeout_minutes: float) -> str:
+    """The one line for a failed wait: ``kind`` is "timeout", "lost" (the peer's process or
+    node went away), "nccl" (an NCCL error) or "remote" (another rank reported a failure)."""
     if peer is None and world_size == 2:
         peer = 1 - rank
     who = f"rank {peer}" if peer is not None else "a peer rank"
-    if timed_out:
-        return (f"rank {rank}: no answer from {who} within --distributed-timeout-minutes "
-                f"{timeout_minutes:g} (a frozen or stuck process or node); stopped")
-    return (f"rank {rank}: lost the connection to {who} (its process ended or its node went "
-            f"away); stopped")
+    reason = {
+        "timeout": f"no answer from {who} within --distributed-timeout-minutes "
+                   f"{timeout_minutes:g} (a frozen or stuck process or node)",
+        "lost": f"lost the connection to {who} (its process ended or its node went away)",
+        "nccl": f"NCCL reported a communication error with {who} (a process ended, or a GPU "
+                f"or network link failed)",
+        "remote": "another rank reported an NCCL failure",
+    }[kind]
+    return f"rank {rank}: {reason}; stopped"
+
+
+# torch's ProcessGroupNCCL finds a collective that outlived the timeout (or an NCCL error) on
+# its own watchdog thread while the Python thread sits in a CUDA synchronisation and never sees
+# an exception. With TORCH_NCCL_ASYNC_ERROR_HANDLING unset (3) or 1 the watchdog then logs,
+# sleeps for the flight recorder's dump (4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC, a minute by
+# default) and aborts the process from C++: SIGABRT and a C++ stack, no line of ours. The backend
+# records the failure (``get_error()``) before that sleep, so a Python thread that polls it ends
+# the process first, with the one line. Values 0 and 2 leave the process alive (the caller
+# handles errors); the watch then stays off, and a later call on the aborted communicator raises
+# in Python, which ``communication_failure`` reads.
+_ERROR_KINDS = {"TIMEOUT": "timeout", "COMM_ERROR": "nccl", "REMOTE_ERROR": "remote"}
+
+
+class BackendFailureWatch:
+    """While open, a daemon thread asks every watched process group's NCCL backend for its
+    error state each ``interval`` seconds; at the first failure it prints our one line
+    (``error: rank R: no answer from rank P within --distributed-timeout-minutes T ...``) on
+    stderr and ends the process with status 2 (``exit``, ``os._exit`` by default: the main
+    thread may be blocked in C++ and cannot be interrupted).
+
+    Groups without such a backend (gloo, whose waits raise in the calling thread, or a torch
+    without ``get_error``) are not watched; with none to watch no thread starts."""
+
+    def __init__(self, timeout_minutes: float, rank: int, world_size: int,
+                 interval: float = 1.0, exit=os._exit):
+        import threading
+
+        self.timeout_minutes, self.rank, self.world_size = timeout_minutes, rank, world_size
+        self.interval, self._exit = interval, exit
+        self._backends = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+
+    @staticmethod
+    def enabled() -> bool:
+        """False where TORCH_NCCL_ASYNC_ERROR_HANDLING asks NCCL to leave the process alive."""
+        return os.environ.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3").strip() not in ("0", "2")
+
+    def add(self, groups) -> int:
+        """Watch the NCCL backends of ``groups`` (process groups; None entries are skipped);
+        returns how many backends are watched in all."""
+        import threading
+
+        import torch
+
+        found = []
+        for group in groups:
+            if group is None:
+                continue
+            try:
+                backend = group._get_backend(torch.device("cuda"))
+            except (RuntimeError, AttributeError, ValueError):
+                continue
+            if callable(getattr(backend, "get_error", None)):
+                found.append(backend)
+        with self._lock:
+            self._backends.extend(b for b in found if all(b is not w for w in self._backends))
+            if self._backends and self._thread is None and self.enabled():
+                self._thread = threading.Thread(target=self._run, name="megatron-nccl-watch",
+                                                daemon=True)
+                self._thread.start()
+            return len(self._backends)
+
+    def _failure(self) -> Optional[str]:
+        with self._lock:
+            backends = list(self._backends)
+        for backend in backends:
+            kind = _ERROR_KINDS.get(getattr(backend.get_error(), "name", "SUCCESS"))
+            if kind is not None:
+                return _failure_line(kind, self.rank, None, self.world_size,
+                                     self.timeout_minutes)
+        return None
+
+    def _run(self):
+        import sys
+
+        while not self._stop.wait(self.interval):
+            line = self._failure()
+            if line is not None:
+                sys.stdout.flush()
+                print(f"error: {line}", file=sys.stderr, flush=True)
+                self._exit(2)
+                return
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 def comm_device():

@@ -59,6 +59,16 @@ class ParallelState:
             if size < 1 or not 0 <= rank < size:
                 raise ValueError(f"bad parallel layout: {name}_size={size}, {name}_rank={rank}")
 
+    def process_groups(self) -> Tuple[Any, ...]:
+        """This process's groups (tensor, pipeline, data, embedding, model parallel), each
+        once, those that exist."""
+        groups = []
+        for group in (self.tp_group, self.pp_group, self.dp_group, self.embedding_group,
+                      self.mp_group):
+            if group is not None and all(group is not g for g in groups):
+                groups.append(group)
+        return tuple(groups)
+
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size * self.dp_size
