@@ -324,7 +324,9 @@ class BackendFailureWatch:
             if callable(getattr(backend, "get_error", None)):
                 found.append(backend)
         with self._lock:
-            self._backends.extend(b for b in found if all(b is not w for w in self._backends))
+            for backend in found:
+                if all(backend is not watched for watched in self._backends):
+                    self._backends.append(backend)
             if self._backends and self._thread is None and self.enabled():
                 self._thread = threading.Thread(target=self._run, name="megatron-nccl-watch",
                                                 daemon=True)
@@ -335,7 +337,11 @@ class BackendFailureWatch:
         with self._lock:
             backends = list(self._backends)
         for backend in backends:
-            kind = _ERROR_KINDS.get(getattr(backend.get_error(), "name", "SUCCESS"))
+            try:
+                error = backend.get_error()
+            except RuntimeError:  # a backend being shut down has nothing more to say
+                continue
+            kind = _ERROR_KINDS.get(getattr(error, "name", "SUCCESS"))
             if kind is not None:
                 return _failure_line(kind, self.rank, None, self.world_size,
                                      self.timeout_minutes)
