@@ -370,7 +370,12 @@ def test_a_frozen_peer_under_nccl_ends_the_other_rank_in_one_line(data_prefix):
         {"NCCL_HOSTID": f"megatron-ltd-test-{rank}", "NCCL_IB_DISABLE": "1"} if one_gpu
         else {}))
     try:
-        _wait_for_line(procs[0], " iteration        3/", timeout=300)
+        try:
+            _wait_for_line(procs[0], " iteration        3/", timeout=300)
+        except AssertionError as no_start:  # e.g. NCCL refusing the set-up: show why
+            procs[0].kill()
+            raise AssertionError(f"{no_start}\nrank 0's stderr:\n"
+                                 f"{procs[0].communicate()[1][-3000:]}") from None
         procs[1].send_signal(signal.SIGSTOP)
         start = time.time()
         _, err = procs[0].communicate(timeout=240)
