@@ -4,6 +4,7 @@ stops the run without saving it, bad data ends in one line, crafted index caches
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -352,6 +353,37 @@ def test_a_frozen_or_dead_peer_ends_the_other_rank_in_one_line(data_prefix, faul
 
 
 @pytest.mark.slow
+def test_a_frozen_first_stage_ends_every_other_rank_of_four_in_one_line(data_prefix):
+    """4 gloo ranks, 2 pipeline stages x 2 data-parallel replicas; rank 0 (stage 0 of replica
+    0) frozen. Its pipeline peer times out on it (and names it); the other two wait on ranks
+    that gave up, through connections closed by that timeout: each ends in one line too, exit
+    status 2, within the timeout and a little. (Before, the last of them ended in a traceback:
+    gloo's "Application timeout caused pair closure" was not recognised.)"""
+    argv = gpt_argv(data_prefix, "--log-interval", "1", "--eval-interval", "1000",
+                    "--pipeline-model-parallel-size", "2", "--global-batch-size", "8",
+                    "--distributed-timeout-minutes", "0.5", iters=100000)
+    procs = launch_ranks(argv, world_size=4)
+    try:
+        _wait_for_line(procs[0], " iteration        3/")
+        procs[0].send_signal(signal.SIGSTOP)
+        start = time.time()
+        ends = {rank: (*one_line_error(procs[rank], timeout=180), time.time() - start)
+                for rank in (1, 2, 3)}
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    for rank, (status, line, waited) in ends.items():
+        # rank 0 is named where the wait was a point-to-point one on it (rank 2's receive; it
+        # may as well have been in a collective, by timing)
+        assert status == 2 and re.fullmatch(
+            rf"error: rank {rank}: no answer from (a peer rank|rank 0) within "
+            r"--distributed-timeout-minutes 0\.5 \(a frozen or stuck process or node\); stopped",
+            line), ends
+        assert 25 < waited < 120, ends
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL)")
 def test_a_frozen_peer_under_nccl_ends_the_other_rank_in_one_line(data_prefix):
     """The NCCL half: rank 1 frozen (SIGSTOP) under --distributed-timeout-minutes 0.5. torch's
@@ -538,6 +570,11 @@ def test_a_failed_point_to_point_wait_names_its_peer():
     assert "from a peer rank" in communication_failure(RuntimeError(gloo_timeout), 10, 0, 8)
     assert communication_failure(RuntimeError("shape mismatch in timed out op"), 10, 0, 2) \
         is None  # not torch.distributed's: keeps its traceback
+    # a third rank reading a connection that a timed-out rank closed (gloo's bare text)
+    assert communication_failure(RuntimeError("Application timeout caused pair closure"), 1,
+                                 rank=3, world_size=4) == (
+        "rank 3: no answer from a peer rank within --distributed-timeout-minutes 1 (a frozen or "
+        "stuck process or node); stopped")
 
 
 def test_nccl_watchdog_errors_are_one_line():

@@ -209,7 +209,11 @@ def build_parallel_state(tp: int, pp: int, rng_tracker=None,
 # went away (its sockets closed); NCCL's watchdog says "Watchdog caught collective operation
 # timeout", the store "Timed out after ... waiting for clients" at start-up and "wait timeout
 # after ...ms, keys: ..." for a key a frozen peer never set (NCCL's communicator set-up).
-_TIMEOUT_MARKERS = ("Timed out", "timed out", "operation timeout", "wait timeout")
+# A gloo rank that timed out closes its connections; a third rank waiting on it through one of
+# them reads the bare "Application timeout caused pair closure" (no gloo path in the text).
+_PAIR_CLOSED_BY_TIMEOUT = "Application timeout caused pair closure"
+_TIMEOUT_MARKERS = ("Timed out", "timed out", "operation timeout", "wait timeout",
+                    _PAIR_CLOSED_BY_TIMEOUT)
 _LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                       "Connection refused")
 
@@ -227,7 +231,7 @@ def _is_distributed_error(err: BaseException) -> bool:
 
     text = str(err)
     return isinstance(err, (dist.DistError, PeerWaitError)) or "/gloo/" in text \
-        or "ProcessGroup" in text or "NCCL" in text
+        or "ProcessGroup" in text or "NCCL" in text or _PAIR_CLOSED_BY_TIMEOUT in text
 
 
 def communication_failure(err: BaseException, timeout_minutes: float, rank: int,
