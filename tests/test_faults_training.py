@@ -595,6 +595,14 @@ def test_nccl_watchdog_errors_are_one_line():
         assert communication_failure(error_type(text), 1, rank=1, world_size=4) == (
             "rank 1: no answer from a peer rank within --distributed-timeout-minutes 1 (a frozen "
             "or stuck process or node); stopped")
+    # a collective that meets a peer's ended process (the detail line is torch 2.13's own text)
+    remote = ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:3356, "
+              "remote process exited or there was a network error, NCCL version 2.27.5\n"
+              "ncclRemoteError: A call failed possibly due to a network error or a remote "
+              "process exiting prematurely.")
+    assert communication_failure(error_type(remote), 1, rank=0, world_size=2) == (
+        "rank 0: lost the connection to rank 1 (its process ended or its node went away); "
+        "stopped")
 
 
 # ---------------------------------------------------------------------------------------------

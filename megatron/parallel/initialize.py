@@ -215,7 +215,9 @@ _PAIR_CLOSED_BY_TIMEOUT = "Application timeout caused pair closure"
 _TIMEOUT_MARKERS = ("Timed out", "timed out", "operation timeout", "wait timeout",
                     _PAIR_CLOSED_BY_TIMEOUT)
 _LOST_PEER_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                      "Connection refused")
+                      "Connection refused",
+                      # torch's detail for NCCL's remote error (a peer's process ended)
+                      "ncclRemoteError")
 
 
 class PeerWaitError(RuntimeError):
