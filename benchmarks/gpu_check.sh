@@ -5,14 +5,16 @@
 #
 # 1. the CUDA-only tests (RNG kept tokens CPU == CUDA, TokenBypass on CUDA, ZeRO-1 resume with
 #    fused AdamW on one NCCL rank) and the model/attention tests on whatever device they pick;
-#    then a frozen peer under NCCL (2 ranks, --distributed-timeout-minutes 0.5): one line, no hang;
+#    then a frozen peer under NCCL (2 ranks, --distributed-timeout-minutes 0.5): one line, no hang,
+#    and TP2 / PP2 / DP2 over NCCL against one process (with one GPU, 2 ranks share it);
 # 2. a 20-iteration bf16 pretrain_gpt.py run on the GPU (mock data, random-LTD on), which also
 #    saves, resumes and checks the resumed loss;
 # 3. the HF train-step comparison (GPT-2 small, batch 8, bf16 and fp32) and the random-LTD
 #    step-time benchmark in bf16.
 # Each part writes its log to OUT_DIR and the script goes on after a failure; the summary at
-# the end lists what failed. About 7-9 minutes on one H100-class GPU (most of it the two
-# benchmarks). Needs torch with CUDA and `pip install -e ".[test,hf]"`.
+# the end lists what failed. About 8-10 minutes on one H100-class GPU (most of it the two
+# benchmarks). Needs torch with CUDA and `pip install -e ".[test,hf]"`. PARTS="name ..." runs
+# only those parts, e.g. PARTS="nccl_frozen_peer nccl_layouts" (about 2 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check_out}}
@@ -30,6 +32,9 @@ failed=()
 part() {  # part NAME COMMAND...: run, log to OUT_DIR/NAME.log, remember a failure
     local name=$1
     shift
+    if [[ -n "${PARTS:-}" && " $PARTS " != *" $name "* ]]; then
+        return
+    fi
     echo "== $name: $*"
     local start=$SECONDS
     if "$@" > "$OUT_DIR/$name.log" 2>&1; then
@@ -46,6 +51,8 @@ part cuda_tests "$PY" -m pytest -q -rs tests/test_ltd_dropping.py tests/test_ltd
 # 2 NCCL ranks (one GPU: both on it, as two NCCL hosts), rank 1 frozen: rank 0 must end in one
 # line within --distributed-timeout-minutes 0.5 and a little (about a minute in all)
 part nccl_frozen_peer "$PY" -m pytest -q -rs tests/test_faults_training.py -k under_nccl
+# TP2, PP2 and DP2 over NCCL against one process on the GPU (the CPU suite checks gloo only)
+part nccl_layouts "$PY" -m pytest -q -rs tests/test_parallel_training.py -k over_nccl
 
 CKPT="$OUT_DIR/ckpt"
 rm -rf "$CKPT"

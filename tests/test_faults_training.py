@@ -18,7 +18,7 @@ import pretrain_gpt
 from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_checkpoint_file
 from megatron.errors import UserError
 from megatron.training import pretrain
-from training_helpers import ROOT, gpt_argv, run
+from training_helpers import ROOT, gpt_argv, launch_ranks, nccl_rank_env, run
 
 
 def run_with_signal(argv, signum, when):
@@ -293,24 +293,6 @@ def _tensors(tree):
 # --distributed-timeout-minutes: a frozen or dead peer ends the other ranks in one line
 
 
-def launch_ranks(argv, world_size=2, rank_env=lambda rank: {}):
-    """pretrain_gpt.py on ``world_size`` ranks as torchrun starts them (rank 0's stdout piped,
-    the others' discarded); every rank's stderr is piped; ``rank_env(rank)`` adds variables."""
-    from distributed_harness import free_port
-
-    port = str(free_port())
-    procs = []
-    for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1",
-                   OMP_NUM_THREADS="1", **rank_env(rank))
-        procs.append(subprocess.Popen(
-            [sys.executable, "pretrain_gpt.py", *map(str, argv)], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True))
-    return procs
-
-
 def one_line_error(proc, timeout):
     """Wait for ``proc``; its exit status and its one error line, the last on stderr (torch's
     start-up warnings may come before it; no traceback)."""
@@ -391,16 +373,11 @@ def test_a_frozen_peer_under_nccl_ends_the_other_rank_in_one_line(data_prefix):
     C++ a minute later; the BackendFailureWatch ends rank 0 first, with exit status 2 and our
     line last on stderr (torch's own log lines come before it).
 
-    With one GPU both ranks share it, each with its own NCCL_HOSTID: NCCL refuses two ranks of
-    one host on one GPU ("Duplicate GPU detected"); as two hosts they talk through its socket
-    transport (InfiniBand off)."""
+    With one GPU both ranks share it (``nccl_rank_env``)."""
     argv = gpt_argv(data_prefix, "--device", "cuda", "--log-interval", "1",
                     "--eval-interval", "1000", "--distributed-timeout-minutes", "0.5",
                     iters=100000)
-    one_gpu = torch.cuda.device_count() < 2
-    procs = launch_ranks(argv, rank_env=lambda rank: (
-        {"NCCL_HOSTID": f"megatron-ltd-test-{rank}", "NCCL_IB_DISABLE": "1"} if one_gpu
-        else {}))
+    procs = launch_ranks(argv, rank_env=nccl_rank_env(2))
     try:
         try:
             _wait_for_line(procs[0], " iteration        3/", timeout=300)

@@ -7,13 +7,15 @@ TP regions uses per-rank streams by design, as in Megatron) and the optimizer SG
 """
 
 import os
+import re
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from distributed_harness import run_distributed
-from training_helpers import ROOT, gpt_argv, run
+from training_helpers import ROOT, gpt_argv, launch_ranks, nccl_rank_env, run
 
 pytestmark = pytest.mark.slow  # every test here runs several processes
 
@@ -90,6 +92,35 @@ def test_layout_matches_single_process(layout, data_prefix, reference, tmp_path)
     assert reference["dense"][0] != reference["ltd"][0]  # dropping really happened
     if layout == "TP2xPP2":  # Megatron's tracker seeds, seed + 100 pp + 2718 + tp (dropout 0:
         _assert_tracker_seeds(str(tmp_path / "dense"), tp=2, pp=2)  # still as seeded)
+
+
+def _logged_losses(stdout):
+    return [float(v) for v in re.findall(r"lm loss: ([0-9.E+-]+)", stdout)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (NCCL)")
+@pytest.mark.parametrize("layout", ["TP2", "PP2", "DP2"])
+def test_layout_over_nccl_matches_single_process(layout, data_prefix, tmp_path):
+    """The same on a GPU, ranks over NCCL (with one GPU both ranks share it, as two NCCL
+    hosts): the losses rank 0 logs equal those of one process on the GPU. Every process is
+    started fresh (a CUDA context does not survive a fork)."""
+    world, flags = LAYOUTS[layout]
+    argv = argv_for(data_prefix, str(tmp_path / "one"), "--device", "cuda", "--log-interval",
+                    "1", *LTD)
+    one = subprocess.run([sys.executable, "pretrain_gpt.py", *argv], cwd=ROOT, text=True,
+                         capture_output=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    argv[argv.index("--save") + 1] = str(tmp_path / layout)
+    procs = launch_ranks([*argv, *flags], world_size=world, rank_env=nccl_rank_env(world))
+    try:
+        outs = [proc.communicate(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0] * world, outs[0][1][-3000:]
+    expected = _logged_losses(one.stdout)
+    assert len(expected) == 3
+    assert _logged_losses(outs[0][0]) == pytest.approx(expected, rel=1e-4)
 
 
 def _assert_tracker_seeds(root, tp, pp, seed=7):  # gpt_argv's --seed

@@ -1,6 +1,8 @@
 """Shared by the training tests: a tiny learnable corpus, GPT flags, an in-process run."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -61,3 +63,31 @@ def run(argv):
     return result, logs
 
 
+def launch_ranks(argv, world_size=2, rank_env=lambda rank: {}):
+    """pretrain_gpt.py on ``world_size`` ranks as torchrun starts them (rank 0's stdout piped,
+    the others' discarded); every rank's stderr is piped; ``rank_env(rank)`` adds variables."""
+    from distributed_harness import free_port
+
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS="1", **rank_env(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, "pretrain_gpt.py", *map(str, argv)], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def nccl_rank_env(world_size):
+    """``launch_ranks``' ``rank_env`` for NCCL ranks on this machine's GPUs. With fewer GPUs than
+    ranks, ranks share them, each with its own NCCL_HOSTID: NCCL refuses two ranks of one host
+    on one GPU ("Duplicate GPU detected"); as separate hosts they talk through its socket
+    transport (InfiniBand off)."""
+    import torch
+
+    if torch.cuda.device_count() >= world_size:
+        return lambda rank: {}
+    return lambda rank: {"NCCL_HOSTID": f"megatron-ltd-test-{rank}", "NCCL_IB_DISABLE": "1"}
