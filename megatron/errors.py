@@ -22,20 +22,29 @@ class NotImplementedYet(UserError, NotImplementedError):
     NotImplementedError for code that catches those."""
 
 
+#: The exit status of a run ended by a user error (or a failure of the machine or a peer).
+USER_ERROR_STATUS = 2
+
+
+def print_error(message) -> None:
+    """The one line a user error ends with: ``error: <message>`` on stderr."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def run_main(main, *args, **kwargs):
     """Call ``main`` and turn a ``UserError`` -- or an OSError of the environment (disk full,
     read-only, permission) -- into one line on stderr and exit status 2."""
     try:
         return main(*args, **kwargs)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print_error(err)
+        sys.exit(USER_ERROR_STATUS)
     except OSError as err:
         if err.errno not in _ENVIRONMENT_ERRNOS:
             raise
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        print_error(f"{where}{err.strerror}")
+        sys.exit(USER_ERROR_STATUS)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron.checkpoint_files import ReadOptions, add_read_flags  # noqa: E402
-from megatron.errors import UserError  # noqa: E402
+from megatron.errors import USER_ERROR_STATUS, UserError, print_error  # noqa: E402
 
 
 def _provider(family):
@@ -273,8 +273,8 @@ def main(argv=None):
         else:
             to_deepspeed(args.load, args.save, args.zero_stage, args.model, reading=reading)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print_error(err)
+        return USER_ERROR_STATUS
     finally:
         if started:
             dist.destroy_process_group()

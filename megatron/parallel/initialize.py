@@ -16,7 +16,7 @@ import os
 import re
 from typing import Dict, List, Mapping, Optional
 
-from megatron.errors import UserError
+from megatron.errors import USER_ERROR_STATUS, UserError, print_error
 from megatron.parallel.state import ParallelState
 
 
@@ -148,7 +148,8 @@ def local_cuda_index(local_rank: int, device_count: int) -> int:
 
 def init_process_group(env: DistributedEnv, backend: Optional[str] = None,
                        timeout_minutes: float = 10.0):
-    """Start torch.distributed for ``env`` (nccl on GPU, gloo on CPU by default).
+    """Start torch.distributed for ``env`` (by default ``default_distributed_backend()``: nccl
+    on GPU, gloo on CPU).
 
     With nccl the process's GPU (``local_cuda_index``) is made current first, as Megatron-LM
     does: NCCL communicators, ``barrier()`` and the object collectives use the current
@@ -160,7 +161,9 @@ def init_process_group(env: DistributedEnv, backend: Optional[str] = None,
     if dist.is_initialized():
         return
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        from megatron.initialize import default_distributed_backend
+
+        backend = default_distributed_backend()
     if backend == "nccl":
         torch.cuda.set_device(local_cuda_index(env.local_rank, torch.cuda.device_count()))
     dist.init_process_group(backend=backend, init_method=f"tcp://{env.master_addr}:"
@@ -360,8 +363,8 @@ class BackendFailureWatch:
             line = self._failure()
             if line is not None:
                 sys.stdout.flush()
-                print(f"error: {line}", file=sys.stderr, flush=True)
-                self._exit(2)
+                print_error(line)
+                self._exit(USER_ERROR_STATUS)
                 return
 
     def close(self):
