@@ -85,7 +85,9 @@ def nccl_rank_env(world_size):
     """``launch_ranks``' ``rank_env`` for NCCL ranks on this machine's GPUs. With fewer GPUs than
     ranks, ranks share them, each with its own NCCL_HOSTID: NCCL refuses two ranks of one host
     on one GPU ("Duplicate GPU detected"); as separate hosts they talk through its socket
-    transport (InfiniBand off)."""
+    transport (InfiniBand off). NCCL_HOSTID replaces the host hash NCCL compares, the same
+    override clusters use where hostnames collide; public test set-ups run 2-3 NCCL ranks on one
+    GPU this way. Not yet run here: no GPU has been lent to this project's sessions."""
     import torch
 
     if torch.cuda.device_count() >= world_size:
