@@ -45,7 +45,8 @@ from megatron.parallel.data_parallel import (OverlappedGradReducer, attach_main_
                                              wrap_data_parallel, zero_main_grads)
 from megatron.parallel.initialize import (BackendFailureWatch, build_parallel_state,
                                           comm_device, communication_failure,
-                                          init_process_group, read_distributed_env)
+                                          init_process_group, known_process_groups,
+                                          read_distributed_env)
 from megatron.parallel.layers import allreduce_sequence_parallel_grads
 from megatron.parallel.pipeline_utils import (allreduce_embedding_grads, build_model_chunks,
                                               initialize_embedding_tie)
@@ -182,7 +183,8 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None, failu
                                     args.pipeline_model_parallel_size,
                                     timeout_minutes=args.distributed_timeout_minutes)
     if failure_watch is not None and torch.distributed.is_initialized():
-        failure_watch.add([torch.distributed.group.WORLD, *parallel.process_groups()])
+        failure_watch.add([torch.distributed.group.WORLD, *parallel.process_groups(),
+                           *known_process_groups()])
     # As Megatron (_set_random_seed): every pipeline stage gets its own seed, seed + 100 * pp,
     # for the default generator and the tracker (different dropout streams per stage);
     # tensor-parallel ranks share the default one, so replicated regions drop the same units.
@@ -256,6 +258,8 @@ def _run_pretraining(args, provider, log, start_time, signal_handler=None, failu
                           wrap_data_parallel(model, parallel, main_grads=uses_main_grads(args)),
                           optimizer, provider.forward_step(args, tokenizer),
                           rows_per_sample=provider.rows_per_sample)
+    if failure_watch is not None:  # and the groups set-up made (DeepSpeed's engine's own)
+        failure_watch.add(known_process_groups())
     # As Megatron: the last rank (the last pipeline stage, which computes the loss) writes
     # TensorBoard.
     logger = TrainingLogger(args, log=log, write=torch_rank() == torch_world_size() - 1)

@@ -465,3 +465,48 @@ def test_converter_needs_the_checkpoints_process_count():
     assert refusal == ("ckpt/global_step5: saved by TP 2 x DP 2 = 4 ranks; run this tool with "
                        "4 processes (torchrun --nproc-per-node 4 "
                        "tools/convert_deepspeed_checkpoint.py ...), not 1")
+
+
+def _groups_handed_to_the_watch(rank, world_size, data_prefix, ds_json):
+    """Every process group torch has on record once training runs (DeepSpeed's engine makes
+    its own beside ours) went to the NCCL failure watch; gloo's are then dropped by the watch
+    itself (nothing to poll), so the hand-over is what can be checked on CPU."""
+    import torch.distributed as dist
+
+    from megatron.parallel import initialize
+    from training_helpers import run
+
+    handed, at_training = [], []
+    add = initialize.BackendFailureWatch.add
+
+    def recording_add(self, groups):
+        groups = list(groups)
+        handed.extend(groups)
+        return add(self, groups)
+
+    def recording_train(*args, **kwargs):
+        at_training.extend(initialize.known_process_groups())
+        return train(*args, **kwargs)
+
+    import megatron.training as training
+
+    train = training.train
+    initialize.BackendFailureWatch.add = recording_add
+    training.train = recording_train
+    try:
+        run(gpt_argv(data_prefix, "--deepspeed_config", ds_json, "--deepspeed", "--zero-stage",
+                     "2", "--global-batch-size", str(4 * world_size), iters=2))
+    finally:
+        initialize.BackendFailureWatch.add, training.train = add, train
+    missing = [dist.get_process_group_ranks(g) for g in at_training
+               if all(g is not h for h in handed)]
+    return len(at_training), missing
+
+
+@pytest.mark.slow
+def test_deepspeeds_own_process_groups_are_watched_too(data_prefix, tmp_path):
+    pytest.importorskip("deepspeed")
+    results = run_distributed(_groups_handed_to_the_watch, 2,
+                              args=(data_prefix, write_json(tmp_path)), timeout=300)
+    for known, missing in results:
+        assert known > 2 and missing == []  # beyond WORLD and the data-parallel group

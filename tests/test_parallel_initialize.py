@@ -163,3 +163,12 @@ def test_process_groups_lists_each_existing_group_once():
     state = ParallelState(tp_size=2, tp_group=tp, dp_size=2, dp_group=dp, mp_group=tp)
     assert state.process_groups() == (tp, dp)
     assert ParallelState().process_groups() == ()
+
+
+def test_no_known_process_groups_before_a_process_group_starts(monkeypatch):
+    import torch.distributed as dist
+
+    from megatron.parallel.initialize import known_process_groups
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert known_process_groups() == ()

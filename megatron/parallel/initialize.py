@@ -381,6 +381,22 @@ class BackendFailureWatch:
         return False
 
 
+def known_process_groups():
+    """Every process group of this process that torch has on record: ours and those a library
+    made on its own (DeepSpeed's engine makes several), each once; () where this torch keeps no
+    such record (a private table, read defensively) or no process group is started."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return ()
+    try:
+        from torch.distributed.distributed_c10d import _world
+
+        return tuple(_world.pg_map)
+    except (ImportError, AttributeError, TypeError):
+        return ()
+
+
 def comm_device():
     """Device for small bookkeeping collectives: CUDA under NCCL (which only moves GPU
     tensors), else CPU."""
