@@ -13,7 +13,7 @@ Ctrl-C (SIGINT) is graceful the same way the first time; a second Ctrl-C raises
 does not want to wait for the iteration and the save.
 """
 
-import functools
+import contextlib
 import gc
 import multiprocessing
 import signal
@@ -106,11 +106,8 @@ class DistributedSignalHandler:
 
     @property
     def worker_init_fn(self):
-        """For the DataLoader's workers (None without signals): they ignore the signals, which
-        SLURM sends to every process of the step, so the main process alone decides; torch's
-        own SIGTERM handler in a worker would otherwise end it and fail the main process with
-        "DataLoader worker ... is killed by signal"."""
-        return functools.partial(ignore_signals, self.signals) if self.signals else None
+        """For the DataLoader's workers (None without signals): a ``QuietWorkers``."""
+        return QuietWorkers(self.signals) if self.signals else None
 
     def __enter__(self):
         try:
@@ -135,10 +132,34 @@ class DistributedSignalHandler:
         self._previous.clear()
 
 
-def ignore_signals(signals, worker_id=None):
-    """Ignore ``signals`` in this process (a data loader worker: ``worker_init_fn``)."""
-    for sig in signals:
-        signal.signal(sig, signal.SIG_IGN)
+class QuietWorkers:
+    """``worker_init_fn`` for data loader workers that ignore ``signals``, which SLURM sends to
+    every process of the step, so that the main process alone decides; torch's own SIGTERM
+    handler in a worker would otherwise end it and fail the main process with "DataLoader
+    worker ... is killed by signal".
+
+    A worker only gets here once it runs, and a signal can come before (seen in CI: SIGTERM a
+    few iterations in, to workers still starting on a loaded machine). So the loader starts its
+    workers inside ``starting()``, with the signals blocked in the main thread: a forked (or
+    spawned: exec keeps the mask) worker begins with them blocked and pending, and ``__call__``
+    ignores them, which discards a pending one, before it unblocks them. The main process gets
+    a signal that came meanwhile when ``starting()`` ends."""
+
+    def __init__(self, signals):
+        self.signals = tuple(signals)
+
+    def __call__(self, worker_id=None):
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+
+    @contextlib.contextmanager
+    def starting(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def end_data_workers(iterators, timeout=10.0):

@@ -16,6 +16,7 @@ import torch
 
 import pretrain_gpt
 from megatron.checkpointing import TRACKER_FILENAME, checkpoint_file, read_checkpoint_file
+from megatron.dist_signal_handler import QuietWorkers
 from megatron.errors import UserError
 from megatron.training import pretrain
 from training_helpers import ROOT, gpt_argv, launch_ranks, nccl_rank_env, run
@@ -217,6 +218,52 @@ def test_signal_during_start_up_is_kept_until_training_starts(data_prefix, tmp_p
     assert proc.returncode == 0, err[-3000:]
     assert "exiting at iteration 1: received SIGUSR1 (--exit-signal-handler)" in out, out
     assert latest(ckpt) == "1"
+
+
+class _SignalledBeforeSetUp(QuietWorkers):
+    """A worker that gets the job's SIGTERM before it has set itself up (what CI saw once: a
+    loaded machine, workers still starting when the signal came)."""
+
+    def __call__(self, worker_id=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        super().__call__(worker_id)
+
+
+def _loader(worker_init_fn):
+    from megatron.data.samplers import build_pretraining_data_loader
+
+    data = [{"text": np.arange(4)} for _ in range(16)]
+    return build_pretraining_data_loader(data, 0, 2, dp_rank=0, dp_size=1, num_workers=2,
+                                         worker_init_fn=worker_init_fn)
+
+
+@pytest.mark.parametrize("protected", [True, False])
+def test_a_worker_signalled_before_its_set_up_lives_on(protected):
+    from megatron.dist_signal_handler import DistributedSignalHandler
+
+    quiet = _SignalledBeforeSetUp([signal.SIGTERM])
+    if not protected:  # as before: nothing blocked while the workers start
+        quiet.starting = None
+    with DistributedSignalHandler([signal.SIGTERM]) as handler:
+        if not protected:
+            with pytest.raises(RuntimeError, match="DataLoader worker"):
+                list(_loader(quiet))
+            return
+        batches = list(_loader(quiet))
+    assert len(batches) == 8 and handler.received is None
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the main mask is restored
+
+
+def test_a_signal_while_workers_start_reaches_the_main_process_after():
+    from megatron.dist_signal_handler import DistributedSignalHandler
+
+    quiet = QuietWorkers([signal.SIGTERM])
+    with DistributedSignalHandler([signal.SIGTERM]) as handler:
+        with quiet.starting():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert handler.received is None  # held while the workers fork
+        assert handler.received == signal.SIGTERM
+        assert len(list(_loader(quiet))) == 8
 
 
 def _assert_nested_equal(a, b, where="model"):

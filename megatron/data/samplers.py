@@ -225,10 +225,23 @@ def build_pretraining_data_loader(dataset, consumed_samples, micro_batch_size, d
         raise UserError(f"--dataloader-type: expected 'single' or 'cyclic', got "
                         f"{dataloader_type!r}")
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(WithSampleIndex(dataset), batch_sampler=batch_sampler,
-                                       num_workers=num_workers, collate_fn=collate_samples,
-                                       pin_memory=torch.cuda.is_available(),
-                                       generator=generator, worker_init_fn=worker_init_fn)
+    return _DataLoader(WithSampleIndex(dataset), batch_sampler=batch_sampler,
+                       num_workers=num_workers, collate_fn=collate_samples,
+                       pin_memory=torch.cuda.is_available(), generator=generator,
+                       worker_init_fn=worker_init_fn)
+
+
+class _DataLoader(torch.utils.data.DataLoader):
+    """A DataLoader that starts its workers inside ``worker_init_fn.starting()`` where the
+    ``worker_init_fn`` has one (``megatron.dist_signal_handler.QuietWorkers``: no worker dies of
+    a signal that comes before it has set itself up)."""
+
+    def __iter__(self):
+        starting = getattr(self.worker_init_fn, "starting", None)
+        if self.num_workers == 0 or starting is None:
+            return super().__iter__()
+        with starting():
+            return super().__iter__()
 
 
 class _Padded(torch.utils.data.Dataset):
