@@ -36,13 +36,14 @@ from megatron.batch_rampup import current_global_batch_size, train_iters_for_sam
 from megatron.checkpointing import TrainState, check_save_dir, load_checkpoint, save_checkpoint
 from megatron.dist_signal_handler import (DistributedSignalHandler, end_data_workers,
                                           exit_signals)
-from megatron.errors import UserError
+from megatron.errors import USER_ERROR_STATUS, UserError
 from megatron.initialize import (default_distributed_backend, select_device,
                                  set_random_seed)
 from megatron.optim import OptimizerParamScheduler, build_optimizer, scheduler_steps_from_args
 from megatron.parallel.data_parallel import (OverlappedGradReducer, attach_main_grads,
                                              is_data_parallel, no_sync_factory,
                                              wrap_data_parallel, zero_main_grads)
+from megatron.parallel.heartbeat import Heartbeat
 from megatron.parallel.initialize import (BackendFailureWatch, build_parallel_state,
                                           comm_device, communication_failure,
                                           init_process_group, known_process_groups,
@@ -149,12 +150,14 @@ def run_pretraining(args, provider, log=print_rank_0):
     wait that outlives --distributed-timeout-minutes, or a peer that died, ends this rank with
     one line (a UserError) instead of a hang or a gloo traceback; under NCCL, whose watchdog
     finds the timeout on its own thread, a ``BackendFailureWatch`` prints that line and exits
-    before torch's C++ abort."""
+    before torch's C++ abort. The line names the rank that stopped, with its host: the
+    ``Heartbeat`` each rank keeps in the rendezvous store tells which one went silent."""
     start_time = time.time()
     handler = DistributedSignalHandler(exit_signals(args) or ())
     env = read_distributed_env()
     started_here = env.world_size > 1 and not torch.distributed.is_initialized()
     timeout = args.distributed_timeout_minutes
+    beat = Heartbeat(env.master_addr, env.master_port, env.rank, env.world_size)
     try:
         if started_here:
             init_process_group(env, args.distributed_backend
@@ -164,14 +167,20 @@ def run_pretraining(args, provider, log=print_rank_0):
             from megatron.ds.engine import start_single_process_group
 
             start_single_process_group()
-        with handler, BackendFailureWatch(timeout, env.rank, env.world_size) as watch:
+        if torch.distributed.is_initialized():
+            beat.start()
+        with handler, BackendFailureWatch(timeout, env.rank, env.world_size,
+                                          heartbeat=beat) as watch:
             return _run_pretraining(args, provider, log, start_time, handler, watch)
     except RuntimeError as err:
-        failure = communication_failure(err, timeout, env.rank, env.world_size)
+        beat.mark_ended()  # this rank stops on its own: the others are not to name it
+        failure = communication_failure(err, timeout, env.rank, env.world_size, beat)
         if failure is None:
             raise
+        beat.exit_quietly(USER_ERROR_STATUS)
         raise UserError(failure) from None
     finally:
+        beat.close()
         if started_here and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

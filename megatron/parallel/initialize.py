@@ -17,6 +17,7 @@ import re
 from typing import Dict, List, Mapping, Optional
 
 from megatron.errors import USER_ERROR_STATUS, UserError, print_error
+from megatron.parallel.heartbeat import name_ranks
 from megatron.parallel.state import ParallelState
 
 
@@ -240,13 +241,14 @@ def _is_distributed_error(err: BaseException) -> bool:
 
 
 def communication_failure(err: BaseException, timeout_minutes: float, rank: int,
-                          world_size: int) -> Optional[str]:
+                          world_size: int, heartbeat=None) -> Optional[str]:
     """One line for a torch.distributed wait that timed out or lost its peer, else None (any
     other error keeps its traceback).
 
     The peer is named where it is known: the neighbour of a failed point-to-point wait
     (``PeerWaitError``), or the other rank in a world of two; a collective does not say which
-    member it waited on."""
+    member it waited on, so there ``heartbeat`` (a running ``Heartbeat``) names the ranks that
+    stopped beating, with their hosts."""
     if not _is_distributed_error(err):
         return None
     text = str(err)
@@ -256,23 +258,30 @@ def communication_failure(err: BaseException, timeout_minutes: float, rank: int,
     if not (timed_out or lost):
         return None
     return _failure_line("timeout" if timed_out else "lost", rank, peer, world_size,
-                         timeout_minutes)
+                         timeout_minutes, heartbeat)
 
 
 def _failure_line(kind: str, rank: int, peer: Optional[int], world_size: int,
-                  timeout_minutes: float) -> str:
+                  timeout_minutes: float, heartbeat=None) -> str:
     """The one line for a failed wait: ``kind`` is "timeout", "lost" (the peer's process or
-    node went away), "nccl" (an NCCL error) or "remote" (another rank reported a failure)."""
+    node went away), "nccl" (an NCCL error) or "remote" (another rank reported a failure).
+    An unknown peer is found by ``heartbeat`` where one runs (``Heartbeat.silent_ranks``)."""
     if peer is None and world_size == 2:
         peer = 1 - rank
-    who = f"rank {peer}" if peer is not None else "a peer rank"
+    silent = None
+    if peer is not None:
+        who = name_ranks([(peer, heartbeat.host_of(peer) if heartbeat is not None else None)])
+    else:
+        silent = heartbeat.silent_ranks() if heartbeat is not None else None
+        who = name_ranks(silent) if silent else "a peer rank"
     reason = {
         "timeout": f"no answer from {who} within --distributed-timeout-minutes "
                    f"{timeout_minutes:g} (a frozen or stuck process or node)",
         "lost": f"lost the connection to {who} (its process ended or its node went away)",
         "nccl": f"NCCL reported a communication error with {who} (a process ended, or a GPU "
                 f"or network link failed)",
-        "remote": "another rank reported an NCCL failure",
+        "remote": "another rank reported an NCCL failure"
+                  + (f" ({who} stopped answering)" if silent else ""),
     }[kind]
     return f"rank {rank}: {reason}; stopped"
 
@@ -300,10 +309,11 @@ class BackendFailureWatch:
     without ``get_error``) are not watched; with none to watch no thread starts."""
 
     def __init__(self, timeout_minutes: float, rank: int, world_size: int,
-                 interval: float = 1.0, exit=os._exit):
+                 interval: float = 1.0, exit=os._exit, heartbeat=None):
         import threading
 
         self.timeout_minutes, self.rank, self.world_size = timeout_minutes, rank, world_size
+        self.heartbeat = heartbeat  # names the silent ranks (``Heartbeat``), where one runs
         self.interval, self._exit = interval, exit
         self._backends = []
         self._lock = threading.Lock()
@@ -352,8 +362,10 @@ class BackendFailureWatch:
                 continue
             kind = _ERROR_KINDS.get(getattr(error, "name", "SUCCESS"))
             if kind is not None:
+                if self.heartbeat is not None:
+                    self.heartbeat.mark_ended()  # this rank stops on its own: not to be named
                 return _failure_line(kind, self.rank, None, self.world_size,
-                                     self.timeout_minutes)
+                                     self.timeout_minutes, self.heartbeat)
         return None
 
     def _run(self):
