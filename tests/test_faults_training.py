@@ -255,14 +255,15 @@ def test_a_worker_signalled_before_its_set_up_lives_on(protected):
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the main mask is restored
 
 
-def test_a_signal_while_workers_start_reaches_the_main_process_after():
+def test_a_signal_while_workers_start_still_reaches_the_main_process():
+    """Blocked in the main thread while it forks; delivered then, or at once through another
+    thread of the process (pytest's, torch's), never lost."""
     from megatron.dist_signal_handler import DistributedSignalHandler
 
     quiet = QuietWorkers([signal.SIGTERM])
     with DistributedSignalHandler([signal.SIGTERM]) as handler:
         with quiet.starting():
             os.kill(os.getpid(), signal.SIGTERM)
-            assert handler.received is None  # held while the workers fork
         assert handler.received == signal.SIGTERM
         assert len(list(_loader(quiet))) == 8
 
@@ -408,9 +409,12 @@ def test_a_frozen_rank_of_four_is_named_by_every_other_rank(data_prefix, frozen)
             proc.communicate()
     who = "rank 0" if frozen == 0 else f"rank {frozen} on {socket.gethostname()}"
     for rank, (status, line, waited) in ends.items():
-        assert status == 2 and line == (
+        # a rank that waited on one that gave up first reads a closed connection
+        assert status == 2 and line in (
             f"error: rank {rank}: no answer from {who} within --distributed-timeout-minutes 0.5 "
-            f"(a frozen or stuck process or node); stopped"), ends
+            f"(a frozen or stuck process or node); stopped",
+            f"error: rank {rank}: lost a connection: {who} stopped answering (its process "
+            f"ended or froze, or its node went away); stopped"), ends
         assert 25 < waited < 120, ends
 
 

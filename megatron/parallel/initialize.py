@@ -277,7 +277,11 @@ def _failure_line(kind: str, rank: int, peer: Optional[int], world_size: int,
     reason = {
         "timeout": f"no answer from {who} within --distributed-timeout-minutes "
                    f"{timeout_minutes:g} (a frozen or stuck process or node)",
-        "lost": f"lost the connection to {who} (its process ended or its node went away)",
+        # a collective's closed connection may come from a rank that gave up on a frozen one:
+        # the heartbeat names the rank that stopped, whichever way it stopped
+        "lost": f"lost a connection: {who} stopped answering (its process ended or froze, or "
+                f"its node went away)" if silent else
+                f"lost the connection to {who} (its process ended or its node went away)",
         "nccl": f"NCCL reported a communication error with {who} (a process ended, or a GPU "
                 f"or network link failed)",
         "remote": "another rank reported an NCCL failure"
