@@ -47,7 +47,8 @@ class _NoAnswer(Exception):
 
 
 class Heartbeat:
-    """A context manager: ``with Heartbeat(addr, port, rank, world_size) as beat: ...``."""
+    """``Heartbeat(addr, port, rank, world_size).start()`` once the process group is up;
+    ``close()`` when the run ends (``run_pretraining``)."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, interval: float = 2.0,
                  store_host_rank: Optional[int] = None,
@@ -60,6 +61,7 @@ class Heartbeat:
         self._connect = connect
         self._store = None
         self._store_silent = False  # a read found the store not answering: ask it no more
+        self._ended = False  # this rank told the store it stops on its own
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
         self._reads: List[threading.Thread] = []  # every store read's helper thread
@@ -152,9 +154,10 @@ class Heartbeat:
         return {r: self._store.add(f"{PREFIX}beat/{r}", 0) for r in ranks}
 
     def mark_ended(self):
-        """Tell the others that this rank stops on its own (it is not to be named)."""
-        if self._store is None:
+        """Tell the others that this rank stops on its own (it is not to be named); once."""
+        if self._store is None or self._ended:
             return
+        self._ended = True
         try:
             self._call(lambda: self._store.set(f"{PREFIX}ended/{self.rank}", "1"))
         except _NoAnswer:
@@ -182,13 +185,6 @@ class Heartbeat:
             self._beat.join(timeout=2 * self.interval)
         self.mark_ended()
 
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
 
 def _exit_now(status: int):
     for stream in (sys.stdout, sys.stderr):
@@ -204,9 +200,6 @@ def name_ranks(ranks: List[Tuple[int, Optional[str]]], most: int = 8) -> str:
     shown = ranks[:most]
     more = f" and {len(ranks) - most} more" if len(ranks) > most else ""
     numbers = ", ".join(str(r) for r, _ in shown)
-    hosts = []
-    for _, host in shown:
-        if host and host not in hosts:
-            hosts.append(host)
+    hosts = dict.fromkeys(host for _, host in shown if host)  # in order, each once
     where = f" on {', '.join(hosts)}" if hosts else ""
     return f"rank{'s' if len(ranks) > 1 else ''} {numbers}{more}{where}"
