@@ -173,10 +173,10 @@ def run_pretraining(args, provider, log=print_rank_0):
                                           heartbeat=beat) as watch:
             return _run_pretraining(args, provider, log, start_time, handler, watch)
     except RuntimeError as err:
-        beat.mark_ended()  # this rank stops on its own: the others are not to name it
         failure = communication_failure(err, timeout, env.rank, env.world_size, beat)
         if failure is None:
             raise
+        beat.stopping()
         beat.exit_quietly(USER_ERROR_STATUS)
         raise UserError(failure) from None
     finally:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch.distributed as dist
@@ -140,9 +141,9 @@ def test_a_frozen_store_names_its_host_and_the_process_still_exits_with_its_stat
 
 
 @pytest.mark.parametrize("error, line", [
-    ("TIMEOUT", f"rank 0: no answer from rank 2 on {HOST} within --distributed-timeout-minutes "
+    ("TIMEOUT", f"rank 1: no answer from rank 2 on {HOST} within --distributed-timeout-minutes "
                 f"10 (a frozen or stuck process or node); stopped"),
-    ("REMOTE_ERROR", f"rank 0: another rank reported an NCCL failure (rank 2 on {HOST} stopped "
+    ("REMOTE_ERROR", f"rank 1: another rank reported an NCCL failure (rank 2 on {HOST} stopped "
                      f"answering); stopped"),
 ])
 def test_the_nccl_watch_names_the_silent_rank_and_ends_this_one_first(store_port, capsys, error,
@@ -161,13 +162,37 @@ def test_the_nccl_watch_names_the_silent_rank_and_ends_this_one_first(store_port
     try:
         freeze(world[2])
         backend = _FakeNcclBackend()
-        with BackendFailureWatch(10, rank=0, world_size=3, interval=0.01, heartbeat=world[0],
+        with BackendFailureWatch(10, rank=1, world_size=3, interval=0.01, heartbeat=world[1],
                                  exit=lambda code: exited.set()) as watch:
             watch.add([_FakeGroup(backend)])
             backend.error = getattr(ErrorType, error)
             assert exited.wait(10)
         assert capsys.readouterr().err == f"error: {line}\n"
-        assert world[1].silent_ranks() == [(2, HOST)]  # rank 0 ended on its own
+        assert world[0].silent_ranks() == [(2, HOST)]  # rank 1 ended on its own
+    finally:
+        for beat in world:
+            beat.close()
+
+
+def test_the_store_host_keeps_the_store_until_the_others_have_read_it(store_port):
+    """Rank 0 holds the store: stopping after a failed wait, it waits for every rank that is
+    still beating to end on its own (a frozen one is not waited for), within a deadline."""
+    import threading
+
+    world = beats(store_port, 4)
+    try:
+        freeze(world[3])
+        assert world[0].silent_ranks() == [(3, HOST)]
+        stopped = threading.Event()
+        threading.Thread(target=lambda: (world[0].stopping(), stopped.set()), daemon=True).start()
+        assert not stopped.wait(1.0)  # ranks 1 and 2 still read
+        world[1].stopping()  # not the store's host: returns at once
+        assert not stopped.wait(0.5)
+        world[2].stopping()
+        assert stopped.wait(5.0)
+        start = time.time()
+        world[1].let_the_others_read(deadline=0.5)  # only the store's host waits
+        assert time.time() - start < 0.2
     finally:
         for beat in world:
             beat.close()

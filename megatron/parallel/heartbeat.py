@@ -7,15 +7,18 @@ every ``interval`` seconds, from a daemon thread on a store connection of its ow
 while the main thread waits in a collective: store calls release the GIL). After a failed wait,
 ``silent_ranks`` reads every rank's count twice, ``2.5 * interval`` apart: the ranks whose count
 did not move are frozen (SIGSTOP, a swapped-out node) or gone. A rank that ends on its own (our
-one-line stop, or the end of the run) says so first and is not named; a rank that never reached
-the store is not named either.
+one-line stop, once its own reading is done, or the end of the run) says so and is not named; a
+rank that never reached the store is not named either. The rank whose process holds the store
+keeps it, a bounded while, until the others have read it (``stopping``).
 
 torch's store calls have no deadline of their own once connected (an ``add`` on a frozen server
 waits for good), so every read here runs on a helper thread with one. When the store does not
-answer, its host is named: rank 0's process (torch's tcp:// rendezvous), or nobody where
-torchrun's agent holds the store (TORCHELASTIC_USE_AGENT_STORE). A thread left waiting on such a
-store would abort the process from C++ if the connection broke while Python shuts down, so a
-stop with such a thread alive leaves by ``os._exit`` after flushing (``exit_quietly``).
+answer within it, its host is named: rank 0's process (torch's tcp:// rendezvous), or nobody
+where torchrun's agent holds the store (TORCHELASTIC_USE_AGENT_STORE). A store that refuses or
+drops the connection names nobody: its host may have stopped on its own. A thread left waiting
+on a silent store would abort the process from C++ if the connection broke while Python shuts
+down, so a stop with such a thread alive leaves by ``os._exit`` after flushing
+(``exit_quietly``).
 
 Keys live under ``megatron-ltd/heartbeat/``; torch's own keys are untouched. Everything is best
 effort: without a store to reach at start the heartbeat stays off and the failure lines say
@@ -43,7 +46,12 @@ def _connect(host: str, port: int, timeout_s: float):
 
 
 class _NoAnswer(Exception):
-    """The store did not answer within the deadline, or failed."""
+    """The store did not answer within the deadline (``silent``), or failed (its host's
+    process ended: refused or reset connections)."""
+
+    def __init__(self, message, silent):
+        super().__init__(message)
+        self.silent = silent
 
 
 class Heartbeat:
@@ -62,6 +70,7 @@ class Heartbeat:
         self._store = None
         self._store_silent = False  # a read found the store not answering: ask it no more
         self._ended = False  # this rank told the store it stops on its own
+        self._silent = set()  # the ranks the last ``silent_ranks`` found
         self._stop = threading.Event()
         self._beat: Optional[threading.Thread] = None
         self._reads: List[threading.Thread] = []  # every store read's helper thread
@@ -98,7 +107,7 @@ class Heartbeat:
         """``read()`` on a helper thread, its result within ``deadline`` seconds, else
         ``_NoAnswer``."""
         if self._store_silent:
-            raise _NoAnswer("the store did not answer before")
+            raise _NoAnswer("the store did not answer before", silent=True)
         result, failure = [], []
 
         def target():
@@ -113,7 +122,7 @@ class Heartbeat:
         thread.join(deadline)
         if not result:
             self._store_silent = True
-            raise _NoAnswer(failure[0] if failure else "no answer")
+            raise _NoAnswer(failure[0] if failure else "no answer", silent=not failure)
         return result[0]
 
     def silent_ranks(self) -> Optional[List[Tuple[int, Optional[str]]]]:
@@ -121,20 +130,44 @@ class Heartbeat:
         order; None where nothing can be said (no heartbeat, or a store nobody can name)."""
         if self._store is None:
             return None
-        others = [r for r in range(self.world_size) if r != self.rank]
+        others = self._others()
         try:
             before = self._call(lambda: self._counts(others))
             time.sleep(2.5 * self.interval)
             after = self._call(lambda: self._counts(others))
             stopped = [r for r in others if before[r] == after[r]]
             named = self._call(lambda: [(r, self._host(r)) for r in stopped
-                                        if not self._store.check([f"{PREFIX}ended/{r}"])])
-        except _NoAnswer:
-            if self.store_host_rank is None or self.store_host_rank == self.rank:
+                                        if not self._ended_on_its_own(r)])
+        except _NoAnswer as no_answer:
+            # a frozen store names its host; a closed one may be a host that stopped on its own
+            if not no_answer.silent or self.store_host_rank in (None, self.rank):
                 return None
-            return [(self.store_host_rank, None)]  # the store's host does not answer
+            return [(self.store_host_rank, None)]
         # a rank that never told the store its host never beat: nothing to say about it
+        self._silent = {r for r, host in named if host is not None}
         return [(r, host) for r, host in named if host is not None]
+
+    def let_the_others_read(self, deadline: float = 4 * STORE_DEADLINE_S):
+        """On the rank whose process holds the store, before it stops: wait (at most
+        ``deadline`` seconds) until every other rank has ended on its own or is one this rank
+        found silent, so that the store outlives their own reading of it."""
+        if self._store is None or self.rank != self.store_host_rank:
+            return
+        waiting = [r for r in self._others() if r not in self._silent]
+        end = time.time() + deadline
+        while waiting and time.time() < end:
+            try:
+                waiting = self._call(lambda: [r for r in waiting
+                                              if not self._ended_on_its_own(r)])
+            except _NoAnswer:
+                return
+            time.sleep(0.2)
+
+    def _others(self):
+        return [r for r in range(self.world_size) if r != self.rank]
+
+    def _ended_on_its_own(self, rank):
+        return self._store.check([f"{PREFIX}ended/{rank}"])
 
     def host_of(self, rank: int) -> Optional[str]:
         """The host ``rank`` runs on, where it told the store."""
@@ -154,7 +187,8 @@ class Heartbeat:
         return {r: self._store.add(f"{PREFIX}beat/{r}", 0) for r in ranks}
 
     def mark_ended(self):
-        """Tell the others that this rank stops on its own (it is not to be named); once."""
+        """Tell the others that this rank stops on its own (it is not to be named), once its
+        own reading is done: it beats until then."""
         if self._store is None or self._ended:
             return
         self._ended = True
@@ -162,6 +196,12 @@ class Heartbeat:
             self._call(lambda: self._store.set(f"{PREFIX}ended/{self.rank}", "1"))
         except _NoAnswer:
             pass
+
+    def stopping(self):
+        """This rank stops on its own after a failed wait, its line found: tell the others,
+        and where it holds the store, keep it for their reading."""
+        self.mark_ended()
+        self.let_the_others_read()
 
     def stuck(self) -> bool:
         """Whether a thread of ours still waits on the store (one that does not answer)."""

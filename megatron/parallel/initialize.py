@@ -268,12 +268,15 @@ def _failure_line(kind: str, rank: int, peer: Optional[int], world_size: int,
     An unknown peer is found by ``heartbeat`` where one runs (``Heartbeat.silent_ranks``)."""
     if peer is None and world_size == 2:
         peer = 1 - rank
-    silent = None
-    if peer is not None:
+    # the rank a point-to-point wait waited on may itself be waiting on the one that stopped:
+    # among more than two, the heartbeat's answer comes first
+    silent = heartbeat.silent_ranks() if heartbeat is not None and world_size > 2 else None
+    if silent:
+        who = name_ranks(silent)
+    elif peer is not None:
         who = name_ranks([(peer, heartbeat.host_of(peer) if heartbeat is not None else None)])
     else:
-        silent = heartbeat.silent_ranks() if heartbeat is not None else None
-        who = name_ranks(silent) if silent else "a peer rank"
+        who = "a peer rank"
     reason = {
         "timeout": f"no answer from {who} within --distributed-timeout-minutes "
                    f"{timeout_minutes:g} (a frozen or stuck process or node)",
@@ -366,10 +369,11 @@ class BackendFailureWatch:
                 continue
             kind = _ERROR_KINDS.get(getattr(error, "name", "SUCCESS"))
             if kind is not None:
-                if self.heartbeat is not None:
-                    self.heartbeat.mark_ended()  # this rank stops on its own: not to be named
-                return _failure_line(kind, self.rank, None, self.world_size,
+                line = _failure_line(kind, self.rank, None, self.world_size,
                                      self.timeout_minutes, self.heartbeat)
+                if self.heartbeat is not None:
+                    self.heartbeat.stopping()
+                return line
         return None
 
     def _run(self):
